@@ -1,0 +1,104 @@
+//! The one place where errors become HTTP: every error is JSON with `detail`, and each kind has
+//! exactly one status code.
+
+use actix_web::http::{header, StatusCode};
+use actix_web::{HttpResponse, ResponseError};
+use serde_json::json;
+
+use crate::actors::BookError;
+use crate::domain::FieldError;
+use crate::store::StoreError;
+
+/// Seconds a client should wait before retrying a 503.
+const RETRY_AFTER_SECS: &str = "1";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("validation failed")]
+    Validation(Vec<FieldError>),
+    #[error("malformed JSON: {0}")]
+    MalformedJson(String),
+    #[error("request body larger than {0} bytes")]
+    TooLarge(usize),
+    #[error("Event not found")]
+    EventNotFound,
+    #[error("Booking not found")]
+    BookingNotFound,
+    #[error("Not Found")]
+    NoRoute,
+    #[error("Method Not Allowed")]
+    MethodNotAllowed,
+    #[error("{0}")]
+    SoldOut(String),
+    #[error("Too many requests for this event; retry shortly")]
+    Overloaded,
+    #[error("Service unavailable: {0}")]
+    Unavailable(String),
+    #[error("Internal server error")]
+    Internal(String),
+}
+
+impl From<BookError> for ApiError {
+    fn from(e: BookError) -> Self {
+        match e {
+            BookError::SoldOut { remaining: 0 } => ApiError::SoldOut("Event is sold out.".into()),
+            BookError::SoldOut { remaining } => {
+                ApiError::SoldOut(format!("Not enough seats left: {remaining} remaining."))
+            }
+            BookError::EventNotFound => ApiError::EventNotFound,
+            BookError::Overloaded => ApiError::Overloaded,
+            BookError::Unavailable(why) => ApiError::Unavailable(why),
+        }
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::WriterFull => ApiError::Overloaded,
+            StoreError::WriterClosed => ApiError::Unavailable("shutting down".into()),
+            // A busy or locked database is a passing condition: ask for a retry.
+            StoreError::Sqlite(rusqlite::Error::SqliteFailure(f, _))
+                if matches!(f.code, rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked) =>
+            {
+                ApiError::Unavailable("database busy".into())
+            }
+            StoreError::Pool(_) => ApiError::Unavailable("no database connection available".into()),
+            other => ApiError::Internal(other.to_string()),
+        }
+    }
+}
+
+impl ResponseError for ApiError {
+    fn status_code(&self) -> StatusCode {
+        match self {
+            ApiError::Validation(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::MalformedJson(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::EventNotFound | ApiError::BookingNotFound | ApiError::NoRoute => StatusCode::NOT_FOUND,
+            ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::SoldOut(_) => StatusCode::CONFLICT,
+            ApiError::Overloaded | ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        let mut res = HttpResponse::build(self.status_code());
+        if self.status_code() == StatusCode::SERVICE_UNAVAILABLE {
+            res.insert_header((header::RETRY_AFTER, RETRY_AFTER_SECS));
+        }
+        let body = match self {
+            ApiError::Validation(errors) => json!({ "detail": errors }),
+            ApiError::MalformedJson(why) => json!({ "detail": [{
+                "type": "json_invalid", "loc": ["body"], "msg": format!("JSON decode error: {why}"),
+            }]}),
+            ApiError::Internal(why) => {
+                tracing::error!(error = %why, "internal error");
+                json!({ "detail": self.to_string() })
+            }
+            _ => json!({ "detail": self.to_string() }),
+        };
+        res.json(body)
+    }
+}

@@ -1,0 +1,57 @@
+//! HTTP routes: parse and validate, then hand over to the actors or the read pool.
+//! One file per resource; errors map to status codes in `errors`.
+
+pub mod body;
+pub mod bookings;
+pub mod errors;
+pub mod events;
+pub mod health;
+pub mod reports;
+
+use std::sync::Arc;
+
+use actix_web::{web, HttpResponse};
+
+use crate::actors::{Registry, Writer};
+use crate::coord::FinalizeQueue;
+use crate::domain::parse_path_id;
+use crate::store::ReadPool;
+pub use errors::ApiError;
+
+/// What the routes share.
+pub struct AppState {
+    pub registry: Arc<Registry>,
+    pub reads: ReadPool,
+    pub writer: Writer,
+    pub finalize: FinalizeQueue,
+    /// `"embedded"` or `"cluster"`.
+    pub mode: &'static str,
+}
+
+/// Parses an id from the path, answering 422 (naming the parameter) when it is not one.
+pub(crate) fn path_id(raw: &str, name: &str) -> Result<i64, ApiError> {
+    parse_path_id(raw, name).map_err(|e| ApiError::Validation(vec![e]))
+}
+
+async fn method_not_allowed() -> Result<HttpResponse, ApiError> {
+    Err(ApiError::MethodNotAllowed)
+}
+
+async fn no_route() -> Result<HttpResponse, ApiError> {
+    Err(ApiError::NoRoute)
+}
+
+/// Mounts every route; unknown paths and methods get JSON errors like the rest.
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    let resource = |path: &str| web::resource(path.to_string()).default_service(web::to(method_not_allowed));
+    cfg.service(resource("/event").route(web::post().to(events::create)))
+        .service(resource("/event/{id}").route(web::get().to(events::get)))
+        .service(resource("/event/{id}/stats").route(web::get().to(events::stats)))
+        .service(resource("/book").route(web::post().to(bookings::book)))
+        .service(resource("/book/{id}").route(web::get().to(bookings::get)))
+        .service(resource("/report").route(web::get().to(reports::report)))
+        .service(resource("/report/event/{id}").route(web::get().to(events::stats)))
+        .service(resource("/health").route(web::get().to(health::health)))
+        .service(resource("/ready").route(web::get().to(health::ready)))
+        .default_service(web::to(no_route));
+}

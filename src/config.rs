@@ -1,0 +1,218 @@
+//! Configuration: the environment names of DESIGN.md, each also a command-line flag.
+//!
+//! Parsing is strict on purpose: a typo in `PORT` or `FINALIZER_WORKERS` must stop the start
+//! with one line that names the setting, not run a flash sale on a default nobody chose.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+
+/// Settings read from the environment or the command line (the same names, see DESIGN.md).
+#[derive(Debug, Clone, Parser)]
+#[command(name = "ticketd", version, about = "Flash-sale ticket booking service")]
+pub struct Config {
+    /// Listen address.
+    #[arg(long, env = "HOST", value_name = "HOST", default_value = "127.0.0.1")]
+    pub host: String,
+    /// Listen port (0 picks a free one).
+    #[arg(long, env = "PORT", value_name = "PORT", default_value_t = 8000)]
+    pub port: u16,
+    /// SQLite database file, `sqlite://path` (created and migrated on start).
+    #[arg(long, env = "DATABASE_URL", value_name = "DATABASE_URL", default_value = "sqlite://ticket.db",
+          value_parser = parse_database_url)]
+    pub database_url: DatabaseUrl,
+    /// Redis URL; unset runs the embedded mode (one replica, in-process lease and queue).
+    #[arg(long, env = "REDIS_URL", value_name = "REDIS_URL", value_parser = parse_redis_url)]
+    pub redis_url: Option<String>,
+    /// Simulated PDF/email time per ticket, in milliseconds.
+    #[arg(long, env = "FINALIZE_DELAY_MS", value_name = "FINALIZE_DELAY_MS", default_value_t = 5000,
+          value_parser = clap::value_parser!(u64).range(0..=3_600_000))]
+    pub finalize_delay_ms: u64,
+    /// Finalizer actors per replica.
+    #[arg(long, env = "FINALIZER_WORKERS", value_name = "FINALIZER_WORKERS", default_value_t = 4,
+          value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub finalizer_workers: u16,
+    /// Key that signs ticket codes (HMAC-SHA256); unset: generated once and stored in the database.
+    #[arg(long, env = "TICKET_KEY", value_name = "TICKET_KEY", hide_env_values = true,
+          value_parser = parse_ticket_key)]
+    pub ticket_key: Option<String>,
+    /// Tracing filter (tracing-subscriber's EnvFilter syntax).
+    #[arg(long, env = "RUST_LOG", value_name = "RUST_LOG", default_value = "info")]
+    pub rust_log: String,
+}
+
+/// Where the SQLite file lives; `sqlite://ticket.db` and `sqlite:///abs/path.db` both work,
+/// as does a bare path, like SQLAlchemy's `sqlite:///./ticket.db` of the old service.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DatabaseUrl(pub PathBuf);
+
+fn parse_database_url(s: &str) -> Result<DatabaseUrl, String> {
+    let path = if let Some(rest) = s.strip_prefix("sqlite://") {
+        // `sqlite://ticket.db` and `sqlite:///abs.db` (sqlx) as written; SQLAlchemy's
+        // `sqlite:///./rel.db` and `sqlite:////abs.db` (the old service's style) as it meant them.
+        if rest.starts_with("//") || rest.starts_with("/./") || rest.starts_with("/../") {
+            rest[1..].to_string()
+        } else {
+            rest.to_string()
+        }
+    } else if s.contains("://") {
+        return Err("only sqlite:// URLs are supported".into());
+    } else {
+        s.to_string()
+    };
+    let path = path.split('?').next().unwrap_or_default().to_string();
+    if path.is_empty() {
+        return Err("the database path is empty".into());
+    }
+    if path == ":memory:" {
+        return Err("an in-memory database would lose every booking on exit; give a file".into());
+    }
+    Ok(DatabaseUrl(PathBuf::from(path)))
+}
+
+fn parse_redis_url(s: &str) -> Result<String, String> {
+    let ok = ["redis://", "rediss://", "unix://", "redis+unix://"]
+        .iter()
+        .any(|p| s.starts_with(p) && s.len() > p.len());
+    if ok {
+        Ok(s.to_string())
+    } else {
+        Err("expected redis://host:port[/db]".into())
+    }
+}
+
+fn parse_ticket_key(s: &str) -> Result<String, String> {
+    if s.len() < 16 {
+        Err("must be at least 16 characters".into())
+    } else {
+        Ok(s.to_string())
+    }
+}
+
+impl Config {
+    /// Parses the process arguments and environment; on error prints one line naming the
+    /// setting and exits with status 2 (help and version print as usual).
+    pub fn from_env_or_exit() -> Self {
+        match Self::try_parse() {
+            Ok(c) => c,
+            Err(e) => {
+                use clap::error::ErrorKind;
+                if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+                    e.exit();
+                }
+                let text = e.to_string();
+                let line = text.lines().next().unwrap_or("invalid configuration");
+                let line = line.trim_start_matches("error: ");
+                eprintln!("ticketd: configuration error: {line}");
+                std::process::exit(2);
+            }
+        }
+    }
+
+    /// The settings of a test or embedded run: port 0 on loopback, a given database file.
+    pub fn for_tests(db: impl Into<PathBuf>) -> Self {
+        Config {
+            host: "127.0.0.1".into(),
+            port: 0,
+            database_url: DatabaseUrl(db.into()),
+            redis_url: None,
+            finalize_delay_ms: 0,
+            finalizer_workers: 4,
+            ticket_key: None,
+            rust_log: "warn".into(),
+        }
+    }
+
+    pub fn finalize_delay(&self) -> Duration {
+        Duration::from_millis(self.finalize_delay_ms)
+    }
+}
+
+/// Tunables that are not part of the public configuration: their defaults suit production, and
+/// tests shorten them (idle passivation, sweeper period) to exercise the paths quickly.
+#[derive(Debug, Clone)]
+pub struct Tuning {
+    /// An event actor with nothing to do for this long stops and leaves the registry.
+    pub actor_idle: Duration,
+    /// Requests an event actor holds (mailbox plus its own queue) before answering 503.
+    pub event_queue_limit: usize,
+    /// Most requests one event actor puts in one batch.
+    pub max_batch: usize,
+    /// Most operations the writer puts in one transaction.
+    pub max_group: usize,
+    /// Operations waiting for the writer before new ones are refused with 503.
+    pub writer_queue_limit: usize,
+    /// Period of the finalization sweeper that re-queues PENDING bookings.
+    pub sweep_every: Duration,
+    /// Issuances one finalizer actor runs at once (they mostly wait on the delivery delay).
+    pub issuances_per_worker: usize,
+    /// Read connections.
+    pub read_pool_size: u32,
+    /// HTTP worker threads (0: one per core).
+    pub http_workers: usize,
+    /// How long a graceful shutdown waits for in-flight requests.
+    pub shutdown_timeout: Duration,
+}
+
+impl Default for Tuning {
+    fn default() -> Self {
+        Tuning {
+            actor_idle: Duration::from_secs(30),
+            event_queue_limit: 4096,
+            max_batch: 512,
+            max_group: 4096,
+            writer_queue_limit: 65_536,
+            sweep_every: Duration::from_secs(10),
+            issuances_per_worker: 1024,
+            read_pool_size: 4,
+            http_workers: 0,
+            shutdown_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Config, clap::Error> {
+        let mut v = vec!["ticketd"];
+        v.extend_from_slice(args);
+        Config::try_parse_from(v)
+    }
+
+    #[test]
+    fn database_urls() {
+        assert_eq!(parse_database_url("sqlite://ticket.db").unwrap().0, PathBuf::from("ticket.db"));
+        assert_eq!(parse_database_url("sqlite:///./t.db").unwrap().0, PathBuf::from("./t.db"));
+        assert_eq!(parse_database_url("sqlite:////tmp/t.db").unwrap().0, PathBuf::from("/tmp/t.db"));
+        assert_eq!(parse_database_url("/tmp/x.db").unwrap().0, PathBuf::from("/tmp/x.db"));
+        assert_eq!(parse_database_url("sqlite:///tmp/x.db").unwrap().0, PathBuf::from("/tmp/x.db"));
+        assert!(parse_database_url("postgres://x").is_err());
+        assert!(parse_database_url("sqlite://").is_err());
+        assert!(parse_database_url("sqlite://:memory:").is_err());
+    }
+
+    #[test]
+    fn bad_values_name_the_setting() {
+        let e = parse(&["--port", "eighty"]).unwrap_err().to_string();
+        assert!(e.contains("PORT"), "{e}");
+        let e = parse(&["--finalizer-workers", "0"]).unwrap_err().to_string();
+        assert!(e.contains("FINALIZER_WORKERS"), "{e}");
+        let e = parse(&["--redis-url", "localhost:6379"]).unwrap_err().to_string();
+        assert!(e.contains("REDIS_URL"), "{e}");
+        let e = parse(&["--ticket-key", "short"]).unwrap_err().to_string();
+        assert!(e.contains("TICKET_KEY"), "{e}");
+    }
+
+    #[test]
+    fn defaults_match_design() {
+        // Only flags given here: the defaults of DESIGN.md.
+        let c = parse(&["--host", "127.0.0.1"]).unwrap();
+        assert_eq!(c.port, 8000);
+        assert_eq!(c.database_url.0, PathBuf::from("ticket.db"));
+        assert_eq!(c.finalize_delay_ms, 5000);
+        assert_eq!(c.finalizer_workers, 4);
+    }
+}

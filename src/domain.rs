@@ -1,0 +1,298 @@
+//! Validated domain values and the rules that parse them out of untrusted JSON.
+//!
+//! Requests are parsed into these newtypes at the edge (the routes) so that nothing past the
+//! routes ever sees an id of zero, a negative quantity or a 10 MB title. The error list mimics
+//! the old service's FastAPI/pydantic 422 body (`detail: [{type, loc, msg}]`) so its clients keep
+//! working, but the rules are strict where pydantic was lax: `"5"`, `5.0` and `true` are not ints.
+
+use serde::Serialize;
+use serde_json::{Map, Value};
+
+/// Largest capacity an event may have; keeps every sum of counters far from i64 overflow.
+pub const MAX_CAPACITY: i64 = 1_000_000_000_000;
+/// Largest quantity of one booking: a flash sale sells seats, not stadiums, per request.
+pub const MAX_QUANTITY: i64 = 10_000;
+/// Longest event title, in characters (the old service's `constr(max_length=200)`).
+pub const MAX_TITLE_CHARS: usize = 200;
+
+/// One reason a request was refused with 422: where (`loc`) and why (`msg`), pydantic style.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct FieldError {
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub loc: Vec<String>,
+    pub msg: String,
+}
+
+impl FieldError {
+    pub fn new(kind: &'static str, loc: &[&str], msg: impl Into<String>) -> Self {
+        FieldError { kind, loc: loc.iter().map(|s| s.to_string()).collect(), msg: msg.into() }
+    }
+}
+
+/// An id of an event, at least 1.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct EventId(pub i64);
+/// An id of a booking, at least 1.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+pub struct BookingId(pub i64);
+
+/// A validated `POST /event` body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewEvent {
+    pub title: String,
+    pub capacity: i64,
+}
+
+/// A validated `POST /book` body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NewBooking {
+    pub user_id: i64,
+    pub event_id: EventId,
+    pub quantity: i64,
+}
+
+/// Collects the errors of one JSON object's fields, so a client learns of all of them at once.
+struct Fields<'a> {
+    obj: &'a Map<String, Value>,
+    errors: Vec<FieldError>,
+}
+
+impl<'a> Fields<'a> {
+    fn int(&mut self, name: &str, default: Option<i64>, min: i64, max: i64) -> Option<i64> {
+        let loc = ["body", name];
+        let v = match self.obj.get(name) {
+            None if default.is_some() => return default,
+            None => {
+                self.errors.push(FieldError::new("missing", &loc, "Field required"));
+                return None;
+            }
+            Some(v) => v,
+        };
+        let n = match v {
+            Value::Number(n) if n.is_i64() => n.as_i64(),
+            Value::Number(n) if n.is_u64() => {
+                self.errors.push(FieldError::new(
+                    "less_than_equal",
+                    &loc,
+                    format!("Input should be less than or equal to {max}"),
+                ));
+                return None;
+            }
+            Value::Number(_) => {
+                self.errors.push(FieldError::new(
+                    "int_type",
+                    &loc,
+                    "Input should be a valid integer, got a number with a fractional part or exponent",
+                ));
+                return None;
+            }
+            _ => {
+                self.errors.push(FieldError::new("int_type", &loc, "Input should be a valid integer"));
+                return None;
+            }
+        }?;
+        if n < min {
+            self.errors.push(FieldError::new(
+                "greater_than_equal",
+                &loc,
+                format!("Input should be greater than or equal to {min}"),
+            ));
+            None
+        } else if n > max {
+            self.errors.push(FieldError::new(
+                "less_than_equal",
+                &loc,
+                format!("Input should be less than or equal to {max}"),
+            ));
+            None
+        } else {
+            Some(n)
+        }
+    }
+
+    fn title(&mut self, name: &str) -> Option<String> {
+        let loc = ["body", name];
+        match self.obj.get(name) {
+            None => {
+                self.errors.push(FieldError::new("missing", &loc, "Field required"));
+                None
+            }
+            Some(Value::String(s)) => {
+                let chars = s.chars().count();
+                if chars == 0 {
+                    self.errors.push(FieldError::new(
+                        "string_too_short",
+                        &loc,
+                        "String should have at least 1 character",
+                    ));
+                    None
+                } else if chars > MAX_TITLE_CHARS {
+                    self.errors.push(FieldError::new(
+                        "string_too_long",
+                        &loc,
+                        format!("String should have at most {MAX_TITLE_CHARS} characters"),
+                    ));
+                    None
+                } else if s.trim().is_empty() {
+                    self.errors.push(FieldError::new(
+                        "string_blank",
+                        &loc,
+                        "String should not be blank",
+                    ));
+                    None
+                } else if s.chars().any(|c| c.is_control()) {
+                    self.errors.push(FieldError::new(
+                        "string_control_chars",
+                        &loc,
+                        "String should not contain control characters",
+                    ));
+                    None
+                } else {
+                    Some(s.clone())
+                }
+            }
+            Some(_) => {
+                self.errors.push(FieldError::new("string_type", &loc, "Input should be a valid string"));
+                None
+            }
+        }
+    }
+}
+
+fn object(body: &Value) -> Result<&Map<String, Value>, Vec<FieldError>> {
+    body.as_object().ok_or_else(|| {
+        vec![FieldError::new(
+            "model_attributes_type",
+            &["body"],
+            "Input should be a valid dictionary or object",
+        )]
+    })
+}
+
+impl NewEvent {
+    /// Parses `{title: 1..200 chars, capacity: >= 1}`; unknown fields are ignored, as before.
+    pub fn parse(body: &Value) -> Result<Self, Vec<FieldError>> {
+        let mut f = Fields { obj: object(body)?, errors: Vec::new() };
+        let title = f.title("title");
+        let capacity = f.int("capacity", None, 1, MAX_CAPACITY);
+        match (title, capacity) {
+            (Some(title), Some(capacity)) if f.errors.is_empty() => Ok(NewEvent { title, capacity }),
+            _ => Err(f.errors),
+        }
+    }
+}
+
+impl NewBooking {
+    /// Parses `{user_id: >= 1, event_id: >= 1, quantity?: >= 1}` (quantity defaults to 1).
+    pub fn parse(body: &Value) -> Result<Self, Vec<FieldError>> {
+        let mut f = Fields { obj: object(body)?, errors: Vec::new() };
+        let user_id = f.int("user_id", None, 1, i64::MAX);
+        let event_id = f.int("event_id", None, 1, i64::MAX);
+        let quantity = f.int("quantity", Some(1), 1, MAX_QUANTITY);
+        match (user_id, event_id, quantity) {
+            (Some(user_id), Some(event_id), Some(quantity)) if f.errors.is_empty() => {
+                Ok(NewBooking { user_id, event_id: EventId(event_id), quantity })
+            }
+            _ => Err(f.errors),
+        }
+    }
+}
+
+/// Parses an id taken from the path (`/event/{id}`): a decimal integer from 1 to i64::MAX.
+pub fn parse_path_id(raw: &str, name: &str) -> Result<i64, FieldError> {
+    let loc = ["path", name];
+    match raw.parse::<i64>() {
+        Ok(n) if n >= 1 => Ok(n),
+        Ok(_) => Err(FieldError::new(
+            "greater_than_equal",
+            &loc,
+            "Input should be greater than or equal to 1",
+        )),
+        Err(_) => Err(FieldError::new(
+            "int_parsing",
+            &loc,
+            "Input should be a valid integer, unable to parse string as an integer",
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn kinds(e: &[FieldError]) -> Vec<(&str, String)> {
+        e.iter().map(|e| (e.kind, e.loc.join("."))).collect()
+    }
+
+    #[test]
+    fn event_accepts_the_seed_shape() {
+        let e = NewEvent::parse(&json!({"title": "Gig", "capacity": 100, "extra": 1})).unwrap();
+        assert_eq!(e, NewEvent { title: "Gig".into(), capacity: 100 });
+        let long = "é".repeat(200);
+        assert!(NewEvent::parse(&json!({"title": long, "capacity": 1})).is_ok());
+    }
+
+    #[test]
+    fn event_rejects_each_bad_field() {
+        let cases = [
+            (json!({"capacity": 1}), "missing", "body.title"),
+            (json!({"title": "", "capacity": 1}), "string_too_short", "body.title"),
+            (json!({"title": "x".repeat(201), "capacity": 1}), "string_too_long", "body.title"),
+            (json!({"title": "   ", "capacity": 1}), "string_blank", "body.title"),
+            (json!({"title": "a\u{0}b", "capacity": 1}), "string_control_chars", "body.title"),
+            (json!({"title": 5, "capacity": 1}), "string_type", "body.title"),
+            (json!({"title": "t", "capacity": 0}), "greater_than_equal", "body.capacity"),
+            (json!({"title": "t", "capacity": -5}), "greater_than_equal", "body.capacity"),
+            (json!({"title": "t", "capacity": "5"}), "int_type", "body.capacity"),
+            (json!({"title": "t", "capacity": 5.0}), "int_type", "body.capacity"),
+            (json!({"title": "t", "capacity": 5.5}), "int_type", "body.capacity"),
+            (json!({"title": "t", "capacity": true}), "int_type", "body.capacity"),
+            (json!({"title": "t", "capacity": null}), "int_type", "body.capacity"),
+            (json!({"title": "t", "capacity": MAX_CAPACITY + 1}), "less_than_equal", "body.capacity"),
+            (json!({"title": "t", "capacity": u64::MAX}), "less_than_equal", "body.capacity"),
+            (json!({"title": "t", "capacity": 1e30}), "int_type", "body.capacity"),
+        ];
+        for (body, kind, loc) in cases {
+            let e = NewEvent::parse(&body).unwrap_err();
+            assert_eq!(kinds(&e), vec![(kind, loc.to_string())], "{body}");
+        }
+    }
+
+    #[test]
+    fn all_errors_are_reported_together() {
+        let e = NewBooking::parse(&json!({"quantity": 0})).unwrap_err();
+        assert_eq!(e.len(), 3);
+        assert!(NewEvent::parse(&json!([1, 2])).is_err());
+        assert!(NewEvent::parse(&json!("x")).is_err());
+    }
+
+    #[test]
+    fn booking_rules() {
+        let b = NewBooking::parse(&json!({"user_id": 1, "event_id": 2})).unwrap();
+        assert_eq!(b, NewBooking { user_id: 1, event_id: EventId(2), quantity: 1 });
+        let b = NewBooking::parse(&json!({"user_id": 1, "event_id": 2, "quantity": 3})).unwrap();
+        assert_eq!(b.quantity, 3);
+        for bad in [
+            json!({"user_id": 0, "event_id": 1}),
+            json!({"user_id": 1, "event_id": -1}),
+            json!({"user_id": 1, "event_id": 9223372036854775808u64}),
+            json!({"user_id": 1, "event_id": 1, "quantity": 0}),
+            json!({"user_id": 1, "event_id": 1, "quantity": MAX_QUANTITY + 1}),
+            json!({"user_id": "1", "event_id": 1}),
+        ] {
+            assert!(NewBooking::parse(&bad).is_err(), "{bad}");
+        }
+        let max = NewBooking::parse(&json!({"user_id": i64::MAX, "event_id": i64::MAX})).unwrap();
+        assert_eq!(max.event_id, EventId(i64::MAX));
+    }
+
+    #[test]
+    fn path_ids() {
+        assert_eq!(parse_path_id("42", "id"), Ok(42));
+        for bad in ["0", "-1", "abc", "1.5", "9223372036854775808", "", " 1"] {
+            assert!(parse_path_id(bad, "id").is_err(), "{bad}");
+        }
+    }
+}

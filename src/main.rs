@@ -1,0 +1,29 @@
+//! The ticketd binary: configuration, telemetry, then the application until a signal stops it.
+
+use std::process::ExitCode;
+
+use ticketd::{telemetry, Application, Config, Tuning};
+
+fn main() -> ExitCode {
+    let config = Config::from_env_or_exit();
+    if let Err(e) = telemetry::init(&config.rust_log) {
+        eprintln!("ticketd: configuration error: {e}");
+        return ExitCode::from(2);
+    }
+    actix_web::rt::System::new().block_on(async move {
+        let app = match Application::build(config, Tuning::default()).await {
+            Ok(app) => app,
+            Err(e) => {
+                eprintln!("ticketd: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        match app.run_until_stopped().await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("ticketd: {e}");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}

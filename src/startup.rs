@@ -1,0 +1,143 @@
+//! `Application`: builds every part from a `Config`, listens (port 0 works: tests use it), and
+//! runs until a shutdown signal or handle stops it, then drains in order.
+
+use std::net::TcpListener;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::{Arbiter, ArbiterHandle};
+use actix_web::dev::{Server, ServerHandle};
+use actix_web::{web, App, HttpServer};
+use tracing::info;
+use tracing_actix_web::TracingLogger;
+
+use crate::actors::event::EventDeps;
+use crate::actors::finalizer::{FinalizerDeps, FinalizerPool};
+use crate::actors::{PersistenceActor, Registry};
+use crate::api::{self, AppState};
+use crate::config::{Config, Tuning};
+use crate::coord::{FinalizeQueue, Lease};
+use crate::store::{self, queries, ReadPool, StoreError};
+use crate::ticket::TicketSigner;
+
+/// How long an in-process lease lives without renewal (a batch renews it).
+const LEASE_TTL: Duration = Duration::from_secs(10);
+/// Bookings waiting in the in-process finalization queue, all lanes together.
+const FINALIZE_QUEUE: usize = 200_000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("configuration error: {0}")]
+    Config(String),
+    #[error("database {path}: {source}")]
+    Store { path: String, source: StoreError },
+    #[error("cannot listen on {addr}: {source}")]
+    Listen { addr: String, source: std::io::Error },
+}
+
+/// A built ticketd, listening, not yet running.
+pub struct Application {
+    port: u16,
+    server: Server,
+    persistence: PersistenceActor,
+    arbiters: Vec<Arbiter>,
+    _finalizers: FinalizerPool,
+}
+
+impl Application {
+    /// Opens and migrates the database, starts the writer, the finalizers and the HTTP server.
+    /// Must run inside an actix `System`.
+    pub async fn build(config: Config, tuning: Tuning) -> Result<Self, StartError> {
+        if config.redis_url.is_some() {
+            return Err(StartError::Config(
+                "REDIS_URL: cluster mode is not part of this build yet; unset REDIS_URL to run the \
+                 embedded mode"
+                    .into(),
+            ));
+        }
+        let path = config.database_url.0.clone();
+        let store_err = |source| StartError::Store { path: path.display().to_string(), source };
+        let conn = store::open_writer(&path).map_err(store_err)?;
+        let key = match &config.ticket_key {
+            Some(k) => k.clone(),
+            None => {
+                let fresh = TicketSigner::generate_key().map_err(|e| StartError::Config(format!("TICKET_KEY: {e}")))?;
+                queries::meta_get_or_insert(&conn, "ticket_key", &fresh).map_err(|e| store_err(e.into()))?
+            }
+        };
+        let signer = TicketSigner::new(key.as_bytes());
+        let reads = ReadPool::open(&path, tuning.read_pool_size).map_err(store_err)?;
+
+        let workers = usize::from(config.finalizer_workers);
+        let (finalize, lanes) = FinalizeQueue::new(workers, FINALIZE_QUEUE / workers);
+        let persistence = PersistenceActor::start(conn, tuning.writer_queue_limit, tuning.max_group, finalize.clone());
+        let writer = persistence.writer();
+
+        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
+        let arbiters: Vec<Arbiter> = (0..cores).map(|_| Arbiter::new()).collect();
+        let handles: Vec<ArbiterHandle> = arbiters.iter().map(|a| a.handle()).collect();
+        let tuning = Arc::new(tuning);
+        let deps = EventDeps {
+            writer: writer.clone(),
+            reads: reads.clone(),
+            lease: Lease::in_process(LEASE_TTL),
+            tuning: tuning.clone(),
+        };
+        let registry = Registry::new(deps, handles);
+        let finalizers = FinalizerPool::start(
+            FinalizerDeps {
+                reads: reads.clone(),
+                writer: writer.clone(),
+                signer,
+                delay: config.finalize_delay(),
+                queue: finalize.clone(),
+                per_worker: tuning.issuances_per_worker,
+            },
+            lanes,
+            tuning.sweep_every,
+        );
+
+        let state = web::Data::new(AppState { registry, reads, writer, finalize, mode: "embedded" });
+        let addr = format!("{}:{}", config.host, config.port);
+        let listen_err = |source| StartError::Listen { addr: addr.clone(), source };
+        let listener = TcpListener::bind(&addr).map_err(listen_err)?;
+        let port = listener.local_addr().map_err(listen_err)?.port();
+        let http_workers = if tuning.http_workers == 0 { cores } else { tuning.http_workers };
+        let server = HttpServer::new(move || {
+            App::new().wrap(TracingLogger::default()).app_data(state.clone()).configure(api::configure)
+        })
+        .workers(http_workers)
+        .backlog(4096)
+        .shutdown_timeout(tuning.shutdown_timeout.as_secs())
+        .listen(listener)
+        .map_err(listen_err)?
+        .run();
+        info!(%addr, port, db = %path.display(), mode = "embedded", "ticketd listening");
+        Ok(Application { port, server, persistence, arbiters, _finalizers: finalizers })
+    }
+
+    /// The port actually bound (useful with `PORT=0`).
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// A handle that stops the server gracefully (what SIGTERM does).
+    pub fn handle(&self) -> ServerHandle {
+        self.server.handle()
+    }
+
+    /// Serves until stopped (SIGTERM, SIGINT or `handle().stop(true)`): the server stops
+    /// accepting and answers what it accepted; then the writer commits everything handed to it
+    /// and stops; then the actors stop.
+    pub async fn run_until_stopped(self) -> std::io::Result<()> {
+        let Application { server, persistence, arbiters, .. } = self;
+        let served = server.await;
+        let _ = tokio::task::spawn_blocking(move || persistence.shutdown()).await;
+        for a in arbiters {
+            a.stop();
+            let _ = a.join();
+        }
+        info!("ticketd stopped");
+        served
+    }
+}

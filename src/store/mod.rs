@@ -1,0 +1,96 @@
+//! SQLite storage: the schema, the queries, the writer connection and the read pool.
+//!
+//! Exactly one connection per process writes (owned by the persistence actor); every read goes
+//! through a small pool of read-only connections, which in WAL mode never block the writer and
+//! never wait for it.
+
+pub mod queries;
+pub mod schema;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use r2d2_sqlite::SqliteConnectionManager;
+use rusqlite::{Connection, OpenFlags};
+
+pub use queries::{BookingRow, EventRow, Report};
+
+/// How long a connection waits on a lock held by another connection before SQLITE_BUSY.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("sqlite: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("read pool: {0}")]
+    Pool(#[from] r2d2::Error),
+    #[error("migration: {0}")]
+    Migration(#[from] rusqlite_migration::Error),
+    #[error("the writer has stopped")]
+    WriterClosed,
+    #[error("the writer is overloaded")]
+    WriterFull,
+    #[error("a blocking task failed: {0}")]
+    Task(String),
+}
+
+/// Opens (creating if needed) and migrates the database file; returns the writer connection.
+///
+/// WAL lets readers run beside the writer; `synchronous = FULL` makes every commit durable
+/// before `POST /book` answers 200 (promise 2), at the cost of one fsync per group commit,
+/// which group commit spreads over many bookings.
+pub fn open_writer(path: &Path) -> Result<Connection, StoreError> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| {
+            StoreError::Sqlite(rusqlite::Error::InvalidPath(PathBuf::from(format!("{}: {e}", dir.display()))))
+        })?;
+    }
+    let mut conn = Connection::open(path)?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    conn.pragma_update(None, "foreign_keys", "OFF")?;
+    schema::migrations().to_latest(&mut conn)?;
+    Ok(conn)
+}
+
+/// The pool of read-only connections used by routes, event actors (loading) and finalizers.
+#[derive(Clone)]
+pub struct ReadPool {
+    pool: r2d2::Pool<SqliteConnectionManager>,
+}
+
+impl ReadPool {
+    pub fn open(path: &Path, size: u32) -> Result<Self, StoreError> {
+        let manager = SqliteConnectionManager::file(path)
+            .with_flags(OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX | OpenFlags::SQLITE_OPEN_URI)
+            .with_init(|c| {
+                c.busy_timeout(BUSY_TIMEOUT)?;
+                c.pragma_update(None, "query_only", "ON")
+            });
+        let pool = r2d2::Pool::builder()
+            .max_size(size.max(1))
+            .connection_timeout(Duration::from_secs(10))
+            .build(manager)?;
+        Ok(ReadPool { pool })
+    }
+
+    /// Runs `f` on a read connection on the blocking thread pool, so no reactor thread waits
+    /// on SQLite.
+    /// The future owns what it needs (`'static`), so actors can keep it past `&self`.
+    pub fn read<T, F>(&self, f: F) -> impl std::future::Future<Output = Result<T, StoreError>> + 'static
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, rusqlite::Error> + Send + 'static,
+    {
+        let pool = self.pool.clone();
+        async move {
+            tokio::task::spawn_blocking(move || {
+                let conn = pool.get()?;
+                Ok(f(&conn)?)
+            })
+            .await
+            .map_err(|e| StoreError::Task(e.to_string()))?
+        }
+    }
+}

@@ -1,0 +1,82 @@
+//! Schema and migrations, run at every start before anything reads or writes.
+//!
+//! The first migration is the old service's schema, written with `IF NOT EXISTS`: pointed at the
+//! old service's `ticket.db`, ticketd adopts its rows instead of starting over. Later migrations
+//! only add (columns, indexes, a trigger), so the old reports keep working on the same file.
+
+use rusqlite_migration::{Migrations, M};
+
+/// The migrations, in order; `PRAGMA user_version` records how far a file has come.
+pub fn migrations() -> Migrations<'static> {
+    Migrations::new(vec![
+        M::up(
+            "CREATE TABLE IF NOT EXISTS events (
+                id INTEGER PRIMARY KEY AUTOINCREMENT,
+                title VARCHAR(200) NOT NULL,
+                capacity INTEGER NOT NULL,
+                booked_count INTEGER NOT NULL DEFAULT 0
+            );
+            CREATE TABLE IF NOT EXISTS bookings (
+                id INTEGER PRIMARY KEY AUTOINCREMENT,
+                event_id INTEGER NOT NULL REFERENCES events(id),
+                user_id INTEGER NOT NULL,
+                quantity INTEGER NOT NULL DEFAULT 1,
+                status VARCHAR(9) NOT NULL DEFAULT 'PENDING',
+                created_at DATETIME NOT NULL
+            );",
+        ),
+        M::up(
+            "ALTER TABLE events ADD COLUMN fence INTEGER NOT NULL DEFAULT 0;
+            ALTER TABLE events ADD COLUMN finalized_count INTEGER NOT NULL DEFAULT 0;
+            ALTER TABLE bookings ADD COLUMN ticket_code TEXT;
+            ALTER TABLE bookings ADD COLUMN finalized_at DATETIME;
+            UPDATE events SET finalized_count = (
+                SELECT COALESCE(SUM(b.quantity), 0) FROM bookings b
+                WHERE b.event_id = events.id AND b.status = 'FINALIZED');
+            CREATE INDEX IF NOT EXISTS ix_bookings_event_id ON bookings(event_id);
+            CREATE INDEX IF NOT EXISTS ix_bookings_pending ON bookings(id) WHERE status = 'PENDING';
+            CREATE TABLE IF NOT EXISTS ticketd_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+            -- Last line behind the fenced update: the file itself refuses an oversell, whoever writes.
+            CREATE TRIGGER IF NOT EXISTS events_never_oversell
+            BEFORE UPDATE OF booked_count ON events
+            WHEN NEW.booked_count > NEW.capacity OR NEW.booked_count < 0
+            BEGIN SELECT RAISE(ABORT, 'booked_count would exceed capacity'); END;",
+        ),
+    ])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn migrations_are_valid() {
+        migrations().validate().expect("migrations validate");
+    }
+
+    #[test]
+    fn adopts_the_old_services_file() {
+        let mut conn = rusqlite::Connection::open_in_memory().unwrap();
+        // The old service's tables (SQLAlchemy), with one finalized and one pending booking.
+        conn.execute_batch(
+            "CREATE TABLE events (id INTEGER NOT NULL, title VARCHAR(200) NOT NULL,
+                 capacity INTEGER NOT NULL, booked_count INTEGER NOT NULL, PRIMARY KEY (id));
+             CREATE TABLE bookings (id INTEGER NOT NULL, event_id INTEGER NOT NULL,
+                 user_id INTEGER NOT NULL, quantity INTEGER NOT NULL, status VARCHAR(9) NOT NULL,
+                 created_at DATETIME NOT NULL, PRIMARY KEY (id));
+             INSERT INTO events VALUES (1, 'Old gig', 10, 3);
+             INSERT INTO bookings VALUES (1, 1, 7, 2, 'FINALIZED', '2024-05-01 10:00:00.000000');
+             INSERT INTO bookings VALUES (2, 1, 8, 1, 'PENDING', '2024-05-01 10:00:01.000000');",
+        )
+        .unwrap();
+        migrations().to_latest(&mut conn).unwrap();
+        let (booked, finalized, fence): (i64, i64, i64) = conn
+            .query_row("SELECT booked_count, finalized_count, fence FROM events WHERE id = 1", [], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })
+            .unwrap();
+        assert_eq!((booked, finalized, fence), (3, 2, 0));
+        let oversell = conn.execute("UPDATE events SET booked_count = 11 WHERE id = 1", []);
+        assert!(oversell.is_err(), "the trigger refuses an oversell");
+    }
+}
