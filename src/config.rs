@@ -38,7 +38,12 @@ pub struct Config {
           value_parser = parse_ticket_key)]
     pub ticket_key: Option<String>,
     /// Tracing filter (tracing-subscriber's EnvFilter syntax).
-    #[arg(long, env = "RUST_LOG", value_name = "RUST_LOG", default_value = "info")]
+    #[arg(
+        long,
+        env = "RUST_LOG",
+        value_name = "RUST_LOG",
+        default_value = "info"
+    )]
     pub rust_log: String,
 }
 
@@ -184,11 +189,26 @@ mod tests {
 
     #[test]
     fn database_urls() {
-        assert_eq!(parse_database_url("sqlite://ticket.db").unwrap().0, PathBuf::from("ticket.db"));
-        assert_eq!(parse_database_url("sqlite:///./t.db").unwrap().0, PathBuf::from("./t.db"));
-        assert_eq!(parse_database_url("sqlite:////tmp/t.db").unwrap().0, PathBuf::from("/tmp/t.db"));
-        assert_eq!(parse_database_url("/tmp/x.db").unwrap().0, PathBuf::from("/tmp/x.db"));
-        assert_eq!(parse_database_url("sqlite:///tmp/x.db").unwrap().0, PathBuf::from("/tmp/x.db"));
+        assert_eq!(
+            parse_database_url("sqlite://ticket.db").unwrap().0,
+            PathBuf::from("ticket.db")
+        );
+        assert_eq!(
+            parse_database_url("sqlite:///./t.db").unwrap().0,
+            PathBuf::from("./t.db")
+        );
+        assert_eq!(
+            parse_database_url("sqlite:////tmp/t.db").unwrap().0,
+            PathBuf::from("/tmp/t.db")
+        );
+        assert_eq!(
+            parse_database_url("/tmp/x.db").unwrap().0,
+            PathBuf::from("/tmp/x.db")
+        );
+        assert_eq!(
+            parse_database_url("sqlite:///tmp/x.db").unwrap().0,
+            PathBuf::from("/tmp/x.db")
+        );
         assert!(parse_database_url("postgres://x").is_err());
         assert!(parse_database_url("sqlite://").is_err());
         assert!(parse_database_url("sqlite://:memory:").is_err());
@@ -198,9 +218,13 @@ mod tests {
     fn bad_values_name_the_setting() {
         let e = parse(&["--port", "eighty"]).unwrap_err().to_string();
         assert!(e.contains("PORT"), "{e}");
-        let e = parse(&["--finalizer-workers", "0"]).unwrap_err().to_string();
+        let e = parse(&["--finalizer-workers", "0"])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("FINALIZER_WORKERS"), "{e}");
-        let e = parse(&["--redis-url", "localhost:6379"]).unwrap_err().to_string();
+        let e = parse(&["--redis-url", "localhost:6379"])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("REDIS_URL"), "{e}");
         let e = parse(&["--ticket-key", "short"]).unwrap_err().to_string();
         assert!(e.contains("TICKET_KEY"), "{e}");

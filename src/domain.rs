@@ -26,7 +26,11 @@ pub struct FieldError {
 
 impl FieldError {
     pub fn new(kind: &'static str, loc: &[&str], msg: impl Into<String>) -> Self {
-        FieldError { kind, loc: loc.iter().map(|s| s.to_string()).collect(), msg: msg.into() }
+        FieldError {
+            kind,
+            loc: loc.iter().map(|s| s.to_string()).collect(),
+            msg: msg.into(),
+        }
     }
 }
 
@@ -64,7 +68,8 @@ impl<'a> Fields<'a> {
         let v = match self.obj.get(name) {
             None if default.is_some() => return default,
             None => {
-                self.errors.push(FieldError::new("missing", &loc, "Field required"));
+                self.errors
+                    .push(FieldError::new("missing", &loc, "Field required"));
                 return None;
             }
             Some(v) => v,
@@ -88,7 +93,11 @@ impl<'a> Fields<'a> {
                 return None;
             }
             _ => {
-                self.errors.push(FieldError::new("int_type", &loc, "Input should be a valid integer"));
+                self.errors.push(FieldError::new(
+                    "int_type",
+                    &loc,
+                    "Input should be a valid integer",
+                ));
                 return None;
             }
         }?;
@@ -115,7 +124,8 @@ impl<'a> Fields<'a> {
         let loc = ["body", name];
         match self.obj.get(name) {
             None => {
-                self.errors.push(FieldError::new("missing", &loc, "Field required"));
+                self.errors
+                    .push(FieldError::new("missing", &loc, "Field required"));
                 None
             }
             Some(Value::String(s)) => {
@@ -153,7 +163,11 @@ impl<'a> Fields<'a> {
                 }
             }
             Some(_) => {
-                self.errors.push(FieldError::new("string_type", &loc, "Input should be a valid string"));
+                self.errors.push(FieldError::new(
+                    "string_type",
+                    &loc,
+                    "Input should be a valid string",
+                ));
                 None
             }
         }
@@ -173,11 +187,16 @@ fn object(body: &Value) -> Result<&Map<String, Value>, Vec<FieldError>> {
 impl NewEvent {
     /// Parses `{title: 1..200 chars, capacity: >= 1}`; unknown fields are ignored, as before.
     pub fn parse(body: &Value) -> Result<Self, Vec<FieldError>> {
-        let mut f = Fields { obj: object(body)?, errors: Vec::new() };
+        let mut f = Fields {
+            obj: object(body)?,
+            errors: Vec::new(),
+        };
         let title = f.title("title");
         let capacity = f.int("capacity", None, 1, MAX_CAPACITY);
         match (title, capacity) {
-            (Some(title), Some(capacity)) if f.errors.is_empty() => Ok(NewEvent { title, capacity }),
+            (Some(title), Some(capacity)) if f.errors.is_empty() => {
+                Ok(NewEvent { title, capacity })
+            }
             _ => Err(f.errors),
         }
     }
@@ -186,13 +205,20 @@ impl NewEvent {
 impl NewBooking {
     /// Parses `{user_id: >= 1, event_id: >= 1, quantity?: >= 1}` (quantity defaults to 1).
     pub fn parse(body: &Value) -> Result<Self, Vec<FieldError>> {
-        let mut f = Fields { obj: object(body)?, errors: Vec::new() };
+        let mut f = Fields {
+            obj: object(body)?,
+            errors: Vec::new(),
+        };
         let user_id = f.int("user_id", None, 1, i64::MAX);
         let event_id = f.int("event_id", None, 1, i64::MAX);
         let quantity = f.int("quantity", Some(1), 1, MAX_QUANTITY);
         match (user_id, event_id, quantity) {
             (Some(user_id), Some(event_id), Some(quantity)) if f.errors.is_empty() => {
-                Ok(NewBooking { user_id, event_id: EventId(event_id), quantity })
+                Ok(NewBooking {
+                    user_id,
+                    event_id: EventId(event_id),
+                    quantity,
+                })
             }
             _ => Err(f.errors),
         }
@@ -229,7 +255,13 @@ mod tests {
     #[test]
     fn event_accepts_the_seed_shape() {
         let e = NewEvent::parse(&json!({"title": "Gig", "capacity": 100, "extra": 1})).unwrap();
-        assert_eq!(e, NewEvent { title: "Gig".into(), capacity: 100 });
+        assert_eq!(
+            e,
+            NewEvent {
+                title: "Gig".into(),
+                capacity: 100
+            }
+        );
         let long = "é".repeat(200);
         assert!(NewEvent::parse(&json!({"title": long, "capacity": 1})).is_ok());
     }
@@ -238,21 +270,81 @@ mod tests {
     fn event_rejects_each_bad_field() {
         let cases = [
             (json!({"capacity": 1}), "missing", "body.title"),
-            (json!({"title": "", "capacity": 1}), "string_too_short", "body.title"),
-            (json!({"title": "x".repeat(201), "capacity": 1}), "string_too_long", "body.title"),
-            (json!({"title": "   ", "capacity": 1}), "string_blank", "body.title"),
-            (json!({"title": "a\u{0}b", "capacity": 1}), "string_control_chars", "body.title"),
-            (json!({"title": 5, "capacity": 1}), "string_type", "body.title"),
-            (json!({"title": "t", "capacity": 0}), "greater_than_equal", "body.capacity"),
-            (json!({"title": "t", "capacity": -5}), "greater_than_equal", "body.capacity"),
-            (json!({"title": "t", "capacity": "5"}), "int_type", "body.capacity"),
-            (json!({"title": "t", "capacity": 5.0}), "int_type", "body.capacity"),
-            (json!({"title": "t", "capacity": 5.5}), "int_type", "body.capacity"),
-            (json!({"title": "t", "capacity": true}), "int_type", "body.capacity"),
-            (json!({"title": "t", "capacity": null}), "int_type", "body.capacity"),
-            (json!({"title": "t", "capacity": MAX_CAPACITY + 1}), "less_than_equal", "body.capacity"),
-            (json!({"title": "t", "capacity": u64::MAX}), "less_than_equal", "body.capacity"),
-            (json!({"title": "t", "capacity": 1e30}), "int_type", "body.capacity"),
+            (
+                json!({"title": "", "capacity": 1}),
+                "string_too_short",
+                "body.title",
+            ),
+            (
+                json!({"title": "x".repeat(201), "capacity": 1}),
+                "string_too_long",
+                "body.title",
+            ),
+            (
+                json!({"title": "   ", "capacity": 1}),
+                "string_blank",
+                "body.title",
+            ),
+            (
+                json!({"title": "a\u{0}b", "capacity": 1}),
+                "string_control_chars",
+                "body.title",
+            ),
+            (
+                json!({"title": 5, "capacity": 1}),
+                "string_type",
+                "body.title",
+            ),
+            (
+                json!({"title": "t", "capacity": 0}),
+                "greater_than_equal",
+                "body.capacity",
+            ),
+            (
+                json!({"title": "t", "capacity": -5}),
+                "greater_than_equal",
+                "body.capacity",
+            ),
+            (
+                json!({"title": "t", "capacity": "5"}),
+                "int_type",
+                "body.capacity",
+            ),
+            (
+                json!({"title": "t", "capacity": 5.0}),
+                "int_type",
+                "body.capacity",
+            ),
+            (
+                json!({"title": "t", "capacity": 5.5}),
+                "int_type",
+                "body.capacity",
+            ),
+            (
+                json!({"title": "t", "capacity": true}),
+                "int_type",
+                "body.capacity",
+            ),
+            (
+                json!({"title": "t", "capacity": null}),
+                "int_type",
+                "body.capacity",
+            ),
+            (
+                json!({"title": "t", "capacity": MAX_CAPACITY + 1}),
+                "less_than_equal",
+                "body.capacity",
+            ),
+            (
+                json!({"title": "t", "capacity": u64::MAX}),
+                "less_than_equal",
+                "body.capacity",
+            ),
+            (
+                json!({"title": "t", "capacity": 1e30}),
+                "int_type",
+                "body.capacity",
+            ),
         ];
         for (body, kind, loc) in cases {
             let e = NewEvent::parse(&body).unwrap_err();
@@ -271,7 +363,14 @@ mod tests {
     #[test]
     fn booking_rules() {
         let b = NewBooking::parse(&json!({"user_id": 1, "event_id": 2})).unwrap();
-        assert_eq!(b, NewBooking { user_id: 1, event_id: EventId(2), quantity: 1 });
+        assert_eq!(
+            b,
+            NewBooking {
+                user_id: 1,
+                event_id: EventId(2),
+                quantity: 1
+            }
+        );
         let b = NewBooking::parse(&json!({"user_id": 1, "event_id": 2, "quantity": 3})).unwrap();
         assert_eq!(b.quantity, 3);
         for bad in [

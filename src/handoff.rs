@@ -36,7 +36,10 @@ pub struct WriteQueue<T> {
 impl<T> WriteQueue<T> {
     pub fn new(limit: usize) -> Self {
         WriteQueue {
-            state: Mutex::new(State { items: VecDeque::new(), closed: false }),
+            state: Mutex::new(State {
+                items: VecDeque::new(),
+                closed: false,
+            }),
             ready: Condvar::new(),
             limit: limit.max(1),
         }
@@ -109,7 +112,11 @@ mod tests {
         assert_eq!(q.next_group(2), Some(vec![0, 1]));
         q.close();
         assert_eq!(q.submit(7), Err(Refused::Closed(7)));
-        assert_eq!(q.next_group(10), Some(vec![2]), "accepted items survive close");
+        assert_eq!(
+            q.next_group(10),
+            Some(vec![2]),
+            "accepted items survive close"
+        );
         assert_eq!(q.next_group(10), None);
     }
 

@@ -32,7 +32,10 @@ pub enum StartError {
     #[error("database {path}: {source}")]
     Store { path: String, source: StoreError },
     #[error("cannot listen on {addr}: {source}")]
-    Listen { addr: String, source: std::io::Error },
+    Listen {
+        addr: String,
+        source: std::io::Error,
+    },
 }
 
 /// A built ticketd, listening, not yet running.
@@ -56,13 +59,18 @@ impl Application {
             ));
         }
         let path = config.database_url.0.clone();
-        let store_err = |source| StartError::Store { path: path.display().to_string(), source };
+        let store_err = |source| StartError::Store {
+            path: path.display().to_string(),
+            source,
+        };
         let conn = store::open_writer(&path).map_err(store_err)?;
         let key = match &config.ticket_key {
             Some(k) => k.clone(),
             None => {
-                let fresh = TicketSigner::generate_key().map_err(|e| StartError::Config(format!("TICKET_KEY: {e}")))?;
-                queries::meta_get_or_insert(&conn, "ticket_key", &fresh).map_err(|e| store_err(e.into()))?
+                let fresh = TicketSigner::generate_key()
+                    .map_err(|e| StartError::Config(format!("TICKET_KEY: {e}")))?;
+                queries::meta_get_or_insert(&conn, "ticket_key", &fresh)
+                    .map_err(|e| store_err(e.into()))?
             }
         };
         let signer = TicketSigner::new(key.as_bytes());
@@ -70,10 +78,17 @@ impl Application {
 
         let workers = usize::from(config.finalizer_workers);
         let (finalize, lanes) = FinalizeQueue::new(workers, FINALIZE_QUEUE / workers);
-        let persistence = PersistenceActor::start(conn, tuning.writer_queue_limit, tuning.max_group, finalize.clone());
+        let persistence = PersistenceActor::start(
+            conn,
+            tuning.writer_queue_limit,
+            tuning.max_group,
+            finalize.clone(),
+        );
         let writer = persistence.writer();
 
-        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
+        let cores = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(2);
         let arbiters: Vec<Arbiter> = (0..cores).map(|_| Arbiter::new()).collect();
         let handles: Vec<ArbiterHandle> = arbiters.iter().map(|a| a.handle()).collect();
         let tuning = Arc::new(tuning);
@@ -97,14 +112,30 @@ impl Application {
             tuning.sweep_every,
         );
 
-        let state = web::Data::new(AppState { registry, reads, writer, finalize, mode: "embedded" });
+        let state = web::Data::new(AppState {
+            registry,
+            reads,
+            writer,
+            finalize,
+            mode: "embedded",
+        });
         let addr = format!("{}:{}", config.host, config.port);
-        let listen_err = |source| StartError::Listen { addr: addr.clone(), source };
+        let listen_err = |source| StartError::Listen {
+            addr: addr.clone(),
+            source,
+        };
         let listener = TcpListener::bind(&addr).map_err(listen_err)?;
         let port = listener.local_addr().map_err(listen_err)?.port();
-        let http_workers = if tuning.http_workers == 0 { cores } else { tuning.http_workers };
+        let http_workers = if tuning.http_workers == 0 {
+            cores
+        } else {
+            tuning.http_workers
+        };
         let server = HttpServer::new(move || {
-            App::new().wrap(TracingLogger::default()).app_data(state.clone()).configure(api::configure)
+            App::new()
+                .wrap(TracingLogger::default())
+                .app_data(state.clone())
+                .configure(api::configure)
         })
         .workers(http_workers)
         .backlog(4096)
@@ -113,7 +144,13 @@ impl Application {
         .map_err(listen_err)?
         .run();
         info!(%addr, port, db = %path.display(), mode = "embedded", "ticketd listening");
-        Ok(Application { port, server, persistence, arbiters, _finalizers: finalizers })
+        Ok(Application {
+            port,
+            server,
+            persistence,
+            arbiters,
+            _finalizers: finalizers,
+        })
     }
 
     /// The port actually bound (useful with `PORT=0`).
@@ -130,7 +167,12 @@ impl Application {
     /// accepting and answers what it accepted; then the writer commits everything handed to it
     /// and stops; then the actors stop.
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
-        let Application { server, persistence, arbiters, .. } = self;
+        let Application {
+            server,
+            persistence,
+            arbiters,
+            ..
+        } = self;
         let served = server.await;
         let _ = tokio::task::spawn_blocking(move || persistence.shutdown()).await;
         for a in arbiters {

@@ -10,6 +10,7 @@ pub fn init(filter: &str) -> Result<(), String> {
     let _ = fmt()
         .with_env_filter(filter)
         .with_target(false)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
         .compact()
         .try_init();
     Ok(())

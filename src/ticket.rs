@@ -54,7 +54,11 @@ impl TicketSigner {
             Err(_) => unreachable!("HMAC accepts keys of every length"),
         };
         mac.update(
-            format!("ticketd-v1|{}|{}|{}|{}", f.booking_id, f.event_id, f.user_id, f.quantity).as_bytes(),
+            format!(
+                "ticketd-v1|{}|{}|{}|{}",
+                f.booking_id, f.event_id, f.user_id, f.quantity
+            )
+            .as_bytes(),
         );
         let full = mac.finalize().into_bytes();
         let mut out = [0u8; MAC_BYTES];
@@ -63,7 +67,11 @@ impl TicketSigner {
     }
 
     pub fn sign(&self, f: &TicketFacts) -> String {
-        format!("TK-{}-{}", f.booking_id, data_encoding::BASE32_NOPAD.encode(&self.mac(f)))
+        format!(
+            "TK-{}-{}",
+            f.booking_id,
+            data_encoding::BASE32_NOPAD.encode(&self.mac(f))
+        )
     }
 
     /// The booking id a code claims, if it is well formed (not yet checked against the MAC).
@@ -78,14 +86,25 @@ impl TicketSigner {
 
     /// True if `code` is exactly the code of these facts (constant-time comparison of the MAC).
     pub fn verify(&self, code: &str, f: &TicketFacts) -> bool {
-        let Some(rest) = code.strip_prefix("TK-") else { return false };
-        let Some((id, mac)) = rest.split_once('-') else { return false };
+        let Some(rest) = code.strip_prefix("TK-") else {
+            return false;
+        };
+        let Some((id, mac)) = rest.split_once('-') else {
+            return false;
+        };
         if id != f.booking_id.to_string() {
             return false;
         }
-        let Ok(given) = data_encoding::BASE32_NOPAD.decode(mac.as_bytes()) else { return false };
+        let Ok(given) = data_encoding::BASE32_NOPAD.decode(mac.as_bytes()) else {
+            return false;
+        };
         let expected = self.mac(f);
-        given.len() == MAC_BYTES && given.iter().zip(expected.iter()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+        given.len() == MAC_BYTES
+            && given
+                .iter()
+                .zip(expected.iter())
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                == 0
     }
 }
 
@@ -93,15 +112,25 @@ impl TicketSigner {
 mod tests {
     use super::*;
 
-    const F: TicketFacts = TicketFacts { booking_id: 42, event_id: 7, user_id: 3, quantity: 2 };
+    const F: TicketFacts = TicketFacts {
+        booking_id: 42,
+        event_id: 7,
+        user_id: 3,
+        quantity: 2,
+    };
 
     #[test]
     fn codes_are_stable_and_bound_to_the_facts() {
         let s = TicketSigner::new(b"0123456789abcdef");
         let code = s.sign(&F);
         assert_eq!(code, s.sign(&F));
-        assert!(code.starts_with("TK-42-") && code.len() == "TK-42-".len() + 26, "{code}");
-        assert!(code.chars().all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '-'));
+        assert!(
+            code.starts_with("TK-42-") && code.len() == "TK-42-".len() + 26,
+            "{code}"
+        );
+        assert!(code
+            .chars()
+            .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '-'));
         assert!(s.verify(&code, &F));
         assert_eq!(TicketSigner::claimed_booking(&code), Some(42));
         assert!(!s.verify(&code, &TicketFacts { quantity: 3, ..F }));

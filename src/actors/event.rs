@@ -69,7 +69,13 @@ pub struct EventActor {
 }
 
 impl EventActor {
-    pub fn new(id: i64, generation: u64, registry: Weak<Registry>, deps: EventDeps, sold_out: Arc<AtomicBool>) -> Self {
+    pub fn new(
+        id: i64,
+        generation: u64,
+        registry: Weak<Registry>,
+        deps: EventDeps,
+        sold_out: Arc<AtomicBool>,
+    ) -> Self {
         EventActor {
             id,
             generation,
@@ -121,7 +127,8 @@ impl EventActor {
             }
             Ok(Some(token)) => {
                 self.held = Some(token);
-                let trusted = self.view.is_some() && self.view_token.is_some_and(|t| t + 1 == token);
+                let trusted =
+                    self.view.is_some() && self.view_token.is_some_and(|t| t + 1 == token);
                 self.view_token = Some(token);
                 if trusted {
                     self.run_batch(ctx);
@@ -136,7 +143,10 @@ impl EventActor {
     fn reload(&mut self, ctx: &mut Context<Self>) {
         let id = self.id;
         let fut = self.deps.reads.read(move |c| queries::event(c, id));
-        ctx.spawn(fut.into_actor(self).map(|res, act, ctx| act.on_reload(res, ctx)));
+        ctx.spawn(
+            fut.into_actor(self)
+                .map(|res, act, ctx| act.on_reload(res, ctx)),
+        );
     }
 
     fn on_reload(&mut self, res: Result<Option<EventRow>, StoreError>, ctx: &mut Context<Self>) {
@@ -160,7 +170,10 @@ impl EventActor {
     }
 
     fn adopt(&mut self, row: &EventRow) {
-        self.view = Some(View { capacity: row.capacity, booked: row.booked_count });
+        self.view = Some(View {
+            capacity: row.capacity,
+            booked: row.booked_count,
+        });
         self.floor = self.floor.max(row.fence);
         if row.booked_count >= row.capacity {
             self.sold_out.store(true, Ordering::Release);
@@ -176,7 +189,9 @@ impl EventActor {
         let mut requests = Vec::new();
         let mut seats = 0;
         while requests.len() < self.deps.tuning.max_batch {
-            let Some(req) = self.queue.pop_front() else { break };
+            let Some(req) = self.queue.pop_front() else {
+                break;
+            };
             if req.reply.is_closed() {
                 continue; // the client went away before we sold it anything
             }
@@ -185,20 +200,37 @@ impl EventActor {
                 seats += req.quantity;
                 requests.push(req);
             } else {
-                let _ = req.reply.send(Err(BookError::SoldOut { remaining: remaining.max(0) }));
+                let _ = req.reply.send(Err(BookError::SoldOut {
+                    remaining: remaining.max(0),
+                }));
             }
         }
         if requests.is_empty() {
             self.finish(ctx);
             return;
         }
-        debug!(event_id = self.id, size = requests.len(), seats, token, "batch to the writer");
+        debug!(
+            event_id = self.id,
+            size = requests.len(),
+            seats,
+            token,
+            "batch to the writer"
+        );
         let (done, rx) = oneshot::channel();
-        self.deps.writer.submit(WriteOp::Seats(SeatBatch { event_id: self.id, token, requests, done }));
-        ctx.spawn(async move { rx.await }.into_actor(self).map(move |res, act, ctx| match res {
-            Ok(outcome) => act.on_batch(outcome, token, ctx),
-            Err(_) => act.finish(ctx),
+        self.deps.writer.submit(WriteOp::Seats(SeatBatch {
+            event_id: self.id,
+            token,
+            requests,
+            done,
         }));
+        ctx.spawn(
+            async move { rx.await }
+                .into_actor(self)
+                .map(move |res, act, ctx| match res {
+                    Ok(outcome) => act.on_batch(outcome, token, ctx),
+                    Err(_) => act.finish(ctx),
+                }),
+        );
     }
 
     fn on_batch(&mut self, outcome: BatchOutcome, token: Token, ctx: &mut Context<Self>) {
@@ -224,12 +256,22 @@ impl EventActor {
                     self.retire(ctx);
                     return;
                 };
-                debug!(event_id = self.id, token, fence = row.fence, "batch refused; reloaded");
+                debug!(
+                    event_id = self.id,
+                    token,
+                    fence = row.fence,
+                    "batch refused; reloaded"
+                );
                 self.adopt(&row);
                 if self.refusals > MAX_REFUSALS {
-                    warn!(event_id = self.id, "batch refused repeatedly: answering 503");
+                    warn!(
+                        event_id = self.id,
+                        "batch refused repeatedly: answering 503"
+                    );
                     self.refusals = 0;
-                    self.fail_queue(BookError::Unavailable("the event is contended; retry".into()));
+                    self.fail_queue(BookError::Unavailable(
+                        "the event is contended; retry".into(),
+                    ));
                     self.finish(ctx);
                 } else if row.fence > token {
                     // A newer holder wrote: our lease is gone. Take a new one (above its token).
@@ -286,7 +328,10 @@ impl EventActor {
     }
 
     fn check_idle(&mut self, ctx: &mut Context<Self>) {
-        if !self.busy && self.queue.is_empty() && self.idle_since.elapsed() >= self.deps.tuning.actor_idle {
+        if !self.busy
+            && self.queue.is_empty()
+            && self.idle_since.elapsed() >= self.deps.tuning.actor_idle
+        {
             debug!(event_id = self.id, "idle: passivating");
             self.release_lease(ctx);
             self.retire(ctx);

@@ -47,7 +47,9 @@ impl Actor for FinalizerActor {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
-        let Some(mut lane) = self.lane.take() else { return };
+        let Some(mut lane) = self.lane.take() else {
+            return;
+        };
         let deps = self.deps.clone();
         let permits = Arc::new(Semaphore::new(deps.per_worker.max(1)));
         let worker = self.id;
@@ -72,7 +74,11 @@ impl Actor for FinalizerActor {
 
 /// Issues one ticket: sign, deliver (the simulated delay), then mark FINALIZED with the code.
 async fn issue(deps: &FinalizerDeps, booking_id: i64) -> Result<(), StoreError> {
-    let Some(b) = deps.reads.read(move |c| queries::booking(c, booking_id)).await? else {
+    let Some(b) = deps
+        .reads
+        .read(move |c| queries::booking(c, booking_id))
+        .await?
+    else {
         return Ok(());
     };
     if b.status != "PENDING" {
@@ -97,11 +103,22 @@ pub struct FinalizerPool {
 
 impl FinalizerPool {
     /// Starts one actor per lane and the sweeper (which runs once at once: the restart pickup).
-    pub fn start(deps: FinalizerDeps, lanes: Vec<mpsc::Receiver<i64>>, sweep_every: Duration) -> Self {
+    pub fn start(
+        deps: FinalizerDeps,
+        lanes: Vec<mpsc::Receiver<i64>>,
+        sweep_every: Duration,
+    ) -> Self {
         let workers = lanes
             .into_iter()
             .enumerate()
-            .map(|(id, lane)| FinalizerActor { id, deps: deps.clone(), lane: Some(lane) }.start())
+            .map(|(id, lane)| {
+                FinalizerActor {
+                    id,
+                    deps: deps.clone(),
+                    lane: Some(lane),
+                }
+                .start()
+            })
             .collect();
         actix::spawn(async move {
             loop {
@@ -126,8 +143,13 @@ async fn sweep(deps: &FinalizerDeps) -> Result<usize, StoreError> {
     let mut after = 0;
     let mut queued = 0;
     loop {
-        let ids = deps.reads.read(move |c| queries::pending_ids(c, after, SWEEP_PAGE)).await?;
-        let Some(&last) = ids.last() else { return Ok(queued) };
+        let ids = deps
+            .reads
+            .read(move |c| queries::pending_ids(c, after, SWEEP_PAGE))
+            .await?;
+        let Some(&last) = ids.last() else {
+            return Ok(queued);
+        };
         after = last;
         for id in ids {
             if !deps.queue.is_tracked(id) {

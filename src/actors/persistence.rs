@@ -63,7 +63,10 @@ pub enum BatchOutcome {
     Committed { seats: i64 },
     /// Refused by the fenced update; nothing written. The requests come back, unanswered, with
     /// the row as the database has it.
-    Refused { row: Option<EventRow>, requests: Vec<SeatRequest> },
+    Refused {
+        row: Option<EventRow>,
+        requests: Vec<SeatRequest>,
+    },
     /// The transaction failed; the clients have been answered with 503.
     Failed,
 }
@@ -80,9 +83,17 @@ pub struct SeatBatch {
 /// A write for the persistence actor.
 #[derive(Debug)]
 pub enum WriteOp {
-    CreateEvent { title: String, capacity: i64, reply: oneshot::Sender<Result<EventRow, StoreError>> },
+    CreateEvent {
+        title: String,
+        capacity: i64,
+        reply: oneshot::Sender<Result<EventRow, StoreError>>,
+    },
     Seats(SeatBatch),
-    Finalize { booking_id: i64, code: String, reply: oneshot::Sender<Result<bool, StoreError>> },
+    Finalize {
+        booking_id: i64,
+        code: String,
+        reply: oneshot::Sender<Result<bool, StoreError>>,
+    },
 }
 
 impl WriteOp {
@@ -125,13 +136,21 @@ impl Writer {
 
     pub async fn create_event(&self, title: String, capacity: i64) -> Result<EventRow, StoreError> {
         let (reply, rx) = oneshot::channel();
-        self.submit(WriteOp::CreateEvent { title, capacity, reply });
+        self.submit(WriteOp::CreateEvent {
+            title,
+            capacity,
+            reply,
+        });
         rx.await.map_err(|_| StoreError::WriterClosed)?
     }
 
     pub async fn finalize(&self, booking_id: i64, code: String) -> Result<bool, StoreError> {
         let (reply, rx) = oneshot::channel();
-        self.submit(WriteOp::Finalize { booking_id, code, reply });
+        self.submit(WriteOp::Finalize {
+            booking_id,
+            code,
+            reply,
+        });
         rx.await.map_err(|_| StoreError::WriterClosed)?
     }
 
@@ -153,7 +172,12 @@ pub struct PersistenceActor {
 
 impl PersistenceActor {
     /// Starts the writer thread on an opened, migrated connection.
-    pub fn start(conn: Connection, queue_limit: usize, max_group: usize, finalize: FinalizeQueue) -> Self {
+    pub fn start(
+        conn: Connection,
+        queue_limit: usize,
+        max_group: usize,
+        finalize: FinalizeQueue,
+    ) -> Self {
         let queue = Arc::new(WriteQueue::new(queue_limit));
         let q = queue.clone();
         let thread = std::thread::Builder::new()
@@ -163,7 +187,10 @@ impl PersistenceActor {
         if thread.is_none() {
             queue.close();
         }
-        PersistenceActor { writer: Writer { queue }, thread }
+        PersistenceActor {
+            writer: Writer { queue },
+            thread,
+        }
     }
 
     pub fn writer(&self) -> Writer {
@@ -181,7 +208,12 @@ impl PersistenceActor {
     }
 }
 
-fn run(mut conn: Connection, queue: &WriteQueue<WriteOp>, max_group: usize, finalize: &FinalizeQueue) {
+fn run(
+    mut conn: Connection,
+    queue: &WriteQueue<WriteOp>,
+    max_group: usize,
+    finalize: &FinalizeQueue,
+) {
     while let Some(group) = queue.next_group(max_group) {
         commit_group(&mut conn, group, finalize);
     }
@@ -191,16 +223,27 @@ fn run(mut conn: Connection, queue: &WriteQueue<WriteOp>, max_group: usize, fina
 /// An op applied inside the open transaction, waiting for COMMIT before anyone is answered.
 enum Applied {
     Event(oneshot::Sender<Result<EventRow, StoreError>>, EventRow),
-    Seats { batch_done: oneshot::Sender<BatchOutcome>, booked: Vec<(SeatRequest, Booked)> },
-    SeatsRefused { done: oneshot::Sender<BatchOutcome>, row: Option<EventRow>, requests: Vec<SeatRequest> },
+    Seats {
+        batch_done: oneshot::Sender<BatchOutcome>,
+        booked: Vec<(SeatRequest, Booked)>,
+    },
+    SeatsRefused {
+        done: oneshot::Sender<BatchOutcome>,
+        row: Option<EventRow>,
+        requests: Vec<SeatRequest>,
+    },
     Finalized(oneshot::Sender<Result<bool, StoreError>>, bool),
     Error(WriteOp, StoreError),
 }
 
 fn commit_group(conn: &mut Connection, group: Vec<WriteOp>, finalize: &FinalizeQueue) {
     let started = Instant::now();
-    let span = info_span!("commit_group", ops = group.len(), bookings = tracing::field::Empty,
-                          duration_us = tracing::field::Empty);
+    let span = info_span!(
+        "commit_group",
+        ops = group.len(),
+        bookings = tracing::field::Empty,
+        duration_us = tracing::field::Empty
+    );
     let _enter = span.enter();
     let now = queries::db_timestamp(chrono::Utc::now());
 
@@ -222,8 +265,12 @@ fn commit_group(conn: &mut Connection, group: Vec<WriteOp>, finalize: &FinalizeQ
         let why = StoreError::Sqlite(e);
         for a in applied {
             match a {
-                Applied::Event(reply, _) => drop(reply.send(Err(StoreError::Task(why.to_string())))),
-                Applied::Finalized(reply, _) => drop(reply.send(Err(StoreError::Task(why.to_string())))),
+                Applied::Event(reply, _) => {
+                    drop(reply.send(Err(StoreError::Task(why.to_string()))))
+                }
+                Applied::Finalized(reply, _) => {
+                    drop(reply.send(Err(StoreError::Task(why.to_string()))))
+                }
                 Applied::Seats { batch_done, booked } => {
                     for (req, _) in booked {
                         let _ = req.reply.send(Err(BookError::Unavailable(why.to_string())));
@@ -263,7 +310,11 @@ fn commit_group(conn: &mut Connection, group: Vec<WriteOp>, finalize: &FinalizeQ
                 }
                 let _ = batch_done.send(BatchOutcome::Committed { seats });
             }
-            Applied::SeatsRefused { done, row, requests } => {
+            Applied::SeatsRefused {
+                done,
+                row,
+                requests,
+            } => {
                 // The actor retries them after a reload; if it is gone, dropping the replies
                 // tells the routes that nothing was written, so they may resubmit.
                 let _ = done.send(BatchOutcome::Refused { row, requests });
@@ -279,29 +330,63 @@ fn commit_group(conn: &mut Connection, group: Vec<WriteOp>, finalize: &FinalizeQ
 
 fn apply(tx: &rusqlite::Transaction<'_>, op: WriteOp, now: &str) -> Applied {
     match op {
-        WriteOp::CreateEvent { title, capacity, reply } => match queries::insert_event(tx, &title, capacity) {
+        WriteOp::CreateEvent {
+            title,
+            capacity,
+            reply,
+        } => match queries::insert_event(tx, &title, capacity) {
             Ok(row) => Applied::Event(reply, row),
-            Err(e) => Applied::Error(WriteOp::CreateEvent { title, capacity, reply }, e.into()),
+            Err(e) => Applied::Error(
+                WriteOp::CreateEvent {
+                    title,
+                    capacity,
+                    reply,
+                },
+                e.into(),
+            ),
         },
-        WriteOp::Finalize { booking_id, code, reply } => match queries::finalize(tx, booking_id, &code, now) {
+        WriteOp::Finalize {
+            booking_id,
+            code,
+            reply,
+        } => match queries::finalize(tx, booking_id, &code, now) {
             Ok(changed) => Applied::Finalized(reply, changed),
-            Err(e) => Applied::Error(WriteOp::Finalize { booking_id, code, reply }, e.into()),
+            Err(e) => Applied::Error(
+                WriteOp::Finalize {
+                    booking_id,
+                    code,
+                    reply,
+                },
+                e.into(),
+            ),
         },
         WriteOp::Seats(batch) => apply_seats(tx, batch, now),
     }
 }
 
 fn apply_seats(tx: &rusqlite::Transaction<'_>, batch: SeatBatch, now: &str) -> Applied {
-    let _span = info_span!("batch", event_id = batch.event_id, size = batch.requests.len(), token = batch.token)
-        .entered();
-    let wanted: Vec<(i64, i64)> = batch.requests.iter().map(|r| (r.user_id, r.quantity)).collect();
+    let _span = info_span!(
+        "batch",
+        event_id = batch.event_id,
+        size = batch.requests.len(),
+        token = batch.token
+    )
+    .entered();
+    let wanted: Vec<(i64, i64)> = batch
+        .requests
+        .iter()
+        .map(|r| (r.user_id, r.quantity))
+        .collect();
     // A savepoint per batch: a refused or failed batch is undone alone.
-    let result = tx.execute_batch("SAVEPOINT seats").map_err(StoreError::from).and_then(|()| {
-        match queries::apply_fenced_batch(tx, batch.event_id, batch.token, &wanted, now) {
-            Ok(r) => Ok(r),
-            Err(e) => Err(e.into()),
-        }
-    });
+    let result = tx
+        .execute_batch("SAVEPOINT seats")
+        .map_err(StoreError::from)
+        .and_then(|()| {
+            match queries::apply_fenced_batch(tx, batch.event_id, batch.token, &wanted, now) {
+                Ok(r) => Ok(r),
+                Err(e) => Err(e.into()),
+            }
+        });
     match result {
         Ok(Ok(ids)) => {
             if let Err(e) = tx.execute_batch("RELEASE seats") {
@@ -324,7 +409,10 @@ fn apply_seats(tx: &rusqlite::Transaction<'_>, batch: SeatBatch, now: &str) -> A
                     (req, b)
                 })
                 .collect();
-            Applied::Seats { batch_done: batch.done, booked }
+            Applied::Seats {
+                batch_done: batch.done,
+                booked,
+            }
         }
         Ok(Err(refusal)) => {
             let _ = tx.execute_batch("ROLLBACK TO seats; RELEASE seats");
@@ -333,7 +421,11 @@ fn apply_seats(tx: &rusqlite::Transaction<'_>, batch: SeatBatch, now: &str) -> A
                 Refusal::Stale(row) => Some(row),
             };
             debug!(?row, "batch refused by the fence");
-            Applied::SeatsRefused { done: batch.done, row, requests: batch.requests }
+            Applied::SeatsRefused {
+                done: batch.done,
+                row,
+                requests: batch.requests,
+            }
         }
         Err(e) => {
             let _ = tx.execute_batch("ROLLBACK TO seats; RELEASE seats");

@@ -40,7 +40,12 @@ pub struct Registry {
 impl Registry {
     /// A registry spawning actors round the given arbiters (by event id).
     pub fn new(deps: EventDeps, arbiters: Vec<ArbiterHandle>) -> Arc<Self> {
-        Arc::new(Registry { map: DashMap::new(), next_generation: AtomicU64::new(1), deps, arbiters })
+        Arc::new(Registry {
+            map: DashMap::new(),
+            next_generation: AtomicU64::new(1),
+            deps,
+            arbiters,
+        })
     }
 
     /// The live actor of `event_id`, spawned if there is none.
@@ -53,7 +58,8 @@ impl Registry {
             MapEntry::Vacant(v) => {
                 let generation = self.next_generation.fetch_add(1, Ordering::Relaxed);
                 let sold_out = Arc::new(AtomicBool::new(false));
-                let (weak, deps, flag) = (Arc::downgrade(self), self.deps.clone(), sold_out.clone());
+                let (weak, deps, flag) =
+                    (Arc::downgrade(self), self.deps.clone(), sold_out.clone());
                 let cap = self.deps.tuning.event_queue_limit;
                 let make = move |ctx: &mut Context<EventActor>| {
                     ctx.set_mailbox_capacity(cap);
@@ -65,14 +71,20 @@ impl Registry {
                     let i = (event_id.unsigned_abs() % self.arbiters.len() as u64) as usize;
                     EventActor::start_in_arbiter(&self.arbiters[i], make)
                 };
-                v.insert(Entry { generation, addr, sold_out }).clone()
+                v.insert(Entry {
+                    generation,
+                    addr,
+                    sold_out,
+                })
+                .clone()
             }
         }
     }
 
     /// Removes the entry of `event_id` if it still belongs to actor `generation`.
     pub fn retire(&self, event_id: i64, generation: u64) {
-        self.map.remove_if(&event_id, |_, e| e.generation == generation);
+        self.map
+            .remove_if(&event_id, |_, e| e.generation == generation);
     }
 
     /// Live event actors.
@@ -94,7 +106,11 @@ impl Registry {
                 return Err(BookError::SoldOut { remaining: 0 });
             }
             let (reply, rx) = oneshot::channel();
-            let req = SeatRequest { user_id: nb.user_id, quantity: nb.quantity, reply };
+            let req = SeatRequest {
+                user_id: nb.user_id,
+                quantity: nb.quantity,
+                reply,
+            };
             match entry.addr.try_send(Book(req)) {
                 Ok(()) => match rx.await {
                     Ok(result) => return result,
@@ -105,6 +121,8 @@ impl Registry {
                 Err(SendError::Closed(_)) => self.retire(event_id, entry.generation),
             }
         }
-        Err(BookError::Unavailable("the event actor is restarting; retry".into()))
+        Err(BookError::Unavailable(
+            "the event actor is restarting; retry".into(),
+        ))
     }
 }

@@ -59,7 +59,10 @@ impl From<StoreError> for ApiError {
             StoreError::WriterClosed => ApiError::Unavailable("shutting down".into()),
             // A busy or locked database is a passing condition: ask for a retry.
             StoreError::Sqlite(rusqlite::Error::SqliteFailure(f, _))
-                if matches!(f.code, rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked) =>
+                if matches!(
+                    f.code,
+                    rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked
+                ) =>
             {
                 ApiError::Unavailable("database busy".into())
             }
@@ -75,7 +78,9 @@ impl ResponseError for ApiError {
             ApiError::Validation(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::MalformedJson(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            ApiError::EventNotFound | ApiError::BookingNotFound | ApiError::NoRoute => StatusCode::NOT_FOUND,
+            ApiError::EventNotFound | ApiError::BookingNotFound | ApiError::NoRoute => {
+                StatusCode::NOT_FOUND
+            }
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::SoldOut(_) => StatusCode::CONFLICT,
             ApiError::Overloaded | ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,

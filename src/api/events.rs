@@ -1,6 +1,6 @@
 //! `/event`: create events, read them and their statistics.
 
-use actix_web::{web, HttpResponse};
+use actix_web::{web, HttpRequest, HttpResponse};
 use serde::Serialize;
 
 use super::{body, path_id, ApiError, AppState};
@@ -18,8 +18,12 @@ struct Stats {
 
 /// `POST /event {title, capacity}` → `{id, title, capacity, booked_count}`.
 #[tracing::instrument(name = "create_event", skip_all)]
-pub async fn create(state: web::Data<AppState>, payload: web::Payload) -> Result<HttpResponse, ApiError> {
-    let value = body::json(payload).await?;
+pub async fn create(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    let value = body::json(&req, payload).await?;
     let new = NewEvent::parse(&value).map_err(ApiError::Validation)?;
     let row = state.writer.create_event(new.title, new.capacity).await?;
     tracing::info!(event_id = row.id, capacity = row.capacity, "event created");
@@ -28,16 +32,26 @@ pub async fn create(state: web::Data<AppState>, payload: web::Payload) -> Result
 
 async fn load(state: &AppState, raw: &str) -> Result<EventRow, ApiError> {
     let id = path_id(raw, "id")?;
-    state.reads.read(move |c| queries::event(c, id)).await?.ok_or(ApiError::EventNotFound)
+    state
+        .reads
+        .read(move |c| queries::event(c, id))
+        .await?
+        .ok_or(ApiError::EventNotFound)
 }
 
 /// `GET /event/{id}`.
-pub async fn get(state: web::Data<AppState>, id: web::Path<String>) -> Result<HttpResponse, ApiError> {
+pub async fn get(
+    state: web::Data<AppState>,
+    id: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
     Ok(HttpResponse::Ok().json(load(&state, &id).await?))
 }
 
 /// `GET /event/{id}/stats`: counts of committed seats, and of seats whose ticket is issued.
-pub async fn stats(state: web::Data<AppState>, id: web::Path<String>) -> Result<HttpResponse, ApiError> {
+pub async fn stats(
+    state: web::Data<AppState>,
+    id: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
     let e = load(&state, &id).await?;
     Ok(HttpResponse::Ok().json(Stats {
         event_id: e.id,

@@ -12,7 +12,10 @@ pub async fn health() -> HttpResponse {
 
 /// 200 when the database answers and the writer runs; 503 (with what is wrong) otherwise.
 pub async fn ready(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
-    let db = state.reads.read(|c| c.query_row("SELECT 1", [], |r| r.get::<_, i64>(0))).await;
+    let db = state
+        .reads
+        .read(|c| c.query_row("SELECT 1", [], |r| r.get::<_, i64>(0)))
+        .await;
     let writer = state.writer.is_running();
     let db_ok = db.is_ok();
     let body = json!({
@@ -28,6 +31,8 @@ pub async fn ready(state: web::Data<AppState>) -> Result<HttpResponse, ApiError>
     if db_ok && writer {
         Ok(HttpResponse::Ok().json(body))
     } else {
-        Ok(HttpResponse::ServiceUnavailable().insert_header(("Retry-After", "1")).json(body))
+        Ok(HttpResponse::ServiceUnavailable()
+            .insert_header(("Retry-After", "1"))
+            .json(body))
     }
 }

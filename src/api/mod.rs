@@ -43,7 +43,8 @@ async fn no_route() -> Result<HttpResponse, ApiError> {
 
 /// Mounts every route; unknown paths and methods get JSON errors like the rest.
 pub fn configure(cfg: &mut web::ServiceConfig) {
-    let resource = |path: &str| web::resource(path.to_string()).default_service(web::to(method_not_allowed));
+    let resource =
+        |path: &str| web::resource(path.to_string()).default_service(web::to(method_not_allowed));
     cfg.service(resource("/event").route(web::post().to(events::create)))
         .service(resource("/event/{id}").route(web::get().to(events::get)))
         .service(resource("/event/{id}/stats").route(web::get().to(events::stats)))

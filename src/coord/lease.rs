@@ -45,7 +45,14 @@ impl LeaseTable {
     /// Takes the lease of `event` for `owner` unless another live holder has it. The token is
     /// above every token handed out before and above `floor` (the highest token the database has
     /// seen, which survives restarts where this table does not).
-    pub fn acquire(&self, event: i64, owner: u64, floor: Token, now_ms: u64, ttl_ms: u64) -> Option<Token> {
+    pub fn acquire(
+        &self,
+        event: i64,
+        owner: u64,
+        floor: Token,
+        now_ms: u64,
+        ttl_ms: u64,
+    ) -> Option<Token> {
         let mut slots = lock(&self.slots);
         let slot = slots.entry(event).or_default();
         if let Some((holder, expires)) = slot.holder {
@@ -74,23 +81,40 @@ impl LeaseTable {
     /// The holder of `event`'s lease, if it is still live at `now_ms`.
     pub fn holder(&self, event: i64, now_ms: u64) -> Option<u64> {
         let slots = lock(&self.slots);
-        slots.get(&event).and_then(|s| s.holder).filter(|(_, exp)| *exp > now_ms).map(|(o, _)| o)
+        slots
+            .get(&event)
+            .and_then(|s| s.holder)
+            .filter(|(_, exp)| *exp > now_ms)
+            .map(|(o, _)| o)
     }
 }
 
 /// The lease an event actor talks to: in-process (embedded) now, Redis in cluster mode.
 #[derive(Clone)]
 pub enum Lease {
-    InProcess { table: Arc<LeaseTable>, epoch: Instant, ttl: Duration },
+    InProcess {
+        table: Arc<LeaseTable>,
+        epoch: Instant,
+        ttl: Duration,
+    },
 }
 
 impl Lease {
     pub fn in_process(ttl: Duration) -> Self {
-        Lease::InProcess { table: Arc::new(LeaseTable::new()), epoch: Instant::now(), ttl }
+        Lease::InProcess {
+            table: Arc::new(LeaseTable::new()),
+            epoch: Instant::now(),
+            ttl,
+        }
     }
 
     /// One round trip per batch: take the lease (or learn that someone else has it).
-    pub async fn acquire(&self, event: i64, owner: u64, floor: Token) -> Result<Option<Token>, LeaseError> {
+    pub async fn acquire(
+        &self,
+        event: i64,
+        owner: u64,
+        floor: Token,
+    ) -> Result<Option<Token>, LeaseError> {
         match self {
             Lease::InProcess { table, epoch, ttl } => {
                 let now = epoch.elapsed().as_millis() as u64;
@@ -137,6 +161,10 @@ mod tests {
     fn floor_from_the_database_wins_after_restart() {
         let t = LeaseTable::new();
         assert_eq!(t.acquire(5, 1, 41, 0, 100), Some(42));
-        assert_eq!(t.acquire(6, 1, 0, 0, 100), Some(1), "events are independent");
+        assert_eq!(
+            t.acquire(6, 1, 0, 0, 100),
+            Some(1),
+            "events are independent"
+        );
     }
 }

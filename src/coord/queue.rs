@@ -23,7 +23,9 @@ pub struct FinalizeQueue {
 impl FinalizeQueue {
     /// A queue with `lanes` consumers (one per finalizer actor), each holding up to `per_lane`.
     pub fn new(lanes: usize, per_lane: usize) -> (Self, Vec<mpsc::Receiver<i64>>) {
-        let (txs, rxs): (Vec<_>, Vec<_>) = (0..lanes.max(1)).map(|_| mpsc::channel(per_lane.max(1))).unzip();
+        let (txs, rxs): (Vec<_>, Vec<_>) = (0..lanes.max(1))
+            .map(|_| mpsc::channel(per_lane.max(1)))
+            .unzip();
         let q = FinalizeQueue {
             lanes: Arc::new(txs),
             tracked: Arc::new(DashSet::new()),

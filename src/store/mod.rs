@@ -42,7 +42,10 @@ pub enum StoreError {
 pub fn open_writer(path: &Path) -> Result<Connection, StoreError> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(|e| {
-            StoreError::Sqlite(rusqlite::Error::InvalidPath(PathBuf::from(format!("{}: {e}", dir.display()))))
+            StoreError::Sqlite(rusqlite::Error::InvalidPath(PathBuf::from(format!(
+                "{}: {e}",
+                dir.display()
+            ))))
         })?;
     }
     let mut conn = Connection::open(path)?;
@@ -63,7 +66,11 @@ pub struct ReadPool {
 impl ReadPool {
     pub fn open(path: &Path, size: u32) -> Result<Self, StoreError> {
         let manager = SqliteConnectionManager::file(path)
-            .with_flags(OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX | OpenFlags::SQLITE_OPEN_URI)
+            .with_flags(
+                OpenFlags::SQLITE_OPEN_READ_ONLY
+                    | OpenFlags::SQLITE_OPEN_NO_MUTEX
+                    | OpenFlags::SQLITE_OPEN_URI,
+            )
             .with_init(|c| {
                 c.busy_timeout(BUSY_TIMEOUT)?;
                 c.pragma_update(None, "query_only", "ON")
@@ -78,7 +85,10 @@ impl ReadPool {
     /// Runs `f` on a read connection on the blocking thread pool, so no reactor thread waits
     /// on SQLite.
     /// The future owns what it needs (`'static`), so actors can keep it past `&self`.
-    pub fn read<T, F>(&self, f: F) -> impl std::future::Future<Output = Result<T, StoreError>> + 'static
+    pub fn read<T, F>(
+        &self,
+        f: F,
+    ) -> impl std::future::Future<Output = Result<T, StoreError>> + 'static
     where
         T: Send + 'static,
         F: FnOnce(&Connection) -> Result<T, rusqlite::Error> + Send + 'static,

@@ -52,7 +52,8 @@ pub enum Refusal {
 }
 
 const EVENT_COLS: &str = "id, title, capacity, booked_count, finalized_count, fence";
-const BOOKING_COLS: &str = "id, event_id, user_id, quantity, status, created_at, ticket_code, finalized_at";
+const BOOKING_COLS: &str =
+    "id, event_id, user_id, quantity, status, created_at, ticket_code, finalized_at";
 
 fn event_from(r: &Row<'_>) -> rusqlite::Result<EventRow> {
     Ok(EventRow {
@@ -87,7 +88,9 @@ pub fn db_timestamp(t: chrono::DateTime<chrono::Utc>) -> String {
 /// A stored timestamp (`2024-05-01 10:00:00.123456`, always UTC) as ISO 8601 with `Z`.
 pub fn iso_utc(stored: &str) -> String {
     let mut s = stored.replacen(' ', "T", 1);
-    let has_zone = s.ends_with('Z') || s.get(19..).is_some_and(|t| t.contains('+') || t.contains('-'));
+    let has_zone = s.ends_with('Z')
+        || s.get(19..)
+            .is_some_and(|t| t.contains('+') || t.contains('-'));
     if !has_zone {
         s.push('Z');
     }
@@ -101,9 +104,11 @@ pub fn event(conn: &Connection, id: i64) -> rusqlite::Result<Option<EventRow>> {
 }
 
 pub fn booking(conn: &Connection, id: i64) -> rusqlite::Result<Option<BookingRow>> {
-    conn.prepare_cached(&format!("SELECT {BOOKING_COLS} FROM bookings WHERE id = ?1"))?
-        .query_row([id], booking_from)
-        .optional()
+    conn.prepare_cached(&format!(
+        "SELECT {BOOKING_COLS} FROM bookings WHERE id = ?1"
+    ))?
+    .query_row([id], booking_from)
+    .optional()
 }
 
 pub fn report(conn: &Connection) -> rusqlite::Result<Report> {
@@ -111,7 +116,13 @@ pub fn report(conn: &Connection) -> rusqlite::Result<Report> {
         "SELECT COALESCE(SUM(capacity), 0), COALESCE(SUM(booked_count), 0),
                 COALESCE(SUM(finalized_count), 0) FROM events",
         [],
-        |r| Ok(Report { total_capacity: r.get(0)?, total_reserved: r.get(1)?, total_finalized: r.get(2)? }),
+        |r| {
+            Ok(Report {
+                total_capacity: r.get(0)?,
+                total_reserved: r.get(1)?,
+                total_finalized: r.get(2)?,
+            })
+        },
     )
 }
 
@@ -128,7 +139,14 @@ pub fn insert_event(conn: &Connection, title: &str, capacity: i64) -> rusqlite::
     conn.prepare_cached("INSERT INTO events (title, capacity, booked_count) VALUES (?1, ?2, 0)")?
         .execute(params![title, capacity])?;
     let id = conn.last_insert_rowid();
-    Ok(EventRow { id, title: title.to_string(), capacity, booked_count: 0, finalized_count: 0, fence: 0 })
+    Ok(EventRow {
+        id,
+        title: title.to_string(),
+        capacity,
+        booked_count: 0,
+        finalized_count: 0,
+        fence: 0,
+    })
 }
 
 /// The fenced, conditional seat update of DESIGN.md and the booking rows it pays for.
@@ -171,7 +189,12 @@ pub fn apply_fenced_batch(
 
 /// Marks a booking FINALIZED with its ticket code, once: a second call (a duplicate delivery)
 /// changes nothing and returns false, so counters never double and a code never changes.
-pub fn finalize(conn: &Connection, booking_id: i64, code: &str, at: &str) -> rusqlite::Result<bool> {
+pub fn finalize(
+    conn: &Connection,
+    booking_id: i64,
+    code: &str,
+    at: &str,
+) -> rusqlite::Result<bool> {
     let changed = conn
         .prepare_cached(
             "UPDATE bookings SET status = 'FINALIZED', ticket_code = ?2, finalized_at = ?3
@@ -192,8 +215,15 @@ pub fn finalize(conn: &Connection, booking_id: i64, code: &str, at: &str) -> rus
 /// The value stored under `key` in `ticketd_meta`, inserting `default` first if there is none
 /// (so concurrent starters agree on one value).
 pub fn meta_get_or_insert(conn: &Connection, key: &str, default: &str) -> rusqlite::Result<String> {
-    conn.execute("INSERT OR IGNORE INTO ticketd_meta (key, value) VALUES (?1, ?2)", params![key, default])?;
-    conn.query_row("SELECT value FROM ticketd_meta WHERE key = ?1", [key], |r| r.get(0))
+    conn.execute(
+        "INSERT OR IGNORE INTO ticketd_meta (key, value) VALUES (?1, ?2)",
+        params![key, default],
+    )?;
+    conn.query_row(
+        "SELECT value FROM ticketd_meta WHERE key = ?1",
+        [key],
+        |r| r.get(0),
+    )
 }
 
 #[cfg(test)]
@@ -202,7 +232,9 @@ mod tests {
 
     fn db() -> Connection {
         let mut c = Connection::open_in_memory().unwrap();
-        crate::store::schema::migrations().to_latest(&mut c).unwrap();
+        crate::store::schema::migrations()
+            .to_latest(&mut c)
+            .unwrap();
         c
     }
 
@@ -216,34 +248,59 @@ mod tests {
         assert_eq!(ids.len(), 2);
         // An older token cannot write any more.
         let r = apply_fenced_batch(&c, e.id, 1, &[(3, 1)], "x").unwrap();
-        assert!(matches!(r, Err(Refusal::Stale(ref row)) if row.fence == 2 && row.booked_count == 3));
+        assert!(
+            matches!(r, Err(Refusal::Stale(ref row)) if row.fence == 2 && row.booked_count == 3)
+        );
         // The same token may write again, but not past capacity.
         let r = apply_fenced_batch(&c, e.id, 2, &[(3, 3)], "x").unwrap();
         assert!(matches!(r, Err(Refusal::Stale(ref row)) if row.booked_count == 3));
-        assert!(apply_fenced_batch(&c, e.id, 3, &[(3, 2)], "x").unwrap().is_ok());
+        assert!(apply_fenced_batch(&c, e.id, 3, &[(3, 2)], "x")
+            .unwrap()
+            .is_ok());
         assert_eq!(event(&c, e.id).unwrap().unwrap().booked_count, 5);
-        assert_eq!(apply_fenced_batch(&c, 999, 9, &[(1, 1)], "x").unwrap(), Err(Refusal::NoEvent));
+        assert_eq!(
+            apply_fenced_batch(&c, 999, 9, &[(1, 1)], "x").unwrap(),
+            Err(Refusal::NoEvent)
+        );
     }
 
     #[test]
     fn finalize_is_idempotent() {
         let c = db();
         let e = insert_event(&c, "t", 5).unwrap();
-        let ids = apply_fenced_batch(&c, e.id, 1, &[(1, 3)], "2024-01-01 00:00:00.000000").unwrap().unwrap();
+        let ids = apply_fenced_batch(&c, e.id, 1, &[(1, 3)], "2024-01-01 00:00:00.000000")
+            .unwrap()
+            .unwrap();
         assert!(finalize(&c, ids[0], "CODE", "2024-01-01 00:00:05.000000").unwrap());
         assert!(!finalize(&c, ids[0], "OTHER", "2024-01-01 00:00:06.000000").unwrap());
         let b = booking(&c, ids[0]).unwrap().unwrap();
-        assert_eq!((b.status.as_str(), b.ticket_code.as_deref()), ("FINALIZED", Some("CODE")));
+        assert_eq!(
+            (b.status.as_str(), b.ticket_code.as_deref()),
+            ("FINALIZED", Some("CODE"))
+        );
         assert_eq!(b.created_at, "2024-01-01T00:00:00.000000Z");
         assert_eq!(event(&c, e.id).unwrap().unwrap().finalized_count, 3);
-        assert_eq!(report(&c).unwrap(), Report { total_capacity: 5, total_reserved: 3, total_finalized: 3 });
+        assert_eq!(
+            report(&c).unwrap(),
+            Report {
+                total_capacity: 5,
+                total_reserved: 3,
+                total_finalized: 3
+            }
+        );
         assert!(pending_ids(&c, 0, 10).unwrap().is_empty());
     }
 
     #[test]
     fn iso_timestamps() {
-        assert_eq!(iso_utc("2024-05-01 10:00:00.123456"), "2024-05-01T10:00:00.123456Z");
+        assert_eq!(
+            iso_utc("2024-05-01 10:00:00.123456"),
+            "2024-05-01T10:00:00.123456Z"
+        );
         assert_eq!(iso_utc("2024-05-01T10:00:00Z"), "2024-05-01T10:00:00Z");
-        assert_eq!(iso_utc("2024-05-01 10:00:00+00:00"), "2024-05-01T10:00:00+00:00");
+        assert_eq!(
+            iso_utc("2024-05-01 10:00:00+00:00"),
+            "2024-05-01T10:00:00+00:00"
+        );
     }
 }

@@ -71,9 +71,11 @@ mod tests {
         .unwrap();
         migrations().to_latest(&mut conn).unwrap();
         let (booked, finalized, fence): (i64, i64, i64) = conn
-            .query_row("SELECT booked_count, finalized_count, fence FROM events WHERE id = 1", [], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-            })
+            .query_row(
+                "SELECT booked_count, finalized_count, fence FROM events WHERE id = 1",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
             .unwrap();
         assert_eq!((booked, finalized, fence), (3, 2, 0));
         let oversell = conn.execute("UPDATE events SET booked_count = 11 WHERE id = 1", []);

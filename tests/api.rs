@@ -1,0 +1,416 @@
+//! Every row of the API table of DESIGN.md, success and error, over real HTTP.
+
+mod common;
+
+use common::{Target, TestApp};
+use serde_json::{json, Value};
+
+fn detail_locs(body: &Value) -> Vec<String> {
+    body["detail"]
+        .as_array()
+        .unwrap_or_else(|| panic!("detail is a list: {body}"))
+        .iter()
+        .map(|d| {
+            assert!(d["msg"].is_string(), "{d}");
+            d["loc"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|l| l.as_str().unwrap().to_string())
+                .collect::<Vec<_>>()
+                .join(".")
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_and_read_events() {
+    let app = TestApp::spawn();
+    let r = app
+        .post("/event", json!({"title": "Concert", "capacity": 100}))
+        .await;
+    assert_eq!(r.status, 200);
+    assert!(r.content_type.starts_with("application/json"));
+    let id = r.body["id"].as_i64().unwrap();
+    assert_eq!(
+        r.body,
+        json!({"id": id, "title": "Concert", "capacity": 100, "booked_count": 0})
+    );
+
+    let r = app.get(&format!("/event/{id}")).await;
+    assert_eq!(
+        (r.status.as_u16(), &r.body),
+        (
+            200,
+            &json!({"id": id, "title": "Concert", "capacity": 100, "booked_count": 0})
+        )
+    );
+
+    let stats = json!({"event_id": id, "capacity": 100, "booked_count": 0, "finalized_count": 0});
+    let r = app.get(&format!("/event/{id}/stats")).await;
+    assert_eq!((r.status.as_u16(), &r.body), (200, &stats));
+    let r = app.get(&format!("/report/event/{id}")).await;
+    assert_eq!((r.status.as_u16(), &r.body), (200, &stats));
+
+    for path in ["/event/999", "/event/999/stats", "/report/event/999"] {
+        let r = app.get(path).await;
+        assert_eq!(
+            (r.status.as_u16(), &r.body),
+            (404, &json!({"detail": "Event not found"})),
+            "{path}"
+        );
+    }
+    for bad in ["abc", "0", "-1", "1.5", "99999999999999999999", "%20"] {
+        for path in [
+            format!("/event/{bad}"),
+            format!("/event/{bad}/stats"),
+            format!("/report/event/{bad}"),
+        ] {
+            let r = app.get(&path).await;
+            assert_eq!(r.status, 422, "{path}: {:?}", r.body);
+            assert_eq!(detail_locs(&r.body), vec!["path.id"], "{path}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn event_validation_names_the_field() {
+    let app = TestApp::spawn();
+    let long = "x".repeat(201);
+    let huge = "x".repeat(50_000);
+    let cases = [
+        (json!({"capacity": 10}), vec!["body.title"]),
+        (json!({"title": "", "capacity": 10}), vec!["body.title"]),
+        (json!({"title": long, "capacity": 10}), vec!["body.title"]),
+        (json!({"title": huge, "capacity": 10}), vec!["body.title"]),
+        (json!({"title": 12, "capacity": 10}), vec!["body.title"]),
+        (json!({"title": "t"}), vec!["body.capacity"]),
+        (json!({"title": "t", "capacity": 0}), vec!["body.capacity"]),
+        (json!({"title": "t", "capacity": -3}), vec!["body.capacity"]),
+        (
+            json!({"title": "t", "capacity": "10"}),
+            vec!["body.capacity"],
+        ),
+        (
+            json!({"title": "t", "capacity": 10.5}),
+            vec!["body.capacity"],
+        ),
+        (
+            json!({"title": "t", "capacity": 9223372036854775807u64 + 1}),
+            vec!["body.capacity"],
+        ),
+        (json!({}), vec!["body.title", "body.capacity"]),
+        (json!([]), vec!["body"]),
+        (json!(null), vec!["body"]),
+        (json!("a string"), vec!["body"]),
+    ];
+    for (body, locs) in cases {
+        let r = app.post("/event", body.clone()).await;
+        assert_eq!(r.status, 422, "{body}: {:?}", r.body);
+        assert!(r.content_type.starts_with("application/json"));
+        assert_eq!(detail_locs(&r.body), locs, "{body}");
+    }
+    // Nothing was half-written.
+    let r = app.get("/report").await;
+    assert_eq!(
+        r.body,
+        json!({"total_capacity": 0, "total_reserved": 0, "total_finalized": 0})
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_and_oversized_bodies() {
+    let app = TestApp::spawn();
+    for raw in [
+        "{",
+        "not json",
+        "{\"title\": \"t\", \"capacity\": 1,}",
+        "",
+        "\u{0}",
+    ] {
+        for path in ["/event", "/book"] {
+            let r = app.post_raw(path, raw.to_string()).await;
+            assert_eq!(r.status, 422, "{path} {raw:?}: {:?}", r.body);
+            assert_eq!(r.body["detail"][0]["type"], "json_invalid");
+        }
+    }
+    let big = format!("{{\"title\": \"{}\", \"capacity\": 1}}", "y".repeat(70_000));
+    for path in ["/event", "/book"] {
+        let r = app.post_raw(path, big.clone()).await;
+        assert_eq!(r.status, 413, "{path}");
+        assert!(r.body["detail"].as_str().unwrap().contains("larger than"));
+    }
+    // Chunked (no Content-Length) oversize bodies are cut off too.
+    let chunks: Vec<Result<Vec<u8>, std::io::Error>> =
+        (0..100).map(|_| Ok(vec![b' '; 1024])).collect();
+    let stream = reqwest::Body::wrap_stream(futures::stream::iter(chunks));
+    let r = app.post_raw("/book", stream).await;
+    assert_eq!(r.status, 413);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn booking_contract() {
+    let app = TestApp::spawn();
+    let id = app.create_event("Gig", 3).await;
+
+    let r = app
+        .post("/book", json!({"user_id": 7, "event_id": id}))
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let b = &r.body;
+    assert_eq!(b["event_id"], id);
+    assert_eq!(b["user_id"], 7);
+    assert_eq!(b["quantity"], 1);
+    assert_eq!(b["status"], "PENDING");
+    let created = b["created_at"].as_str().unwrap();
+    assert!(
+        chrono::DateTime::parse_from_rfc3339(created).is_ok(),
+        "ISO 8601: {created}"
+    );
+    assert!(created.ends_with('Z'), "UTC: {created}");
+    let booking_id = b["id"].as_i64().unwrap();
+
+    let r = app
+        .post(
+            "/book",
+            json!({"user_id": 8, "event_id": id, "quantity": 2}),
+        )
+        .await;
+    assert_eq!(
+        (r.status.as_u16(), r.body["quantity"].as_i64()),
+        (200, Some(2))
+    );
+
+    let r = app
+        .post("/book", json!({"user_id": 9, "event_id": id}))
+        .await;
+    assert_eq!(
+        (r.status.as_u16(), &r.body),
+        (409, &json!({"detail": "Event is sold out."}))
+    );
+
+    let r = app
+        .post("/book", json!({"user_id": 9, "event_id": id + 1000}))
+        .await;
+    assert_eq!(
+        (r.status.as_u16(), &r.body),
+        (404, &json!({"detail": "Event not found"}))
+    );
+
+    let r = app.get(&format!("/book/{booking_id}")).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body["id"], booking_id);
+    assert!(["PENDING", "FINALIZED"].contains(&r.body["status"].as_str().unwrap()));
+    let r = app.get("/book/424242").await;
+    assert_eq!(
+        (r.status.as_u16(), &r.body),
+        (404, &json!({"detail": "Booking not found"}))
+    );
+    for bad in ["x", "0", "-4", "1e3"] {
+        let r = app.get(&format!("/book/{bad}")).await;
+        assert_eq!(r.status, 422, "{bad}");
+        assert_eq!(detail_locs(&r.body), vec!["path.id"]);
+    }
+
+    let r = app.get(&format!("/event/{id}/stats")).await;
+    assert_eq!(r.body["booked_count"], 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partial_quantity_is_refused_with_what_is_left() {
+    let app = TestApp::spawn();
+    let id = app.create_event("Small", 2).await;
+    let r = app
+        .post(
+            "/book",
+            json!({"user_id": 1, "event_id": id, "quantity": 3}),
+        )
+        .await;
+    assert_eq!(r.status, 409);
+    assert_eq!(r.body["detail"], "Not enough seats left: 2 remaining.");
+    let r = app
+        .post(
+            "/book",
+            json!({"user_id": 1, "event_id": id, "quantity": 2}),
+        )
+        .await;
+    assert_eq!(r.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn booking_validation_never_500s() {
+    let app = TestApp::spawn();
+    let id = app.create_event("Gig", 100).await;
+    let huge = "9".repeat(40_000);
+    let cases = [
+        (json!({"event_id": id}), vec!["body.user_id"]),
+        (json!({"user_id": 1}), vec!["body.event_id"]),
+        (json!({"user_id": 0, "event_id": id}), vec!["body.user_id"]),
+        (json!({"user_id": -1, "event_id": id}), vec!["body.user_id"]),
+        (json!({"user_id": 1, "event_id": 0}), vec!["body.event_id"]),
+        (
+            json!({"user_id": 1, "event_id": -9223372036854775807i64}),
+            vec!["body.event_id"],
+        ),
+        (
+            json!({"user_id": 1, "event_id": 9223372036854775808u64}),
+            vec!["body.event_id"],
+        ),
+        (
+            json!({"user_id": 18446744073709551615u64, "event_id": id}),
+            vec!["body.user_id"],
+        ),
+        (
+            json!({"user_id": "1", "event_id": id}),
+            vec!["body.user_id"],
+        ),
+        (
+            json!({"user_id": huge, "event_id": id}),
+            vec!["body.user_id"],
+        ),
+        (
+            json!({"user_id": 1.0, "event_id": id}),
+            vec!["body.user_id"],
+        ),
+        (
+            json!({"user_id": 1, "event_id": 2.5}),
+            vec!["body.event_id"],
+        ),
+        (
+            json!({"user_id": true, "event_id": id}),
+            vec!["body.user_id"],
+        ),
+        (
+            json!({"user_id": [1], "event_id": {"id": 1}}),
+            vec!["body.user_id", "body.event_id"],
+        ),
+        (
+            json!({"user_id": 1, "event_id": id, "quantity": 0}),
+            vec!["body.quantity"],
+        ),
+        (
+            json!({"user_id": 1, "event_id": id, "quantity": -2}),
+            vec!["body.quantity"],
+        ),
+        (
+            json!({"user_id": 1, "event_id": id, "quantity": "2"}),
+            vec!["body.quantity"],
+        ),
+        (
+            json!({"user_id": 1, "event_id": id, "quantity": 1e300}),
+            vec!["body.quantity"],
+        ),
+        (
+            json!({"user_id": 1, "event_id": id, "quantity": 100_000}),
+            vec!["body.quantity"],
+        ),
+        (json!({}), vec!["body.user_id", "body.event_id"]),
+    ];
+    for (body, locs) in cases {
+        let r = app.post("/book", body.clone()).await;
+        assert_eq!(r.status, 422, "{body}: {:?}", r.body);
+        assert_eq!(detail_locs(&r.body), locs, "{body}");
+    }
+    // A number too big even for f64 parsing, sent raw.
+    let r = app
+        .post_raw(
+            "/book",
+            format!("{{\"user_id\": 1{}, \"event_id\": {id}}}", "0".repeat(400)),
+        )
+        .await;
+    assert_eq!(r.status, 422, "{:?}", r.body);
+    // Unknown fields are ignored, as the old service did.
+    let r = app
+        .post("/book", json!({"user_id": 1, "event_id": id, "note": "x"}))
+        .await;
+    assert_eq!(r.status, 200);
+    let r = app.get(&format!("/event/{id}/stats")).await;
+    assert_eq!(
+        r.body["booked_count"], 1,
+        "no refused request wrote anything"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reports_health_and_unknown_routes() {
+    let app = TestApp::spawn();
+    let r = app.get("/report").await;
+    assert_eq!(
+        (r.status.as_u16(), &r.body),
+        (
+            200,
+            &json!({"total_capacity": 0, "total_reserved": 0, "total_finalized": 0})
+        )
+    );
+    let a = app.create_event("A", 10).await;
+    let b = app.create_event("B", 5).await;
+    for (event, q) in [(a, 2), (b, 1), (b, 3)] {
+        let r = app
+            .post(
+                "/book",
+                json!({"user_id": 1, "event_id": event, "quantity": q}),
+            )
+            .await;
+        assert_eq!(r.status, 200);
+    }
+    let r = app.get("/report").await;
+    assert_eq!(r.body["total_capacity"], 15);
+    assert_eq!(r.body["total_reserved"], 6);
+    assert!(r.body["total_finalized"].as_i64().unwrap() <= 6);
+
+    let r = app.get("/health").await;
+    assert_eq!(
+        (r.status.as_u16(), &r.body),
+        (200, &json!({"status": "ok"}))
+    );
+    let r = app.get("/ready").await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body["status"], "ready");
+    assert_eq!(r.body["database"], "ok");
+
+    let r = app.get("/nowhere").await;
+    assert_eq!(
+        (r.status.as_u16(), &r.body),
+        (404, &json!({"detail": "Not Found"}))
+    );
+    let r = common::send(app.client.delete(format!("{}/event", app.base()))).await;
+    assert_eq!(
+        (r.status.as_u16(), &r.body),
+        (405, &json!({"detail": "Method Not Allowed"}))
+    );
+    let r = app.post("/report", json!({})).await;
+    assert_eq!(r.status, 405);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tickets_are_issued_with_a_verifiable_code() {
+    let app = TestApp::spawn_with(|c, _| c.finalize_delay_ms = 50);
+    let id = app.create_event("Gig", 10).await;
+    let r = app
+        .post(
+            "/book",
+            json!({"user_id": 5, "event_id": id, "quantity": 2}),
+        )
+        .await;
+    let booking = r.body["id"].as_i64().unwrap();
+    let mut last = Value::Null;
+    for _ in 0..200 {
+        last = app.get(&format!("/book/{booking}")).await.body;
+        if last["status"] == "FINALIZED" {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    assert_eq!(last["status"], "FINALIZED", "{last}");
+    let code = last["ticket_code"].as_str().unwrap();
+    let signer = ticketd::ticket::TicketSigner::new(common::TEST_KEY.as_bytes());
+    let facts = ticketd::ticket::TicketFacts {
+        booking_id: booking,
+        event_id: id,
+        user_id: 5,
+        quantity: 2,
+    };
+    assert!(signer.verify(code, &facts), "{code}");
+    let stats = app.get(&format!("/event/{id}/stats")).await.body;
+    assert_eq!(stats["finalized_count"], 2);
+}

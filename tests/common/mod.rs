@@ -1,0 +1,316 @@
+//! Test harness: the real application on port 0 with its own temporary database (in-process),
+//! or the real binary as a child process (for kill and signal tests). No shared state between
+//! tests: every test gets its own directory, file and port.
+#![allow(dead_code)]
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use actix_web::dev::ServerHandle;
+use reqwest::StatusCode;
+use serde_json::Value;
+use tempfile::TempDir;
+use ticketd::{Application, Config, Tuning};
+
+pub const TEST_KEY: &str = "test-ticket-key-0123456789";
+
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .pool_max_idle_per_host(512)
+        .timeout(Duration::from_secs(60))
+        .build()
+        .expect("client")
+}
+
+/// A response: status, headers we care about, JSON body.
+#[derive(Debug)]
+pub struct Resp {
+    pub status: StatusCode,
+    pub body: Value,
+    pub content_type: String,
+    pub retry_after: Option<String>,
+}
+
+pub async fn send(req: reqwest::RequestBuilder) -> Resp {
+    let r = req.send().await.expect("request");
+    let status = r.status();
+    let content_type = r
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    let retry_after = r
+        .headers()
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let text = r.text().await.expect("body");
+    let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
+    Resp {
+        status,
+        body,
+        content_type,
+        retry_after,
+    }
+}
+
+/// Anything that serves the API at a base URL.
+pub trait Target {
+    fn base(&self) -> String;
+    fn http(&self) -> &reqwest::Client;
+
+    async fn post(&self, path: &str, body: Value) -> Resp {
+        send(
+            self.http()
+                .post(format!("{}{path}", self.base()))
+                .json(&body),
+        )
+        .await
+    }
+    async fn post_raw(&self, path: &str, body: impl Into<reqwest::Body>) -> Resp {
+        send(
+            self.http()
+                .post(format!("{}{path}", self.base()))
+                .body(body),
+        )
+        .await
+    }
+    async fn get(&self, path: &str) -> Resp {
+        send(self.http().get(format!("{}{path}", self.base()))).await
+    }
+    async fn create_event(&self, title: &str, capacity: i64) -> i64 {
+        let r = self
+            .post(
+                "/event",
+                serde_json::json!({"title": title, "capacity": capacity}),
+            )
+            .await;
+        assert_eq!(r.status, 200, "{:?}", r.body);
+        r.body["id"].as_i64().expect("id")
+    }
+}
+
+/// The application in this process, in its own actix System on its own thread.
+pub struct TestApp {
+    pub port: u16,
+    pub db_path: PathBuf,
+    handle: ServerHandle,
+    thread: Option<std::thread::JoinHandle<()>>,
+    pub client: reqwest::Client,
+    _dir: Option<TempDir>,
+}
+
+impl Target for TestApp {
+    fn base(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+    fn http(&self) -> &reqwest::Client {
+        &self.client
+    }
+}
+
+impl TestApp {
+    pub fn spawn() -> Self {
+        Self::spawn_with(|_, _| {})
+    }
+
+    /// Spawns with a fresh temporary database, after `f` adjusts the settings.
+    pub fn spawn_with(f: impl FnOnce(&mut Config, &mut Tuning)) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = dir.path().join("ticket.db");
+        let mut app = Self::spawn_on(&db, f);
+        app._dir = Some(dir);
+        app
+    }
+
+    /// Spawns on an existing database file (a restart).
+    pub fn spawn_on(db: &Path, f: impl FnOnce(&mut Config, &mut Tuning)) -> Self {
+        let _ =
+            ticketd::telemetry::init(&std::env::var("TEST_LOG").unwrap_or_else(|_| "error".into()));
+        let mut config = Config::for_tests(db);
+        config.ticket_key = Some(TEST_KEY.into());
+        let mut tuning = Tuning {
+            http_workers: 2,
+            ..Tuning::default()
+        };
+        f(&mut config, &mut tuning);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let thread = std::thread::spawn(move || {
+            actix_web::rt::System::new().block_on(async move {
+                match Application::build(config, tuning).await {
+                    Ok(app) => {
+                        let _ = tx.send(Ok((app.port(), app.handle())));
+                        app.run_until_stopped().await.expect("server ran");
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(e.to_string()));
+                    }
+                }
+            })
+        });
+        let (port, handle) = rx.recv().expect("app thread").expect("app builds");
+        TestApp {
+            port,
+            db_path: db.to_path_buf(),
+            handle,
+            thread: Some(thread),
+            client: client(),
+            _dir: None,
+        }
+    }
+
+    /// Graceful stop, waiting until the writer has drained and the thread has ended.
+    pub async fn stop(mut self) {
+        self.handle.stop(true).await;
+        if let Some(t) = self.thread.take() {
+            tokio::task::spawn_blocking(move || t.join().expect("app thread"))
+                .await
+                .unwrap();
+        }
+    }
+
+    pub fn db(&self) -> rusqlite::Connection {
+        open_db(&self.db_path)
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        #[allow(clippy::let_underscore_future)]
+        let _ = self.handle.stop(false);
+    }
+}
+
+pub fn open_db(path: &Path) -> rusqlite::Connection {
+    let c = rusqlite::Connection::open(path).expect("open db");
+    c.busy_timeout(Duration::from_secs(5)).unwrap();
+    c
+}
+
+/// The ticketd binary as a child process.
+pub struct Proc {
+    pub child: Child,
+    pub port: u16,
+    pub client: reqwest::Client,
+}
+
+impl Target for Proc {
+    fn base(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+    fn http(&self) -> &reqwest::Client {
+        &self.client
+    }
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Proc {
+    /// Starts the binary on `db` and waits until `/health` answers.
+    pub async fn start(db: &Path, env: &[(&str, &str)]) -> Self {
+        let port = free_port();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_ticketd"));
+        cmd.env_clear()
+            .env("PORT", port.to_string())
+            .env("DATABASE_URL", format!("sqlite://{}", db.display()))
+            .env("TICKET_KEY", TEST_KEY)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().expect("spawn ticketd");
+        let p = Proc {
+            child,
+            port,
+            client: client(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(r) = p.client.get(format!("{}/health", p.base())).send().await {
+                if r.status() == 200 {
+                    return p;
+                }
+            }
+            assert!(Instant::now() < deadline, "ticketd did not come up");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn signal(&self, sig: i32) {
+        let rc = unsafe { libc::kill(self.child.id() as i32, sig) };
+        assert_eq!(rc, 0, "kill failed");
+    }
+
+    /// Waits for the process to exit; returns its exit code (None if killed by a signal).
+    pub async fn wait(mut self) -> Option<i32> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                return status.code();
+            }
+            assert!(Instant::now() < deadline, "ticketd did not exit");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Polls `check` until it returns true or `timeout` passes.
+pub async fn eventually(timeout: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if check() {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// `(booked_count, capacity, finalized_count)` of an event, read straight from the file.
+pub fn event_counts(db: &rusqlite::Connection, id: i64) -> (i64, i64, i64) {
+    db.query_row(
+        "SELECT booked_count, capacity, finalized_count FROM events WHERE id = ?1",
+        [id],
+        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+    )
+    .expect("event row")
+}
+
+/// Sum of quantities of the event's bookings (all statuses) and their number.
+pub fn booking_sums(db: &rusqlite::Connection, id: i64) -> (i64, i64) {
+    db.query_row(
+        "SELECT COALESCE(SUM(quantity), 0), COUNT(*) FROM bookings WHERE event_id = ?1",
+        [id],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )
+    .expect("sums")
+}
+
+pub fn count_status(db: &rusqlite::Connection, status: &str) -> i64 {
+    db.query_row(
+        "SELECT COUNT(*) FROM bookings WHERE status = ?1",
+        [status],
+        |r| r.get(0),
+    )
+    .unwrap()
+}
