@@ -1,0 +1,176 @@
+//! The real binary as a child process: SIGKILL mid-sale and restart on the same file; SIGTERM
+//! during a burst. What a client was told (200) must be what the database holds.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::{booking_sums, count_status, event_counts, open_db, Proc, Target};
+use serde_json::{json, Value};
+use ticketd::ticket::{TicketFacts, TicketSigner};
+
+/// Acknowledged bookings, by id.
+type Acks = Arc<Mutex<HashMap<i64, Value>>>;
+
+/// `workers` clients booking in a loop until told to stop, the event sells out or the server
+/// goes away. Returns the acknowledged bookings and the number of 503s.
+fn hammer(p: &Proc, event_id: i64, workers: usize, stop: Arc<AtomicBool>) -> (Acks, Arc<AtomicUsize>, Vec<tokio::task::JoinHandle<()>>) {
+    let acks: Acks = Arc::default();
+    let busy = Arc::new(AtomicUsize::new(0));
+    let tasks = (0..workers)
+        .map(|w| {
+            let (client, base, acks, busy, stop) = (p.client.clone(), p.base(), acks.clone(), busy.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut n = 0i64;
+                while !stop.load(Ordering::Relaxed) {
+                    n += 1;
+                    let body = json!({"user_id": (w as i64) * 100_000 + n, "event_id": event_id, "quantity": 1 + n % 3});
+                    let Ok(r) = client.post(format!("{base}/book")).json(&body).send().await else { break };
+                    let status = r.status().as_u16();
+                    let Ok(v) = r.json::<Value>().await else { break };
+                    match status {
+                        200 => {
+                            assert_eq!(v["user_id"], body["user_id"]);
+                            acks.lock().unwrap().insert(v["id"].as_i64().unwrap(), v);
+                        }
+                        409 => break,
+                        503 => {
+                            busy.fetch_add(1, Ordering::Relaxed);
+                            tokio::time::sleep(Duration::from_millis(5)).await;
+                        }
+                        other => panic!("unexpected {other}: {v}"),
+                    }
+                }
+            })
+        })
+        .collect();
+    (acks, busy, tasks)
+}
+
+async fn wait_for_acks(acks: &Acks, n: usize) {
+    for _ in 0..600 {
+        if acks.lock().unwrap().len() >= n {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("fewer than {n} bookings were acknowledged");
+}
+
+/// Every acknowledged booking is in the file, as it was acknowledged; the counters agree with
+/// the rows and never pass capacity.
+fn assert_acks_committed(db: &rusqlite::Connection, event_id: i64, acks: &HashMap<i64, Value>) {
+    for (id, v) in acks {
+        let row: Option<(i64, i64, i64)> = db
+            .query_row("SELECT event_id, user_id, quantity FROM bookings WHERE id = ?1", [id], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })
+            .ok();
+        let expect = (event_id, v["user_id"].as_i64().unwrap(), v["quantity"].as_i64().unwrap());
+        assert_eq!(row, Some(expect), "acknowledged booking {id} is committed as acknowledged");
+    }
+    let (booked, capacity, _) = event_counts(db, event_id);
+    assert_eq!(booking_sums(db, event_id).0, booked, "booked_count agrees with the rows");
+    assert!(booked <= capacity);
+}
+
+fn codes(db: &rusqlite::Connection) -> HashMap<i64, String> {
+    let mut st = db.prepare("SELECT id, ticket_code FROM bookings WHERE status = 'FINALIZED'").unwrap();
+    st.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).unwrap().map(Result::unwrap).collect()
+}
+
+async fn all_finalized(db_path: &std::path::Path, timeout: Duration) -> bool {
+    let db = open_db(db_path);
+    common::eventually(timeout, || count_status(&db, "PENDING") == 0).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigkill_mid_sale_loses_no_acknowledged_booking() {
+    let dir = tempfile::tempdir().unwrap();
+    let db_path = dir.path().join("ticket.db");
+    // Issuance is slow here, so the kill finds bookings both issued and not yet issued.
+    let p = Proc::start(&db_path, &[("FINALIZE_DELAY_MS", "300")]).await;
+    let event_id = p.create_event("Crash sale", 3_000).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let (acks, _, tasks) = hammer(&p, event_id, 48, stop.clone());
+    wait_for_acks(&acks, 300).await;
+    tokio::time::sleep(Duration::from_millis(400)).await; // let some tickets be issued
+    p.signal(libc::SIGKILL);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(p.wait().await, None, "killed by the signal");
+    let acks = acks.lock().unwrap().clone();
+
+    let db = open_db(&db_path);
+    assert_acks_committed(&db, event_id, &acks);
+    let issued_before = codes(&db);
+    assert!(count_status(&db, "PENDING") > 0, "the kill caught bookings not yet issued");
+    drop(db);
+
+    // Restart on the same file: the PENDING bookings are picked up and issued.
+    let p = Proc::start(&db_path, &[("FINALIZE_DELAY_MS", "20")]).await;
+    assert!(all_finalized(&db_path, Duration::from_secs(60)).await, "every booking ends FINALIZED");
+    let db = open_db(&db_path);
+    assert_acks_committed(&db, event_id, &acks);
+    let (booked, _, finalized) = event_counts(&db, event_id);
+    assert_eq!(finalized, booked, "each seat counted as issued exactly once");
+    let after = codes(&db);
+    for (id, code) in &issued_before {
+        assert_eq!(after.get(id), Some(code), "an issued code never changes");
+    }
+    let signer = TicketSigner::new(common::TEST_KEY.as_bytes());
+    let mut st = db.prepare("SELECT id, event_id, user_id, quantity, ticket_code FROM bookings").unwrap();
+    let rows: Vec<(TicketFacts, String)> = st
+        .query_map([], |r| {
+            Ok((TicketFacts { booking_id: r.get(0)?, event_id: r.get(1)?, user_id: r.get(2)?, quantity: r.get(3)? }, r.get(4)?))
+        })
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    for (facts, code) in rows {
+        assert!(signer.verify(&code, &facts), "booking {} has a genuine code", facts.booking_id);
+    }
+    // It keeps selling where it stopped.
+    let r = p.post("/book", json!({"user_id": 1, "event_id": event_id})).await;
+    assert_eq!(r.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigterm_during_a_burst_commits_every_acknowledged_booking() {
+    let dir = tempfile::tempdir().unwrap();
+    let db_path = dir.path().join("ticket.db");
+    let p = Proc::start(&db_path, &[("FINALIZE_DELAY_MS", "1000")]).await;
+    let event_id = p.create_event("Shutdown sale", 1_000_000).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let (acks, _, tasks) = hammer(&p, event_id, 64, stop.clone());
+    wait_for_acks(&acks, 200).await;
+    p.signal(libc::SIGTERM);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(p.wait().await, Some(0), "a graceful stop exits 0");
+    let acks = acks.lock().unwrap().clone();
+    let db = open_db(&db_path);
+    assert_acks_committed(&db, event_id, &acks);
+    let rows = booking_sums(&db, event_id).1 as usize;
+    assert!(rows >= acks.len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bad_configuration_stops_the_start_with_one_line() {
+    for (name, value) in [("PORT", "eighty"), ("FINALIZER_WORKERS", "0"), ("FINALIZE_DELAY_MS", "-1"), ("DATABASE_URL", "postgres://x"), ("RUST_LOG", "[[[")] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_ticketd"))
+            .env_clear()
+            .env(name, value)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{name}={value}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(err.trim().lines().count(), 1, "{name}: one line: {err}");
+        assert!(err.contains(name), "{name} is named: {err}");
+    }
+}
