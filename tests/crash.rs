@@ -17,7 +17,12 @@ type Acks = Arc<Mutex<HashMap<i64, Value>>>;
 
 /// `workers` clients booking in a loop until told to stop, the event sells out or the server
 /// goes away. Returns the acknowledged bookings and the number of 503s.
-fn hammer(p: &Proc, event_id: i64, workers: usize, stop: Arc<AtomicBool>) -> (Acks, Arc<AtomicUsize>, Vec<tokio::task::JoinHandle<()>>) {
+fn hammer(
+    p: &Proc,
+    event_id: i64,
+    workers: usize,
+    stop: Arc<AtomicBool>,
+) -> (Acks, Arc<AtomicUsize>, Vec<tokio::task::JoinHandle<()>>) {
     let acks: Acks = Arc::default();
     let busy = Arc::new(AtomicUsize::new(0));
     let tasks = (0..workers)
@@ -65,21 +70,40 @@ async fn wait_for_acks(acks: &Acks, n: usize) {
 fn assert_acks_committed(db: &rusqlite::Connection, event_id: i64, acks: &HashMap<i64, Value>) {
     for (id, v) in acks {
         let row: Option<(i64, i64, i64)> = db
-            .query_row("SELECT event_id, user_id, quantity FROM bookings WHERE id = ?1", [id], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-            })
+            .query_row(
+                "SELECT event_id, user_id, quantity FROM bookings WHERE id = ?1",
+                [id],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
             .ok();
-        let expect = (event_id, v["user_id"].as_i64().unwrap(), v["quantity"].as_i64().unwrap());
-        assert_eq!(row, Some(expect), "acknowledged booking {id} is committed as acknowledged");
+        let expect = (
+            event_id,
+            v["user_id"].as_i64().unwrap(),
+            v["quantity"].as_i64().unwrap(),
+        );
+        assert_eq!(
+            row,
+            Some(expect),
+            "acknowledged booking {id} is committed as acknowledged"
+        );
     }
     let (booked, capacity, _) = event_counts(db, event_id);
-    assert_eq!(booking_sums(db, event_id).0, booked, "booked_count agrees with the rows");
+    assert_eq!(
+        booking_sums(db, event_id).0,
+        booked,
+        "booked_count agrees with the rows"
+    );
     assert!(booked <= capacity);
 }
 
 fn codes(db: &rusqlite::Connection) -> HashMap<i64, String> {
-    let mut st = db.prepare("SELECT id, ticket_code FROM bookings WHERE status = 'FINALIZED'").unwrap();
-    st.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).unwrap().map(Result::unwrap).collect()
+    let mut st = db
+        .prepare("SELECT id, ticket_code FROM bookings WHERE status = 'FINALIZED'")
+        .unwrap();
+    st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect()
 }
 
 async fn all_finalized(db_path: &std::path::Path, timeout: Duration) -> bool {
@@ -108,34 +132,59 @@ async fn sigkill_mid_sale_loses_no_acknowledged_booking() {
     let db = open_db(&db_path);
     assert_acks_committed(&db, event_id, &acks);
     let issued_before = codes(&db);
-    assert!(count_status(&db, "PENDING") > 0, "the kill caught bookings not yet issued");
+    assert!(
+        count_status(&db, "PENDING") > 0,
+        "the kill caught bookings not yet issued"
+    );
     drop(db);
 
     // Restart on the same file: the PENDING bookings are picked up and issued.
     let p = Proc::start(&db_path, &[("FINALIZE_DELAY_MS", "20")]).await;
-    assert!(all_finalized(&db_path, Duration::from_secs(60)).await, "every booking ends FINALIZED");
+    assert!(
+        all_finalized(&db_path, Duration::from_secs(60)).await,
+        "every booking ends FINALIZED"
+    );
     let db = open_db(&db_path);
     assert_acks_committed(&db, event_id, &acks);
     let (booked, _, finalized) = event_counts(&db, event_id);
-    assert_eq!(finalized, booked, "each seat counted as issued exactly once");
+    assert_eq!(
+        finalized, booked,
+        "each seat counted as issued exactly once"
+    );
     let after = codes(&db);
     for (id, code) in &issued_before {
         assert_eq!(after.get(id), Some(code), "an issued code never changes");
     }
     let signer = TicketSigner::new(common::TEST_KEY.as_bytes());
-    let mut st = db.prepare("SELECT id, event_id, user_id, quantity, ticket_code FROM bookings").unwrap();
+    let mut st = db
+        .prepare("SELECT id, event_id, user_id, quantity, ticket_code FROM bookings")
+        .unwrap();
     let rows: Vec<(TicketFacts, String)> = st
         .query_map([], |r| {
-            Ok((TicketFacts { booking_id: r.get(0)?, event_id: r.get(1)?, user_id: r.get(2)?, quantity: r.get(3)? }, r.get(4)?))
+            Ok((
+                TicketFacts {
+                    booking_id: r.get(0)?,
+                    event_id: r.get(1)?,
+                    user_id: r.get(2)?,
+                    quantity: r.get(3)?,
+                },
+                r.get(4)?,
+            ))
         })
         .unwrap()
         .map(Result::unwrap)
         .collect();
     for (facts, code) in rows {
-        assert!(signer.verify(&code, &facts), "booking {} has a genuine code", facts.booking_id);
+        assert!(
+            signer.verify(&code, &facts),
+            "booking {} has a genuine code",
+            facts.booking_id
+        );
     }
     // It keeps selling where it stopped.
-    let r = p.post("/book", json!({"user_id": 1, "event_id": event_id})).await;
+    let r = p
+        .post("/book", json!({"user_id": 1, "event_id": event_id}))
+        .await;
     assert_eq!(r.status, 200);
 }
 
@@ -162,7 +211,13 @@ async fn sigterm_during_a_burst_commits_every_acknowledged_booking() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn bad_configuration_stops_the_start_with_one_line() {
-    for (name, value) in [("PORT", "eighty"), ("FINALIZER_WORKERS", "0"), ("FINALIZE_DELAY_MS", "-1"), ("DATABASE_URL", "postgres://x"), ("RUST_LOG", "[[[")] {
+    for (name, value) in [
+        ("PORT", "eighty"),
+        ("FINALIZER_WORKERS", "0"),
+        ("FINALIZE_DELAY_MS", "-1"),
+        ("DATABASE_URL", "postgres://x"),
+        ("RUST_LOG", "[[["),
+    ] {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_ticketd"))
             .env_clear()
             .env(name, value)

@@ -26,6 +26,8 @@ use crate::store::{queries, EventRow, ReadPool, StoreError};
 
 /// Times a batch may be refused by the fence in a row before its clients get 503.
 const MAX_REFUSALS: u32 = 8;
+/// How long an actor for an event that does not exist lingers before it leaves.
+const MISSING_LINGER: Duration = Duration::from_millis(500);
 /// Pause before asking again for a lease someone else holds.
 const LEASE_RETRY: Duration = Duration::from_millis(5);
 
@@ -43,10 +45,31 @@ pub struct EventDeps {
 #[rtype(result = "()")]
 pub struct Book(pub SeatRequest);
 
-#[derive(Debug, Clone, Copy)]
-struct View {
-    capacity: i64,
-    booked: i64,
+/// The seats of an event as the actor sees them, and the allocation rule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct View {
+    pub capacity: i64,
+    /// Seats committed.
+    pub booked: i64,
+}
+
+impl View {
+    /// Allocation rule, first come first served: a request takes its seats if they are all
+    /// still there after the ones already taken in this batch (`taken`); otherwise it is refused
+    /// with the number left, and a later, smaller request may still fit. No partial fills.
+    pub fn allocate(&self, taken: &mut i64, quantity: i64) -> Result<(), i64> {
+        let remaining = self.capacity - self.booked - *taken;
+        if quantity >= 1 && quantity <= remaining {
+            *taken += quantity;
+            Ok(())
+        } else {
+            Err(remaining.max(0))
+        }
+    }
+
+    pub fn sold_out(&self) -> bool {
+        self.booked >= self.capacity
+    }
 }
 
 pub struct EventActor {
@@ -157,9 +180,15 @@ impl EventActor {
             }
             Ok(None) => {
                 self.fail_queue(BookError::EventNotFound);
-                self.release_lease(ctx);
-                self.busy = false;
-                self.retire(ctx);
+                self.view = None;
+                self.finish(ctx);
+                // No such event (yet: ids are handed out later). Stay a moment to answer a
+                // burst for it, then leave: unknown ids must not pile up actors.
+                ctx.run_later(MISSING_LINGER, |act, ctx| {
+                    if act.view.is_none() && !act.busy && act.queue.is_empty() {
+                        act.retire(ctx);
+                    }
+                });
             }
             Err(e) => {
                 warn!(event_id = self.id, error = %e, "could not load the event");
@@ -251,9 +280,8 @@ impl EventActor {
                 }
                 let Some(row) = row else {
                     self.fail_queue(BookError::EventNotFound);
-                    self.release_lease(ctx);
-                    self.busy = false;
-                    self.retire(ctx);
+                    self.view = None;
+                    self.finish(ctx);
                     return;
                 };
                 debug!(
@@ -292,10 +320,8 @@ impl EventActor {
     fn finish(&mut self, ctx: &mut Context<Self>) {
         self.busy = false;
         self.idle_since = Instant::now();
-        if let Some(v) = self.view {
-            if v.booked >= v.capacity {
-                self.sold_out.store(true, Ordering::Release);
-            }
+        if self.view.is_some_and(|v| v.sold_out()) {
+            self.sold_out.store(true, Ordering::Release);
         }
         if self.queue.is_empty() {
             self.release_lease(ctx);
@@ -377,5 +403,59 @@ impl Handler<Book> for EventActor {
         self.queue.push_back(req);
         self.idle_since = Instant::now();
         self.kick(ctx);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::View;
+
+    #[test]
+    fn allocation_is_first_come_first_served_without_partial_fills() {
+        let v = View {
+            capacity: 10,
+            booked: 4,
+        };
+        let mut taken = 0;
+        assert_eq!(v.allocate(&mut taken, 3), Ok(()));
+        assert_eq!(
+            v.allocate(&mut taken, 4),
+            Err(3),
+            "only 3 left: refused whole"
+        );
+        assert_eq!(
+            v.allocate(&mut taken, 2),
+            Ok(()),
+            "a smaller later request still fits"
+        );
+        assert_eq!(v.allocate(&mut taken, 1), Ok(()));
+        assert_eq!(taken, 6);
+        assert_eq!(v.allocate(&mut taken, 1), Err(0));
+        assert_eq!(
+            v.allocate(&mut taken, 0),
+            Err(0),
+            "never a zero or negative quantity"
+        );
+        assert_eq!(v.allocate(&mut taken, -5), Err(0));
+    }
+
+    #[test]
+    fn sold_out_and_corrupt_views_refuse_everything() {
+        assert!(View {
+            capacity: 5,
+            booked: 5
+        }
+        .sold_out());
+        let over = View {
+            capacity: 5,
+            booked: 7,
+        };
+        assert!(over.sold_out());
+        assert_eq!(over.allocate(&mut 0, 1), Err(0));
+        assert!(!View {
+            capacity: 5,
+            booked: 4
+        }
+        .sold_out());
     }
 }

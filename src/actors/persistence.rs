@@ -208,12 +208,26 @@ impl PersistenceActor {
     }
 }
 
+/// Closes the hand-off when the writer thread ends for any reason, a panic included, so that
+/// producers get an immediate 503 (and `/ready` says so) instead of waiting on a dead writer.
+struct CloseOnExit<'a>(&'a WriteQueue<WriteOp>);
+
+impl Drop for CloseOnExit<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            error!("the writer thread panicked; writes are refused from now on");
+        }
+        self.0.close();
+    }
+}
+
 fn run(
     mut conn: Connection,
     queue: &WriteQueue<WriteOp>,
     max_group: usize,
     finalize: &FinalizeQueue,
 ) {
+    let _guard = CloseOnExit(queue);
     while let Some(group) = queue.next_group(max_group) {
         commit_group(&mut conn, group, finalize);
     }
