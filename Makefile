@@ -14,7 +14,7 @@ run:
 test: deps fmt-check unit loom
 
 unit:
-	$(CARGO) test --workspace
+	$(CARGO) test --workspace --features ticketd/failpoints
 
 ## loom: model-check the shared-memory core (own cfg and target dir: the normal build stays valid)
 loom:

@@ -37,6 +37,20 @@ pub struct Config {
     #[arg(long, env = "TICKET_KEY", value_name = "TICKET_KEY", hide_env_values = true,
           value_parser = parse_ticket_key)]
     pub ticket_key: Option<String>,
+    /// Cluster mode: how long an event's lease lives unless its holder renews it (each batch
+    /// does). A holder paused longer than this loses the lease; fencing keeps it from writing.
+    #[arg(long, env = "LEASE_TTL_MS", value_name = "LEASE_TTL_MS", default_value_t = 2000,
+          value_parser = clap::value_parser!(u64).range(50..=600_000))]
+    pub lease_ttl_ms: u64,
+    /// How long a booking may stay PENDING before another finalizer takes it over (must exceed
+    /// the worst issuance time; only used in cluster mode, where replicas share the outbox).
+    #[arg(long, env = "FINALIZE_VISIBILITY_MS", value_name = "FINALIZE_VISIBILITY_MS", default_value_t = 30_000,
+          value_parser = clap::value_parser!(u64).range(100..=86_400_000))]
+    pub finalize_visibility_ms: u64,
+    /// How often the sweeper looks for PENDING bookings that nobody is issuing.
+    #[arg(long, env = "SWEEP_INTERVAL_MS", value_name = "SWEEP_INTERVAL_MS", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u64).range(50..=3_600_000))]
+    pub sweep_interval_ms: u64,
     /// Tracing filter (tracing-subscriber's EnvFilter syntax).
     #[arg(
         long,
@@ -100,7 +114,13 @@ impl Config {
     /// setting and exits with status 2 (help and version print as usual).
     pub fn from_env_or_exit() -> Self {
         match Self::try_parse() {
-            Ok(c) => c,
+            Ok(c) => match c.validate() {
+                Ok(()) => c,
+                Err(line) => {
+                    eprintln!("ticketd: configuration error: {line}");
+                    std::process::exit(2);
+                }
+            },
             Err(e) => {
                 use clap::error::ErrorKind;
                 if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
@@ -125,12 +145,26 @@ impl Config {
             finalize_delay_ms: 0,
             finalizer_workers: 4,
             ticket_key: None,
+            lease_ttl_ms: 2000,
+            finalize_visibility_ms: 30_000,
+            sweep_interval_ms: 10_000,
             rust_log: "warn".into(),
         }
     }
 
     pub fn finalize_delay(&self) -> Duration {
         Duration::from_millis(self.finalize_delay_ms)
+    }
+
+    /// Checks that hold between settings; one line naming the setting on failure.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.redis_url.is_some() && self.finalize_visibility_ms <= self.finalize_delay_ms {
+            return Err(format!(
+                "FINALIZE_VISIBILITY_MS ({}) must exceed FINALIZE_DELAY_MS ({}), or every ticket is issued twice",
+                self.finalize_visibility_ms, self.finalize_delay_ms
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -148,8 +182,6 @@ pub struct Tuning {
     pub max_group: usize,
     /// Operations waiting for the writer before new ones are refused with 503.
     pub writer_queue_limit: usize,
-    /// Period of the finalization sweeper that re-queues PENDING bookings.
-    pub sweep_every: Duration,
     /// Issuances one finalizer actor runs at once (they mostly wait on the delivery delay).
     pub issuances_per_worker: usize,
     /// Read connections.
@@ -168,7 +200,6 @@ impl Default for Tuning {
             max_batch: 512,
             max_group: 4096,
             writer_queue_limit: 65_536,
-            sweep_every: Duration::from_secs(10),
             issuances_per_worker: 1024,
             read_pool_size: 4,
             http_workers: 0,

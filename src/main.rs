@@ -6,6 +6,9 @@ use ticketd::{telemetry, Application, Config, Tuning};
 
 fn main() -> ExitCode {
     let config = Config::from_env_or_exit();
+    // Test builds only (`--features failpoints`): failpoints configured by the FAILPOINTS env.
+    #[cfg(feature = "failpoints")]
+    let _failpoints = fail::FailScenario::setup();
     if let Err(e) = telemetry::init(&config.rust_log) {
         eprintln!("ticketd: configuration error: {e}");
         return ExitCode::from(2);

@@ -16,12 +16,12 @@ use crate::actors::finalizer::{FinalizerDeps, FinalizerPool};
 use crate::actors::{PersistenceActor, Registry};
 use crate::api::{self, AppState};
 use crate::config::{Config, Tuning};
-use crate::coord::{FinalizeQueue, Lease};
-use crate::store::{self, queries, ReadPool, StoreError};
+use crate::coord::{FinalizeQueue, Lease, RedisLease, RedisLink};
+use crate::store::{self, queries, Checkpointer, ReadPool, StoreError};
 use crate::ticket::TicketSigner;
 
-/// How long an in-process lease lives without renewal (a batch renews it).
-const LEASE_TTL: Duration = Duration::from_secs(10);
+/// How often the WAL is checkpointed (PASSIVE, off the commit path).
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
 /// Bookings waiting in the in-process finalization queue, all lanes together.
 const FINALIZE_QUEUE: usize = 200_000;
 
@@ -43,6 +43,7 @@ pub struct Application {
     port: u16,
     server: Server,
     persistence: PersistenceActor,
+    checkpointer: Checkpointer,
     arbiters: Vec<Arbiter>,
     _finalizers: FinalizerPool,
 }
@@ -51,13 +52,7 @@ impl Application {
     /// Opens and migrates the database, starts the writer, the finalizers and the HTTP server.
     /// Must run inside an actix `System`.
     pub async fn build(config: Config, tuning: Tuning) -> Result<Self, StartError> {
-        if config.redis_url.is_some() {
-            return Err(StartError::Config(
-                "REDIS_URL: cluster mode is not part of this build yet; unset REDIS_URL to run the \
-                 embedded mode"
-                    .into(),
-            ));
-        }
+        config.validate().map_err(StartError::Config)?;
         let path = config.database_url.0.clone();
         let store_err = |source| StartError::Store {
             path: path.display().to_string(),
@@ -75,6 +70,7 @@ impl Application {
         };
         let signer = TicketSigner::new(key.as_bytes());
         let reads = ReadPool::open(&path, tuning.read_pool_size).map_err(store_err)?;
+        let checkpointer = Checkpointer::start(&path, CHECKPOINT_EVERY).map_err(store_err)?;
 
         let workers = usize::from(config.finalizer_workers);
         let (finalize, lanes) = FinalizeQueue::new(workers, FINALIZE_QUEUE / workers);
@@ -92,10 +88,20 @@ impl Application {
         let arbiters: Vec<Arbiter> = (0..cores).map(|_| Arbiter::new()).collect();
         let handles: Vec<ArbiterHandle> = arbiters.iter().map(|a| a.handle()).collect();
         let tuning = Arc::new(tuning);
+        let lease_ttl = Duration::from_millis(config.lease_ttl_ms);
+        let (mode, lease, redis) = match &config.redis_url {
+            None => ("embedded", Lease::in_process(lease_ttl), None),
+            Some(url) => {
+                let link = RedisLink::new(url)
+                    .map_err(|e| StartError::Config(format!("REDIS_URL: {e}")))?;
+                let lease = Lease::redis(RedisLease::new(link.clone(), lease_ttl), &replica_id());
+                ("cluster", lease, Some(link))
+            }
+        };
         let deps = EventDeps {
             writer: writer.clone(),
             reads: reads.clone(),
-            lease: Lease::in_process(LEASE_TTL),
+            lease,
             tuning: tuning.clone(),
         };
         let registry = Registry::new(deps, handles);
@@ -109,7 +115,10 @@ impl Application {
                 per_worker: tuning.issuances_per_worker,
             },
             lanes,
-            tuning.sweep_every,
+            Duration::from_millis(config.sweep_interval_ms),
+            redis
+                .is_some()
+                .then(|| Duration::from_millis(config.finalize_visibility_ms)),
         );
 
         let state = web::Data::new(AppState {
@@ -117,7 +126,8 @@ impl Application {
             reads,
             writer,
             finalize,
-            mode: "embedded",
+            mode,
+            redis,
         });
         let addr = format!("{}:{}", config.host, config.port);
         let listen_err = |source| StartError::Listen {
@@ -143,11 +153,12 @@ impl Application {
         .listen(listener)
         .map_err(listen_err)?
         .run();
-        info!(%addr, port, db = %path.display(), mode = "embedded", "ticketd listening");
+        info!(%addr, port, db = %path.display(), mode, "ticketd listening");
         Ok(Application {
             port,
             server,
             persistence,
+            checkpointer,
             arbiters,
             _finalizers: finalizers,
         })
@@ -170,11 +181,16 @@ impl Application {
         let Application {
             server,
             persistence,
+            checkpointer,
             arbiters,
             ..
         } = self;
         let served = server.await;
-        let _ = tokio::task::spawn_blocking(move || persistence.shutdown()).await;
+        let _ = tokio::task::spawn_blocking(move || {
+            persistence.shutdown();
+            checkpointer.stop();
+        })
+        .await;
         for a in arbiters {
             a.stop();
             let _ = a.join();
@@ -182,4 +198,15 @@ impl Application {
         info!("ticketd stopped");
         served
     }
+}
+
+/// A name unique to this process among the replicas (lease owners are `<replica>:<actor>`).
+fn replica_id() -> String {
+    let mut buf = [0u8; 4];
+    let _ = getrandom::fill(&mut buf);
+    format!(
+        "{}-{}",
+        std::process::id(),
+        data_encoding::HEXLOWER.encode(&buf)
+    )
 }

@@ -103,10 +103,15 @@ pub struct FinalizerPool {
 
 impl FinalizerPool {
     /// Starts one actor per lane and the sweeper (which runs once at once: the restart pickup).
+    ///
+    /// `min_age`: in cluster mode every replica sweeps the shared outbox, so a sweeper only takes
+    /// bookings older than the visibility timeout (their own replica had its chance); embedded,
+    /// everything PENDING and not in flight here is fair game.
     pub fn start(
         deps: FinalizerDeps,
         lanes: Vec<mpsc::Receiver<i64>>,
         sweep_every: Duration,
+        min_age: Option<Duration>,
     ) -> Self {
         let workers = lanes
             .into_iter()
@@ -122,7 +127,7 @@ impl FinalizerPool {
             .collect();
         actix::spawn(async move {
             loop {
-                match sweep(&deps).await {
+                match sweep(&deps, min_age).await {
                     Ok(0) => {}
                     Ok(n) => info!(requeued = n, "sweeper re-queued PENDING bookings"),
                     Err(e) => warn!(error = %e, "sweep failed"),
@@ -139,13 +144,18 @@ impl FinalizerPool {
 }
 
 /// Queues every PENDING booking that is not already on its way; returns how many.
-async fn sweep(deps: &FinalizerDeps) -> Result<usize, StoreError> {
+async fn sweep(deps: &FinalizerDeps, min_age: Option<Duration>) -> Result<usize, StoreError> {
+    let before = min_age.map(|age| {
+        let age = chrono::Duration::from_std(age).unwrap_or_default();
+        queries::db_timestamp(chrono::Utc::now() - age)
+    });
     let mut after = 0;
     let mut queued = 0;
     loop {
+        let before = before.clone();
         let ids = deps
             .reads
-            .read(move |c| queries::pending_ids(c, after, SWEEP_PAGE))
+            .read(move |c| queries::pending_ids(c, after, before.as_deref(), SWEEP_PAGE))
             .await?;
         let Some(&last) = ids.last() else {
             return Ok(queued);

@@ -250,6 +250,9 @@ enum Applied {
     Error(WriteOp, StoreError),
 }
 
+/// Times BEGIN IMMEDIATE is retried after SQLITE_BUSY (each after the busy timeout).
+const BEGIN_RETRIES: u32 = 3;
+
 fn commit_group(conn: &mut Connection, group: Vec<WriteOp>, finalize: &FinalizeQueue) {
     let started = Instant::now();
     let span = info_span!(
@@ -261,13 +264,23 @@ fn commit_group(conn: &mut Connection, group: Vec<WriteOp>, finalize: &FinalizeQ
     let _enter = span.enter();
     let now = queries::db_timestamp(chrono::Utc::now());
 
-    let tx = match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
-        Ok(tx) => tx,
-        Err(e) => {
-            warn!(error = %e, "could not begin the group transaction");
-            let why = StoreError::Sqlite(e);
-            group.into_iter().for_each(|op| op.fail(&why));
-            return;
+    // Other replicas share the file in cluster mode: BEGIN IMMEDIATE waits for their write lock
+    // (busy_timeout), and a few retries ride out a long checkpoint or a burst of theirs.
+    let mut attempt = 0;
+    let tx = loop {
+        match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
+            Ok(tx) => break tx,
+            Err(e) if crate::store::is_busy(&e) && attempt < BEGIN_RETRIES => {
+                attempt += 1;
+                warn!(attempt, "database busy; retrying the group transaction");
+                std::thread::sleep(std::time::Duration::from_millis(20 * attempt as u64));
+            }
+            Err(e) => {
+                warn!(error = %e, "could not begin the group transaction");
+                let why = StoreError::Sqlite(e);
+                group.into_iter().for_each(|op| op.fail(&why));
+                return;
+            }
         }
     };
     let mut applied = Vec::with_capacity(group.len());
@@ -391,6 +404,8 @@ fn apply_seats(tx: &rusqlite::Transaction<'_>, batch: SeatBatch, now: &str) -> A
         .iter()
         .map(|r| (r.user_id, r.quantity))
         .collect();
+    // Tests pause the writer here to play a replica that stalls past its lease.
+    fail::fail_point!("writer-before-seats");
     // A savepoint per batch: a refused or failed batch is undone alone.
     let result = tx
         .execute_batch("SAVEPOINT seats")

@@ -10,7 +10,8 @@ pub async fn health() -> HttpResponse {
     HttpResponse::Ok().json(json!({ "status": "ok" }))
 }
 
-/// 200 when the database answers and the writer runs; 503 (with what is wrong) otherwise.
+/// 200 when the database answers, the writer runs and (cluster mode) Redis answers; 503 with
+/// what is wrong otherwise.
 pub async fn ready(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     let db = state
         .reads
@@ -18,17 +19,27 @@ pub async fn ready(state: web::Data<AppState>) -> Result<HttpResponse, ApiError>
         .await;
     let writer = state.writer.is_running();
     let db_ok = db.is_ok();
+    let redis = match &state.redis {
+        None => Ok("not used (embedded mode)".to_string()),
+        Some(link) => link
+            .ping()
+            .await
+            .map(|()| "ok".to_string())
+            .map_err(|e| e.to_string()),
+    };
+    let redis_ok = redis.is_ok();
+    let ok = db_ok && writer && redis_ok;
     let body = json!({
-        "status": if db_ok && writer { "ready" } else { "unavailable" },
+        "status": if ok { "ready" } else { "unavailable" },
         "mode": state.mode,
         "database": match db { Ok(_) => "ok".to_string(), Err(e) => e.to_string() },
         "writer": if writer { "running" } else { "stopped" },
         "writer_backlog": state.writer.backlog(),
         "event_actors": state.registry.len(),
         "finalizations_in_flight": state.finalize.in_flight(),
-        "redis": "not used (embedded mode)",
+        "redis": match redis { Ok(s) | Err(s) => s },
     });
-    if db_ok && writer {
+    if ok {
         Ok(HttpResponse::Ok().json(body))
     } else {
         Ok(HttpResponse::ServiceUnavailable()

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use actix_web::{web, HttpResponse};
 
 use crate::actors::{Registry, Writer};
-use crate::coord::FinalizeQueue;
+use crate::coord::{FinalizeQueue, RedisLink};
 use crate::domain::parse_path_id;
 use crate::store::ReadPool;
 pub use errors::ApiError;
@@ -26,6 +26,8 @@ pub struct AppState {
     pub finalize: FinalizeQueue,
     /// `"embedded"` or `"cluster"`.
     pub mode: &'static str,
+    /// Cluster mode's Redis (for `/ready`).
+    pub redis: Option<RedisLink>,
 }
 
 /// Parses an id from the path, answering 422 (naming the parameter) when it is not one.

@@ -89,13 +89,17 @@ impl LeaseTable {
     }
 }
 
-/// The lease an event actor talks to: in-process (embedded) now, Redis in cluster mode.
+/// The lease an event actor talks to: in-process (embedded mode) or on Redis (cluster mode).
 #[derive(Clone)]
 pub enum Lease {
     InProcess {
         table: Arc<LeaseTable>,
         epoch: Instant,
         ttl: Duration,
+    },
+    Redis {
+        lease: super::redis::RedisLease,
+        replica: std::sync::Arc<str>,
     },
 }
 
@@ -108,7 +112,15 @@ impl Lease {
         }
     }
 
-    /// One round trip per batch: take the lease (or learn that someone else has it).
+    /// `replica` makes owners unique across processes (actor generations are per process).
+    pub fn redis(lease: super::redis::RedisLease, replica: &str) -> Self {
+        Lease::Redis {
+            lease,
+            replica: replica.into(),
+        }
+    }
+
+    /// One round trip per batch: take (or renew) the lease, or learn that someone else has it.
     pub async fn acquire(
         &self,
         event: i64,
@@ -120,6 +132,11 @@ impl Lease {
                 let now = epoch.elapsed().as_millis() as u64;
                 Ok(table.acquire(event, owner, floor, now, ttl.as_millis() as u64))
             }
+            Lease::Redis { lease, replica } => {
+                lease
+                    .acquire(event, &format!("{replica}:{owner}"), floor)
+                    .await
+            }
         }
     }
 
@@ -129,12 +146,10 @@ impl Lease {
                 table.release(event, owner, token);
                 Ok(())
             }
+            Lease::Redis { lease, replica } => {
+                lease.release(event, &format!("{replica}:{owner}")).await
+            }
         }
-    }
-
-    /// True when the lease works without a network (the fast path can skip awaiting).
-    pub fn is_local(&self) -> bool {
-        matches!(self, Lease::InProcess { .. })
     }
 }
 

@@ -4,6 +4,8 @@
 
 pub mod lease;
 pub mod queue;
+pub mod redis;
 
 pub use lease::{Lease, LeaseError, LeaseTable};
 pub use queue::FinalizeQueue;
+pub use redis::{RedisLease, RedisLink};

@@ -127,11 +127,18 @@ pub fn report(conn: &Connection) -> rusqlite::Result<Report> {
 }
 
 /// Ids of PENDING bookings after `after`, in id order: the outbox the finalizer sweeps.
-pub fn pending_ids(conn: &Connection, after: i64, limit: usize) -> rusqlite::Result<Vec<i64>> {
+/// With `created_before`, only bookings older than that (stored-format) timestamp.
+pub fn pending_ids(
+    conn: &Connection,
+    after: i64,
+    created_before: Option<&str>,
+    limit: usize,
+) -> rusqlite::Result<Vec<i64>> {
     let mut st = conn.prepare_cached(
-        "SELECT id FROM bookings WHERE status = 'PENDING' AND id > ?1 ORDER BY id LIMIT ?2",
+        "SELECT id FROM bookings WHERE status = 'PENDING' AND id > ?1
+         AND (?2 IS NULL OR created_at < ?2) ORDER BY id LIMIT ?3",
     )?;
-    let rows = st.query_map(params![after, limit as i64], |r| r.get(0))?;
+    let rows = st.query_map(params![after, created_before, limit as i64], |r| r.get(0))?;
     rows.collect()
 }
 
@@ -288,7 +295,7 @@ mod tests {
                 total_finalized: 3
             }
         );
-        assert!(pending_ids(&c, 0, 10).unwrap().is_empty());
+        assert!(pending_ids(&c, 0, None, 10).unwrap().is_empty());
     }
 
     #[test]

@@ -1,0 +1,159 @@
+//! Redis, for the cluster mode: a self-healing connection and the fenced lease scripts.
+//!
+//! Every lease operation is one Lua script, so one round trip and atomic on the server:
+//! acquire takes the lease *and* the next fencing token together (`SET NX PX` + `INCR`), release
+//! is compare-and-delete, and re-acquiring one's own lease renews it. Keys of one event share a
+//! hash tag (`{id}`), so the scripts also work on a Redis Cluster.
+
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::Script;
+
+use super::lease::{LeaseError, Token};
+
+/// How long one Redis command may take before the caller answers 503 instead of waiting.
+const RESPONSE_TIMEOUT: Duration = Duration::from_millis(1000);
+const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// Takes the lease for ARGV[1] (owner) for ARGV[2] ms, with a token above ARGV[3] (the highest
+/// token the database has seen: after a Redis restart without persistence the counter starts
+/// over, and the floor puts it back above every token ever written).
+///
+/// Fairness: a replica refused the lease leaves its name in `want`; the holder, when it comes
+/// back for its next batch, yields to it instead of renewing, and nobody else may take a free
+/// lease while someone else's `want` is live. So replicas alternate batches under symmetric
+/// load instead of one keeping the lease for as long as its queue is never empty.
+///
+/// Returns the token, -1 (held by someone else) or -2 (yielded to a waiting replica).
+const ACQUIRE: &str = r#"
+local holder = redis.call('GET', KEYS[1])
+local want = redis.call('GET', KEYS[3])
+if holder and holder ~= ARGV[1] then
+  if not want then redis.call('SET', KEYS[3], ARGV[1], 'PX', ARGV[2]) end
+  if want == ARGV[1] then redis.call('PEXPIRE', KEYS[3], ARGV[2]) end
+  return -1
+end
+if want and want ~= ARGV[1] then
+  if holder then redis.call('DEL', KEYS[1]) return -2 end
+  return -1
+end
+if want then redis.call('DEL', KEYS[3]) end
+local token = redis.call('INCR', KEYS[2])
+local floor = tonumber(ARGV[3])
+if token <= floor then
+  token = floor + 1
+  redis.call('SET', KEYS[2], token)
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return token
+"#;
+
+/// Deletes the lease only if ARGV[1] still holds it.
+const RELEASE: &str = r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"#;
+
+/// A Redis connection that connects lazily and reconnects by itself: the service starts and
+/// serves reads while Redis is down, and bookings resume when it is back, without a restart.
+#[derive(Clone)]
+pub struct RedisLink {
+    conn: ConnectionManager,
+}
+
+impl RedisLink {
+    /// Must be called inside a tokio runtime (the connection's driver task lives there).
+    pub fn new(url: &str) -> Result<Self, String> {
+        let client = redis::Client::open(url).map_err(|e| e.to_string())?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(CONNECT_TIMEOUT))
+            .set_response_timeout(Some(RESPONSE_TIMEOUT))
+            .set_number_of_retries(2)
+            .set_max_delay(Duration::from_millis(200));
+        let conn =
+            ConnectionManager::new_lazy_with_config(client, config).map_err(|e| e.to_string())?;
+        Ok(RedisLink { conn })
+    }
+
+    /// A handle for one command (cheap: the connection is multiplexed).
+    pub fn conn(&self) -> ConnectionManager {
+        self.conn.clone()
+    }
+
+    pub async fn ping(&self) -> Result<(), LeaseError> {
+        let mut c = self.conn();
+        redis::cmd("PING")
+            .query_async::<String>(&mut c)
+            .await
+            .map(|_| ())
+            .map_err(unavailable)
+    }
+}
+
+pub(crate) fn unavailable(e: redis::RedisError) -> LeaseError {
+    LeaseError::Unavailable(format!("redis: {e}"))
+}
+
+/// The fenced lease on Redis.
+#[derive(Clone)]
+pub struct RedisLease {
+    link: RedisLink,
+    acquire: Script,
+    release: Script,
+    ttl_ms: u64,
+}
+
+fn keys(event: i64) -> (String, String, String) {
+    (
+        format!("ticketd:lease:{{{event}}}"),
+        format!("ticketd:fence:{{{event}}}"),
+        format!("ticketd:want:{{{event}}}"),
+    )
+}
+
+impl RedisLease {
+    pub fn new(link: RedisLink, ttl: Duration) -> Self {
+        RedisLease {
+            link,
+            acquire: Script::new(ACQUIRE),
+            release: Script::new(RELEASE),
+            ttl_ms: ttl.as_millis().max(1) as u64,
+        }
+    }
+
+    pub async fn acquire(
+        &self,
+        event: i64,
+        owner: &str,
+        floor: Token,
+    ) -> Result<Option<Token>, LeaseError> {
+        let (lease, fence, want) = keys(event);
+        let mut c = self.link.conn();
+        let token: i64 = self
+            .acquire
+            .key(lease)
+            .key(fence)
+            .key(want)
+            .arg(owner)
+            .arg(self.ttl_ms)
+            .arg(floor)
+            .invoke_async(&mut c)
+            .await
+            .map_err(unavailable)?;
+        Ok((token > 0).then_some(token))
+    }
+
+    pub async fn release(&self, event: i64, owner: &str) -> Result<(), LeaseError> {
+        let (lease, _, _) = keys(event);
+        let mut c = self.link.conn();
+        let _: i64 = self
+            .release
+            .key(lease)
+            .arg(owner)
+            .invoke_async(&mut c)
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+}
