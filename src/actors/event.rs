@@ -264,9 +264,11 @@ impl EventActor {
 
     fn on_batch(&mut self, outcome: BatchOutcome, token: Token, ctx: &mut Context<Self>) {
         match outcome {
-            BatchOutcome::Committed { seats } => {
+            BatchOutcome::Committed { seats, booked } => {
                 if let Some(v) = self.view.as_mut() {
-                    v.booked += seats;
+                    // The count after our update: exact even if an older holder wrote just before.
+                    debug_assert!(booked >= v.booked + seats);
+                    v.booked = booked;
                 }
                 self.floor = self.floor.max(token);
                 self.refusals = 0;

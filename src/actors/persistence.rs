@@ -22,6 +22,7 @@ use crate::handoff::{Refused, WriteQueue};
 use crate::store::queries::{self, Refusal};
 use crate::store::{EventRow, StoreError};
 use crate::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// A booked seat request waiting for its batch: the client's reply channel travels with it, so
 /// whoever decides the request's fate answers it directly.
@@ -59,8 +60,8 @@ pub enum BookError {
 /// What the writer tells the event actor about its batch.
 #[derive(Debug)]
 pub enum BatchOutcome {
-    /// Committed; the clients have been answered.
-    Committed { seats: i64 },
+    /// Committed; the clients have been answered. `booked` is the event's count after it.
+    Committed { seats: i64, booked: i64 },
     /// Refused by the fenced update; nothing written. The requests come back, unanswered, with
     /// the row as the database has it.
     Refused {
@@ -120,6 +121,8 @@ impl WriteOp {
 #[derive(Clone)]
 pub struct Writer {
     queue: Arc<WriteQueue<WriteOp>>,
+    /// Batches the fenced update refused (stale token or seats gone), for `/ready`.
+    refusals: std::sync::Arc<AtomicU64>,
 }
 
 impl Writer {
@@ -159,6 +162,11 @@ impl Writer {
     }
 
     /// Writes waiting for the next transaction.
+    /// Batches the store refused so far: each one an actor whose view or lease was stale.
+    pub fn fence_refusals(&self) -> u64 {
+        self.refusals.load(Ordering::Relaxed)
+    }
+
     pub fn backlog(&self) -> usize {
         self.queue.len()
     }
@@ -179,16 +187,17 @@ impl PersistenceActor {
         finalize: FinalizeQueue,
     ) -> Self {
         let queue = Arc::new(WriteQueue::new(queue_limit));
-        let q = queue.clone();
+        let refusals = std::sync::Arc::new(AtomicU64::new(0));
+        let (q, r) = (queue.clone(), refusals.clone());
         let thread = std::thread::Builder::new()
             .name("ticketd-writer".into())
-            .spawn(move || run(conn, &q, max_group, &finalize))
+            .spawn(move || run(conn, &q, max_group, &finalize, &r))
             .ok();
         if thread.is_none() {
             queue.close();
         }
         PersistenceActor {
-            writer: Writer { queue },
+            writer: Writer { queue, refusals },
             thread,
         }
     }
@@ -226,10 +235,11 @@ fn run(
     queue: &WriteQueue<WriteOp>,
     max_group: usize,
     finalize: &FinalizeQueue,
+    refusals: &AtomicU64,
 ) {
     let _guard = CloseOnExit(queue);
     while let Some(group) = queue.next_group(max_group) {
-        commit_group(&mut conn, group, finalize);
+        commit_group(&mut conn, group, finalize, refusals);
     }
     debug!("writer drained and stopped");
 }
@@ -240,6 +250,7 @@ enum Applied {
     Seats {
         batch_done: oneshot::Sender<BatchOutcome>,
         booked: Vec<(SeatRequest, Booked)>,
+        booked_after: i64,
     },
     SeatsRefused {
         done: oneshot::Sender<BatchOutcome>,
@@ -253,7 +264,12 @@ enum Applied {
 /// Times BEGIN IMMEDIATE is retried after SQLITE_BUSY (each after the busy timeout).
 const BEGIN_RETRIES: u32 = 3;
 
-fn commit_group(conn: &mut Connection, group: Vec<WriteOp>, finalize: &FinalizeQueue) {
+fn commit_group(
+    conn: &mut Connection,
+    group: Vec<WriteOp>,
+    finalize: &FinalizeQueue,
+    refusals: &AtomicU64,
+) {
     let started = Instant::now();
     let span = info_span!(
         "commit_group",
@@ -264,6 +280,9 @@ fn commit_group(conn: &mut Connection, group: Vec<WriteOp>, finalize: &FinalizeQ
     let _enter = span.enter();
     let now = queries::db_timestamp(chrono::Utc::now());
 
+    // Tests pause the writer here (before it takes the write lock) to play a replica that
+    // stalls between allocating a batch and writing it, past the end of its lease.
+    fail::fail_point!("writer-before-begin");
     // Other replicas share the file in cluster mode: BEGIN IMMEDIATE waits for their write lock
     // (busy_timeout), and a few retries ride out a long checkpoint or a burst of theirs.
     let mut attempt = 0;
@@ -298,7 +317,9 @@ fn commit_group(conn: &mut Connection, group: Vec<WriteOp>, finalize: &FinalizeQ
                 Applied::Finalized(reply, _) => {
                     drop(reply.send(Err(StoreError::Task(why.to_string()))))
                 }
-                Applied::Seats { batch_done, booked } => {
+                Applied::Seats {
+                    batch_done, booked, ..
+                } => {
                     for (req, _) in booked {
                         let _ = req.reply.send(Err(BookError::Unavailable(why.to_string())));
                     }
@@ -326,7 +347,11 @@ fn commit_group(conn: &mut Connection, group: Vec<WriteOp>, finalize: &FinalizeQ
             Applied::Finalized(reply, changed) => {
                 let _ = reply.send(Ok(changed));
             }
-            Applied::Seats { batch_done, booked } => {
+            Applied::Seats {
+                batch_done,
+                booked,
+                booked_after,
+            } => {
                 let mut seats = 0;
                 bookings += booked.len();
                 for (req, b) in booked {
@@ -335,13 +360,17 @@ fn commit_group(conn: &mut Connection, group: Vec<WriteOp>, finalize: &FinalizeQ
                     let _ = req.reply.send(Ok(b));
                     finalize.push(id);
                 }
-                let _ = batch_done.send(BatchOutcome::Committed { seats });
+                let _ = batch_done.send(BatchOutcome::Committed {
+                    seats,
+                    booked: booked_after,
+                });
             }
             Applied::SeatsRefused {
                 done,
                 row,
                 requests,
             } => {
+                refusals.fetch_add(1, Ordering::Relaxed);
                 // The actor retries them after a reload; if it is gone, dropping the replies
                 // tells the routes that nothing was written, so they may resubmit.
                 let _ = done.send(BatchOutcome::Refused { row, requests });
@@ -404,8 +433,6 @@ fn apply_seats(tx: &rusqlite::Transaction<'_>, batch: SeatBatch, now: &str) -> A
         .iter()
         .map(|r| (r.user_id, r.quantity))
         .collect();
-    // Tests pause the writer here to play a replica that stalls past its lease.
-    fail::fail_point!("writer-before-seats");
     // A savepoint per batch: a refused or failed batch is undone alone.
     let result = tx
         .execute_batch("SAVEPOINT seats")
@@ -417,7 +444,7 @@ fn apply_seats(tx: &rusqlite::Transaction<'_>, batch: SeatBatch, now: &str) -> A
             }
         });
     match result {
-        Ok(Ok(ids)) => {
+        Ok(Ok((ids, booked_after))) => {
             if let Err(e) = tx.execute_batch("RELEASE seats") {
                 return Applied::Error(WriteOp::Seats(batch), e.into());
             }
@@ -441,6 +468,7 @@ fn apply_seats(tx: &rusqlite::Transaction<'_>, batch: SeatBatch, now: &str) -> A
             Applied::Seats {
                 batch_done: batch.done,
                 booked,
+                booked_after,
             }
         }
         Ok(Err(refusal)) => {

@@ -162,26 +162,31 @@ pub fn insert_event(conn: &Connection, title: &str, capacity: i64) -> rusqlite::
 /// and the seats are there (`booked_count + seats <= capacity`); otherwise nothing is written
 /// and the caller learns the current row. This is the last line of defence against oversell:
 /// whatever an actor believes in memory, the database does not sell a seat it does not have.
+///
+/// On success: the new bookings' ids and the event's `booked_count` after the update, so the
+/// caller's view is exact even if an older holder slipped a write in before this one.
 pub fn apply_fenced_batch(
     conn: &Connection,
     event_id: i64,
     token: i64,
     bookings: &[(i64, i64)],
     created_at: &str,
-) -> rusqlite::Result<Result<Vec<i64>, Refusal>> {
+) -> rusqlite::Result<Result<(Vec<i64>, i64), Refusal>> {
     let seats: i64 = bookings.iter().map(|(_, q)| q).sum();
-    let moved = conn
+    let booked_after: Option<i64> = conn
         .prepare_cached(
             "UPDATE events SET booked_count = booked_count + ?1, fence = ?2
-             WHERE id = ?3 AND fence <= ?2 AND booked_count + ?1 <= capacity",
+             WHERE id = ?3 AND fence <= ?2 AND booked_count + ?1 <= capacity
+             RETURNING booked_count",
         )?
-        .execute(params![seats, token, event_id])?;
-    if moved != 1 {
+        .query_row(params![seats, token, event_id], |r| r.get(0))
+        .optional()?;
+    let Some(booked_after) = booked_after else {
         return Ok(Err(match event(conn, event_id)? {
             Some(row) => Refusal::Stale(row),
             None => Refusal::NoEvent,
         }));
-    }
+    };
     let mut insert = conn.prepare_cached(
         "INSERT INTO bookings (event_id, user_id, quantity, status, created_at)
          VALUES (?1, ?2, ?3, 'PENDING', ?4)",
@@ -191,7 +196,7 @@ pub fn apply_fenced_batch(
         insert.execute(params![event_id, user_id, quantity, created_at])?;
         ids.push(conn.last_insert_rowid());
     }
-    Ok(Ok(ids))
+    Ok(Ok((ids, booked_after)))
 }
 
 /// Marks a booking FINALIZED with its ticket code, once: a second call (a duplicate delivery)
@@ -249,10 +254,11 @@ mod tests {
     fn fenced_batch_refuses_stale_tokens_and_missing_seats() {
         let c = db();
         let e = insert_event(&c, "t", 5).unwrap();
-        let ids = apply_fenced_batch(&c, e.id, 2, &[(1, 2), (2, 1)], "2024-01-01 00:00:00.000000")
-            .unwrap()
-            .unwrap();
-        assert_eq!(ids.len(), 2);
+        let (ids, booked) =
+            apply_fenced_batch(&c, e.id, 2, &[(1, 2), (2, 1)], "2024-01-01 00:00:00.000000")
+                .unwrap()
+                .unwrap();
+        assert_eq!((ids.len(), booked), (2, 3));
         // An older token cannot write any more.
         let r = apply_fenced_batch(&c, e.id, 1, &[(3, 1)], "x").unwrap();
         assert!(
@@ -275,7 +281,7 @@ mod tests {
     fn finalize_is_idempotent() {
         let c = db();
         let e = insert_event(&c, "t", 5).unwrap();
-        let ids = apply_fenced_batch(&c, e.id, 1, &[(1, 3)], "2024-01-01 00:00:00.000000")
+        let (ids, _) = apply_fenced_batch(&c, e.id, 1, &[(1, 3)], "2024-01-01 00:00:00.000000")
             .unwrap()
             .unwrap();
         assert!(finalize(&c, ids[0], "CODE", "2024-01-01 00:00:05.000000").unwrap());

@@ -3,6 +3,8 @@
 //! tests: every test gets its own directory, file and port.
 #![allow(dead_code)]
 
+pub mod cluster;
+
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

@@ -1,0 +1,384 @@
+//! Cluster mode with real processes: a private redis-server, three replicas of the binary on one
+//! SQLite file, nginx in front. Replicas are SIGKILLed and SIGSTOPped, Redis is killed and
+//! restarted empty; the database must never hold more than capacity, and must hold every
+//! booking a client was told about.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::cluster::{replicas, Nginx, RedisProc};
+use common::{booking_sums, count_status, event_counts, open_db, Resp, Target};
+use futures::future::join_all;
+use serde_json::{json, Value};
+
+/// These tests start many processes each; one at a time keeps the 2-core machine honest.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+const FAST: &[(&str, &str)] = &[
+    ("FINALIZE_DELAY_MS", "50"),
+    ("LEASE_TTL_MS", "1000"),
+    ("FINALIZE_VISIBILITY_MS", "2000"),
+    ("SWEEP_INTERVAL_MS", "300"),
+];
+
+type Acks = Arc<Mutex<HashMap<i64, Value>>>;
+
+/// Clients booking in a loop through `target` until the event sells out. 503 (Redis down, a
+/// replica busy) and 502 (nginx lost a replica mid-request) are retried after a pause: the
+/// client was told nothing. Returns acknowledged bookings and counts of 503 and 502.
+fn hammer(
+    target: &impl Target,
+    event_id: i64,
+    workers: usize,
+) -> (Acks, Arc<AtomicUsize>, Vec<tokio::task::JoinHandle<()>>) {
+    let acks: Acks = Arc::default();
+    let retried = Arc::new(AtomicUsize::new(0));
+    let tasks = (0..workers)
+        .map(|w| {
+            let (client, base, acks, retried) = (target.http().clone(), target.base(), acks.clone(), retried.clone());
+            tokio::spawn(async move {
+                let mut n = 0i64;
+                loop {
+                    n += 1;
+                    let body = json!({"user_id": w as i64 * 1_000_000 + n, "event_id": event_id, "quantity": 1 + n % 2});
+                    let r = match client.post(format!("{base}/book")).json(&body).send().await {
+                        Ok(r) => r,
+                        Err(_) => {
+                            retried.fetch_add(1, Ordering::Relaxed);
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            continue;
+                        }
+                    };
+                    let status = r.status().as_u16();
+                    let v: Value = r.json().await.unwrap_or(Value::Null);
+                    match status {
+                        200 => {
+                            assert_eq!(v["user_id"], body["user_id"]);
+                            acks.lock().unwrap().insert(v["id"].as_i64().unwrap(), v);
+                        }
+                        409 if v["detail"] == "Event is sold out." => return,
+                        409 => {} // not enough seats for this quantity: try again
+                        502 | 503 | 504 => {
+                            retried.fetch_add(1, Ordering::Relaxed);
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                        }
+                        other => panic!("unexpected {other}: {v}"),
+                    }
+                }
+            })
+        })
+        .collect();
+    (acks, retried, tasks)
+}
+
+async fn wait_acks(acks: &Acks, n: usize) {
+    for _ in 0..3000 {
+        if acks.lock().unwrap().len() >= n {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("fewer than {n} acknowledged");
+}
+
+/// No oversell, the counters agree with the rows, every acknowledged booking is there as told.
+fn check_db(db_path: &std::path::Path, event_id: i64, acks: &HashMap<i64, Value>) -> i64 {
+    let db = open_db(db_path);
+    let (booked, capacity, _) = event_counts(&db, event_id);
+    assert!(booked <= capacity, "oversold: {booked} > {capacity}");
+    assert_eq!(
+        booking_sums(&db, event_id).0,
+        booked,
+        "booked_count equals the rows' seats"
+    );
+    for (id, v) in acks {
+        let q: Option<(i64, i64)> = db
+            .query_row(
+                "SELECT user_id, quantity FROM bookings WHERE id = ?1 AND event_id = ?2",
+                [*id, event_id],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .ok();
+        assert_eq!(
+            q,
+            Some((
+                v["user_id"].as_i64().unwrap(),
+                v["quantity"].as_i64().unwrap()
+            )),
+            "ack {id}"
+        );
+    }
+    let acked: i64 = acks.values().map(|v| v["quantity"].as_i64().unwrap()).sum();
+    assert!(acked <= booked);
+    booked
+}
+
+async fn all_finalized(db_path: &std::path::Path) {
+    let db = open_db(db_path);
+    assert!(
+        common::eventually(Duration::from_secs(60), || count_status(&db, "PENDING")
+            == 0)
+        .await,
+        "every booking ends FINALIZED"
+    );
+    let (fin, booked): (i64, i64) = db
+        .query_row(
+            "SELECT SUM(finalized_count), SUM(booked_count) FROM events",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert_eq!(fin, booked, "every seat issued exactly once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_replicas_three_thousand_clients_five_hundred_seats() {
+    let _serial = SERIAL.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let db_path = dir.path().join("ticket.db");
+    let redis = RedisProc::start().await;
+    let reps = replicas(3, &db_path, &redis, FAST).await;
+    let lb = Nginx::start(&reps.iter().map(|r| r.port).collect::<Vec<_>>()).await;
+    let event_id = lb.create_event("Cluster flash sale", 500).await;
+
+    let lb = Arc::new(lb);
+    let tasks = (1..=3000).map(|u| {
+        let lb = lb.clone();
+        tokio::spawn(async move {
+            lb.post("/book", json!({"user_id": u, "event_id": event_id}))
+                .await
+        })
+    });
+    let rs: Vec<Resp> = join_all(tasks)
+        .await
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    let ok: Vec<&Resp> = rs.iter().filter(|r| r.status == 200).collect();
+    let sold_out = rs.iter().filter(|r| r.status == 409).count();
+    assert_eq!(
+        (ok.len(), sold_out),
+        (500, 2500),
+        "{:?}",
+        rs.iter().find(|r| r.status != 200 && r.status != 409)
+    );
+
+    let acks: HashMap<i64, Value> = ok
+        .iter()
+        .map(|r| (r.body["id"].as_i64().unwrap(), r.body.clone()))
+        .collect();
+    assert_eq!(acks.len(), 500);
+    assert_eq!(check_db(&db_path, event_id, &acks), 500);
+    assert_eq!(
+        booking_sums(&open_db(&db_path), event_id).1,
+        500,
+        "exactly those 500 rows, none more"
+    );
+    all_finalized(&db_path).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_replica_sigkilled_mid_sale() {
+    let _serial = SERIAL.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let db_path = dir.path().join("ticket.db");
+    let redis = RedisProc::start().await;
+    let mut reps = replicas(3, &db_path, &redis, FAST).await;
+    let lb = Nginx::start(&reps.iter().map(|r| r.port).collect::<Vec<_>>()).await;
+    let event_id = lb.create_event("Kill sale", 1500).await;
+    let (acks, _, tasks) = hammer(&lb, event_id, 96);
+    wait_acks(&acks, 200).await;
+    let victim = reps.remove(1);
+    victim.signal(libc::SIGKILL);
+    assert_eq!(victim.wait().await, None);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let acks = acks.lock().unwrap().clone();
+    let booked = check_db(&db_path, event_id, &acks);
+    assert!(booked >= 1499, "the survivors sold the rest ({booked})");
+    all_finalized(&db_path).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_replica_paused_past_its_lease_then_resumed() {
+    let _serial = SERIAL.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let db_path = dir.path().join("ticket.db");
+    let redis = RedisProc::start().await;
+    let reps = replicas(3, &db_path, &redis, FAST).await;
+    let lb = Nginx::start(&reps.iter().map(|r| r.port).collect::<Vec<_>>()).await;
+    let event_id = lb.create_event("Pause sale", 1500).await;
+    let (acks, _, tasks) = hammer(&lb, event_id, 96);
+    wait_acks(&acks, 200).await;
+    reps[0].signal(libc::SIGSTOP);
+    tokio::time::sleep(Duration::from_millis(2500)).await; // > LEASE_TTL_MS
+    reps[0].signal(libc::SIGCONT);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let acks = acks.lock().unwrap().clone();
+    let booked = check_db(&db_path, event_id, &acks);
+    assert!(booked >= 1499, "sold out ({booked})");
+    all_finalized(&db_path).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fencing_refuses_a_holder_whose_lease_expired() {
+    let _serial = SERIAL.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let db_path = dir.path().join("ticket.db");
+    let redis = RedisProc::start().await;
+    // A's writer stalls 2.5 s on its first seat batch: longer than its 500 ms lease.
+    let a_env = [
+        ("LEASE_TTL_MS", "500"),
+        ("FAILPOINTS", "writer-before-begin=1*sleep(2500)"),
+        ("FINALIZE_DELAY_MS", "50"),
+    ];
+    let a = replicas(1, &db_path, &redis, &a_env).await.remove(0);
+    let b = replicas(
+        1,
+        &db_path,
+        &redis,
+        &[("LEASE_TTL_MS", "500"), ("FINALIZE_DELAY_MS", "50")],
+    )
+    .await
+    .remove(0);
+    let event_id = b.create_event("Fenced", 10).await;
+
+    // A takes the lease (token 1), allocates 3 of 10 free seats in memory, and stalls.
+    let (client, base) = (a.client.clone(), a.base());
+    let stalled = tokio::spawn(async move {
+        let started = std::time::Instant::now();
+        let r = common::send(
+            client
+                .post(format!("{base}/book"))
+                .json(&json!({"user_id": 1, "event_id": event_id, "quantity": 3})),
+        )
+        .await;
+        (r, started.elapsed())
+    });
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    // A's lease has expired: B takes the lease with a higher token and sells 8 seats.
+    for u in 0..8 {
+        let r = b
+            .post("/book", json!({"user_id": 100 + u, "event_id": event_id}))
+            .await;
+        assert_eq!(r.status, 200, "{:?}", r.body);
+    }
+    // A wakes: the store refuses its token-1 batch; A reloads (8 sold, fence of B) and answers
+    // from the truth: 3 seats are not there any more.
+    let (r, took) = stalled.await.unwrap();
+    assert!(
+        took >= Duration::from_millis(2000),
+        "A really stalled ({took:?})"
+    );
+    assert_eq!(
+        (r.status.as_u16(), &r.body),
+        (
+            409,
+            &json!({"detail": "Not enough seats left: 2 remaining."})
+        )
+    );
+    let ready = a.get("/ready").await.body;
+    assert!(
+        ready["fence_refusals"].as_u64().unwrap() >= 1,
+        "the store refused A's stale batch: {ready}"
+    );
+    // A serves correctly from its reloaded view.
+    let r = a
+        .post(
+            "/book",
+            json!({"user_id": 2, "event_id": event_id, "quantity": 2}),
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    let r = a
+        .post("/book", json!({"user_id": 3, "event_id": event_id}))
+        .await;
+    assert_eq!(
+        (r.status.as_u16(), &r.body),
+        (409, &json!({"detail": "Event is sold out."}))
+    );
+    let db = open_db(&db_path);
+    assert_eq!(event_counts(&db, event_id).0, 10);
+    assert_eq!(booking_sums(&db, event_id), (10, 9));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redis_killed_and_restarted_empty_mid_sale() {
+    let _serial = SERIAL.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let db_path = dir.path().join("ticket.db");
+    let mut redis = RedisProc::start().await;
+    let reps = replicas(3, &db_path, &redis, FAST).await;
+    let lb = Nginx::start(&reps.iter().map(|r| r.port).collect::<Vec<_>>()).await;
+    let event_id = lb.create_event("Redis chaos", 1500).await;
+    let (acks, retried, tasks) = hammer(&lb, event_id, 64);
+    wait_acks(&acks, 200).await;
+
+    redis.kill();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = acks.lock().unwrap().len();
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let during = acks.lock().unwrap().len();
+    // Without Redis nobody may allocate: at most the batches already past their lease finish.
+    assert!(
+        during - before < 100,
+        "bookings stop while Redis is down ({before} -> {during})"
+    );
+    assert!(
+        retried.load(Ordering::Relaxed) > 0,
+        "clients were told 503, not left waiting"
+    );
+    // Reads keep working.
+    for r in &reps {
+        let s = r.get(&format!("/event/{event_id}/stats")).await;
+        assert_eq!(s.status, 200);
+        assert_eq!(r.get("/ready").await.status, 503, "not ready without Redis");
+    }
+
+    // Redis comes back empty: the fence counters start over below the database's fences.
+    redis.restart().await;
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let acks = acks.lock().unwrap().clone();
+    assert!(
+        acks.len() > during,
+        "bookings resumed without restarting a replica"
+    );
+    let booked = check_db(&db_path, event_id, &acks);
+    assert!(booked >= 1499, "sold out after recovery ({booked})");
+    for r in &reps {
+        assert_eq!(r.get("/ready").await.status, 200);
+    }
+    all_finalized(&db_path).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn replicas_share_a_hot_event_fairly() {
+    let _serial = SERIAL.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let db_path = dir.path().join("ticket.db");
+    let redis = RedisProc::start().await;
+    let reps = replicas(2, &db_path, &redis, FAST).await;
+    let event_id = reps[0].create_event("Fair", 3000).await;
+    // The same load straight at each replica (no balancer): each must get its share.
+    let (a, _, ta) = hammer(&reps[0], event_id, 32);
+    let (b, _, tb) = hammer(&reps[1], event_id, 32);
+    for t in ta.into_iter().chain(tb) {
+        t.await.unwrap();
+    }
+    let (a, b) = (a.lock().unwrap().len(), b.lock().unwrap().len());
+    let total = a + b;
+    assert!(
+        a * 4 >= total && b * 4 >= total,
+        "each replica sold at least a quarter: {a} vs {b}"
+    );
+    eprintln!("fairness: replica A sold {a} bookings, replica B {b}");
+}
