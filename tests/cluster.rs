@@ -382,3 +382,46 @@ async fn replicas_share_a_hot_event_fairly() {
     );
     eprintln!("fairness: replica A sold {a} bookings, replica B {b}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lease_protocol_on_redis_fences_and_takes_turns() {
+    use ticketd::coord::{RedisLease, RedisLink};
+    let _serial = SERIAL.lock().await;
+    let mut redis = RedisProc::start().await;
+    let lease = RedisLease::new(
+        RedisLink::new(&redis.url()).unwrap(),
+        Duration::from_millis(300),
+    );
+
+    let a = lease.acquire(9, "a", 0).await.unwrap().expect("free lease");
+    assert_eq!(
+        lease.acquire(9, "b", 0).await.unwrap(),
+        None,
+        "held by a; b now waits"
+    );
+    // a comes back for its next batch while b waits: it yields instead of renewing...
+    assert_eq!(lease.acquire(9, "a", 0).await.unwrap(), None);
+    // ...and may not take the free lease ahead of b.
+    assert_eq!(lease.acquire(9, "a", 0).await.unwrap(), None);
+    let b = lease.acquire(9, "b", 0).await.unwrap().expect("b's turn");
+    assert!(b > a, "tokens strictly increase");
+    // a's compare-and-delete cannot remove b's lease.
+    lease.release(9, "a").await.unwrap();
+    assert_eq!(lease.acquire(9, "c", 0).await.unwrap(), None);
+    // Without anyone waiting, the holder renews (consecutive token: its view stays trusted).
+    lease.release(9, "b").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(350)).await; // c's want expires
+    let b1 = lease.acquire(9, "b", 0).await.unwrap().unwrap();
+    let b2 = lease.acquire(9, "b", 0).await.unwrap().unwrap();
+    assert_eq!(b2, b1 + 1);
+    // An expired lease is free for the next one, with a higher token.
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    let c = lease.acquire(9, "c", 0).await.unwrap().unwrap();
+    assert!(c > b2);
+
+    // Redis restarts empty: the counter starts over, the floor (from the database) keeps the
+    // tokens above every token ever written.
+    redis.restart().await;
+    let after = lease.acquire(9, "c", 41).await.unwrap().unwrap();
+    assert_eq!(after, 42);
+}

@@ -122,6 +122,9 @@ impl RedisLease {
         }
     }
 
+    /// Takes or renews the lease. A command lost to a dropped connection (Redis restarted) is
+    /// sent once more on the fresh connection: a second acquire by the same owner only renews,
+    /// so the retry is safe, and it spares the clients a 503 for a reconnect.
     pub async fn acquire(
         &self,
         event: i64,
@@ -129,31 +132,50 @@ impl RedisLease {
         floor: Token,
     ) -> Result<Option<Token>, LeaseError> {
         let (lease, fence, want) = keys(event);
-        let mut c = self.link.conn();
-        let token: i64 = self
-            .acquire
-            .key(lease)
-            .key(fence)
-            .key(want)
-            .arg(owner)
-            .arg(self.ttl_ms)
-            .arg(floor)
-            .invoke_async(&mut c)
-            .await
-            .map_err(unavailable)?;
-        Ok((token > 0).then_some(token))
+        let mut attempt = 0;
+        loop {
+            let mut c = self.link.conn();
+            let res: redis::RedisResult<i64> = self
+                .acquire
+                .key(&lease)
+                .key(&fence)
+                .key(&want)
+                .arg(owner)
+                .arg(self.ttl_ms)
+                .arg(floor)
+                .invoke_async(&mut c)
+                .await;
+            match res {
+                Ok(token) => return Ok((token > 0).then_some(token)),
+                Err(e) if attempt == 0 && reconnectable(&e) => attempt += 1,
+                Err(e) => return Err(unavailable(e)),
+            }
+        }
     }
 
+    /// Compare-and-delete; idempotent, so retried like `acquire`.
     pub async fn release(&self, event: i64, owner: &str) -> Result<(), LeaseError> {
         let (lease, _, _) = keys(event);
-        let mut c = self.link.conn();
-        let _: i64 = self
-            .release
-            .key(lease)
-            .arg(owner)
-            .invoke_async(&mut c)
-            .await
-            .map_err(unavailable)?;
-        Ok(())
+        let mut attempt = 0;
+        loop {
+            let mut c = self.link.conn();
+            let res: redis::RedisResult<i64> = self
+                .release
+                .key(&lease)
+                .arg(owner)
+                .invoke_async(&mut c)
+                .await;
+            match res {
+                Ok(_) => return Ok(()),
+                Err(e) if attempt == 0 && reconnectable(&e) => attempt += 1,
+                Err(e) => return Err(unavailable(e)),
+            }
+        }
     }
+}
+
+/// The connection broke under the command (it was not executed, or executing it twice is
+/// harmless for our scripts): worth one more try on the reconnected link.
+fn reconnectable(e: &redis::RedisError) -> bool {
+    e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal()
 }
