@@ -1,17 +1,17 @@
 # ticketd: the two commands are `make run` (the service) and `make test` (everything CI runs).
 CARGO ?= cargo
 # Debian packages the test suite needs; installed by `make deps` when missing.
-TEST_PACKAGES ?=
+TEST_PACKAGES ?= redis-server nginx wrk docker-compose
 LOOM_TARGET ?= target-loom
 
-.PHONY: run test unit loom deps fmt-check clean-test
+.PHONY: run test unit loom deps fmt-check compose-check cluster test-docker clean-test
 
 ## run: the service in embedded mode on :8000 with ./ticket.db (no Redis needed)
 run:
 	$(CARGO) run --release --bin ticketd
 
-## test: install what is missing, then formatting, unit + black-box tests, loom models
-test: deps fmt-check unit loom
+## test: install what is missing, then formatting, compose files, unit + black-box tests, loom
+test: deps fmt-check compose-check unit loom
 
 unit:
 	$(CARGO) test --workspace --features ticketd/failpoints
@@ -20,6 +20,18 @@ unit:
 loom:
 	RUSTFLAGS="--cfg ticketd_loom" CARGO_TARGET_DIR=$(LOOM_TARGET) LOOM_MAX_PREEMPTIONS=2 \
 		$(CARGO) test -p loom-tests --release
+
+## cluster: redis-server + three replicas + nginx on :8000, without Docker (Ctrl-C stops all)
+cluster: deps
+	./scripts/cluster.sh
+
+## test-docker: the test suite in a container next to a Redis service (needs a Docker engine)
+test-docker:
+	docker-compose -f docker-compose.test.yml run --rm tests
+
+compose-check:
+	docker-compose -f docker-compose.yml config -q
+	docker-compose -f docker-compose.test.yml config -q
 
 fmt-check:
 	$(CARGO) fmt --all -- --check
@@ -30,9 +42,11 @@ deps:
 	if [ -n "$$missing" ]; then \
 		echo "installing:$$missing"; \
 		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
+		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing \
+		|| { $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; }; \
 	fi
 
+## clean-test: remove build and test leftovers
 clean-test:
-	rm -rf $(LOOM_TARGET)
+	rm -rf $(LOOM_TARGET) cluster.db cluster.db-wal cluster.db-shm
 	$(CARGO) clean

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::cluster::{replicas, Nginx, RedisProc};
+use common::cluster::{replicas, AnyRedis, Nginx, RedisProc};
 use common::{booking_sums, count_status, event_counts, open_db, Resp, Target};
 use futures::future::join_all;
 use serde_json::{json, Value};
@@ -140,8 +140,8 @@ async fn three_replicas_three_thousand_clients_five_hundred_seats() {
     let _serial = SERIAL.lock().await;
     let dir = tempfile::tempdir().unwrap();
     let db_path = dir.path().join("ticket.db");
-    let redis = RedisProc::start().await;
-    let reps = replicas(3, &db_path, &redis, FAST).await;
+    let redis = AnyRedis::get().await;
+    let reps = replicas(3, &db_path, &redis.url, FAST).await;
     let lb = Nginx::start(&reps.iter().map(|r| r.port).collect::<Vec<_>>()).await;
     let event_id = lb.create_event("Cluster flash sale", 500).await;
 
@@ -187,7 +187,7 @@ async fn a_replica_sigkilled_mid_sale() {
     let dir = tempfile::tempdir().unwrap();
     let db_path = dir.path().join("ticket.db");
     let redis = RedisProc::start().await;
-    let mut reps = replicas(3, &db_path, &redis, FAST).await;
+    let mut reps = replicas(3, &db_path, &redis.url(), FAST).await;
     let lb = Nginx::start(&reps.iter().map(|r| r.port).collect::<Vec<_>>()).await;
     let event_id = lb.create_event("Kill sale", 1500).await;
     let (acks, _, tasks) = hammer(&lb, event_id, 96);
@@ -210,7 +210,7 @@ async fn a_replica_paused_past_its_lease_then_resumed() {
     let dir = tempfile::tempdir().unwrap();
     let db_path = dir.path().join("ticket.db");
     let redis = RedisProc::start().await;
-    let reps = replicas(3, &db_path, &redis, FAST).await;
+    let reps = replicas(3, &db_path, &redis.url(), FAST).await;
     let lb = Nginx::start(&reps.iter().map(|r| r.port).collect::<Vec<_>>()).await;
     let event_id = lb.create_event("Pause sale", 1500).await;
     let (acks, _, tasks) = hammer(&lb, event_id, 96);
@@ -239,11 +239,11 @@ async fn fencing_refuses_a_holder_whose_lease_expired() {
         ("FAILPOINTS", "writer-before-begin=1*sleep(2500)"),
         ("FINALIZE_DELAY_MS", "50"),
     ];
-    let a = replicas(1, &db_path, &redis, &a_env).await.remove(0);
+    let a = replicas(1, &db_path, &redis.url(), &a_env).await.remove(0);
     let b = replicas(
         1,
         &db_path,
-        &redis,
+        &redis.url(),
         &[("LEASE_TTL_MS", "500"), ("FINALIZE_DELAY_MS", "50")],
     )
     .await
@@ -315,7 +315,7 @@ async fn redis_killed_and_restarted_empty_mid_sale() {
     let dir = tempfile::tempdir().unwrap();
     let db_path = dir.path().join("ticket.db");
     let mut redis = RedisProc::start().await;
-    let reps = replicas(3, &db_path, &redis, FAST).await;
+    let reps = replicas(3, &db_path, &redis.url(), FAST).await;
     let lb = Nginx::start(&reps.iter().map(|r| r.port).collect::<Vec<_>>()).await;
     let event_id = lb.create_event("Redis chaos", 1500).await;
     let (acks, retried, tasks) = hammer(&lb, event_id, 64);
@@ -365,8 +365,8 @@ async fn replicas_share_a_hot_event_fairly() {
     let _serial = SERIAL.lock().await;
     let dir = tempfile::tempdir().unwrap();
     let db_path = dir.path().join("ticket.db");
-    let redis = RedisProc::start().await;
-    let reps = replicas(2, &db_path, &redis, FAST).await;
+    let redis = AnyRedis::get().await;
+    let reps = replicas(2, &db_path, &redis.url, FAST).await;
     let event_id = reps[0].create_event("Fair", 3000).await;
     // The same load straight at each replica (no balancer): each must get its share.
     let (a, _, ta) = hammer(&reps[0], event_id, 32);

@@ -175,9 +175,31 @@ impl Drop for Nginx {
     }
 }
 
+/// A Redis for tests that never kill it: the one named by `TICKETD_TEST_REDIS_URL` (the compose
+/// test run's service) or else a private one.
+pub struct AnyRedis {
+    pub url: String,
+    _own: Option<RedisProc>,
+}
+
+impl AnyRedis {
+    pub async fn get() -> Self {
+        match std::env::var("TICKETD_TEST_REDIS_URL") {
+            Ok(url) if !url.is_empty() => AnyRedis { url, _own: None },
+            _ => {
+                let own = RedisProc::start().await;
+                AnyRedis {
+                    url: own.url(),
+                    _own: Some(own),
+                }
+            }
+        }
+    }
+}
+
 /// Starts `n` replicas in cluster mode on one database file and one Redis.
-pub async fn replicas(n: usize, db: &Path, redis: &RedisProc, env: &[(&str, &str)]) -> Vec<Proc> {
-    let url = redis.url();
+pub async fn replicas(n: usize, db: &Path, redis_url: &str, env: &[(&str, &str)]) -> Vec<Proc> {
+    let url = redis_url.to_string();
     let mut all = Vec::new();
     for _ in 0..n {
         let mut e: Vec<(&str, &str)> = vec![("REDIS_URL", &url)];
