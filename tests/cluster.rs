@@ -425,3 +425,26 @@ async fn lease_protocol_on_redis_fences_and_takes_turns() {
     let after = lease.acquire(9, "c", 41).await.unwrap().unwrap();
     assert_eq!(after, 42);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn replicas_starting_together_on_a_new_file_all_come_up() {
+    let _serial = SERIAL.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let db_path = dir.path().join("fresh.db");
+    let redis = AnyRedis::get().await;
+    let env = [("REDIS_URL", redis.url.as_str())];
+    // Started at the same instant: the migrations must not run twice.
+    let reps = join_all((0..3).map(|_| common::Proc::start(&db_path, &env))).await;
+    for r in &reps {
+        assert_eq!(r.get("/ready").await.status, 200);
+    }
+    let id = reps[0].create_event("Fresh", 3).await;
+    for r in &reps {
+        assert_eq!(
+            r.post("/book", json!({"user_id": 1, "event_id": id}))
+                .await
+                .status,
+            200
+        );
+    }
+}

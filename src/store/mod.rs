@@ -56,7 +56,19 @@ pub fn open_writer(path: &Path) -> Result<Connection, StoreError> {
     // Checkpoints run on their own thread (`Checkpointer`), never inside a commit.
     conn.pragma_update(None, "wal_autocheckpoint", 0)?;
     conn.pragma_update(None, "journal_size_limit", 64 * 1024 * 1024)?;
-    schema::migrations().to_latest(&mut conn)?;
+    // Replicas starting together on a new file would each see version 0 and run the same
+    // migration twice; an exclusive lock on a sidecar file makes them take turns.
+    let lock_path = path.with_extension("migrate-lock");
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .and_then(|f| f.lock().map(|()| f))
+        .map_err(|e| StoreError::Task(format!("{}: {e}", lock_path.display())))?;
+    let migrated = schema::migrations().to_latest(&mut conn);
+    drop(lock);
+    migrated?;
     Ok(conn)
 }
 

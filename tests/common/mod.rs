@@ -244,6 +244,9 @@ impl Proc {
                     return p;
                 }
             }
+            if let Ok(Some(status)) = p.child.try_wait() {
+                panic!("ticketd exited during start: {status}");
+            }
             assert!(Instant::now() < deadline, "ticketd did not come up");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
