@@ -232,7 +232,7 @@ impl Proc {
             cmd.env(k, v);
         }
         let child = cmd.spawn().expect("spawn ticketd");
-        let p = Proc {
+        let mut p = Proc {
             child,
             port,
             client: client(),
