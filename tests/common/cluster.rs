@@ -169,7 +169,17 @@ pub fn nginx_bin() -> PathBuf {
 }
 
 impl Drop for Nginx {
+    /// SIGTERM, so the master stops its worker (a SIGKILLed master leaves it running, holding
+    /// the port); SIGKILL only if it does not go.
     fn drop(&mut self) {
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
