@@ -47,6 +47,18 @@ pub struct Config {
     #[arg(long, env = "FINALIZE_VISIBILITY_MS", value_name = "FINALIZE_VISIBILITY_MS", default_value_t = 30_000,
           value_parser = clap::value_parser!(u64).range(100..=86_400_000))]
     pub finalize_visibility_ms: u64,
+    /// Deliveries of one booking's issuance after which it is parked as a dead letter.
+    #[arg(long, env = "FINALIZE_MAX_DELIVERIES", value_name = "FINALIZE_MAX_DELIVERIES", default_value_t = 5,
+          value_parser = clap::value_parser!(u16).range(1..=1000))]
+    pub finalize_max_deliveries: u16,
+    /// This replica's name (finalize stream consumers are `<REPLICA_ID>-<n>`; keep it stable
+    /// across restarts so a restarted replica resumes its own unacknowledged entries).
+    #[arg(long, env = "REPLICA_ID", value_name = "REPLICA_ID", value_parser = parse_replica_id)]
+    pub replica_id: Option<String>,
+    /// Bearer token for `/admin/*`; unset, the admin endpoints are disabled.
+    #[arg(long, env = "ADMIN_TOKEN", value_name = "ADMIN_TOKEN", hide_env_values = true,
+          value_parser = parse_ticket_key)]
+    pub admin_token: Option<String>,
     /// How often the sweeper looks for PENDING bookings that nobody is issuing.
     #[arg(long, env = "SWEEP_INTERVAL_MS", value_name = "SWEEP_INTERVAL_MS", default_value_t = 10_000,
           value_parser = clap::value_parser!(u64).range(50..=3_600_000))]
@@ -101,6 +113,19 @@ fn parse_redis_url(s: &str) -> Result<String, String> {
     }
 }
 
+fn parse_replica_id(s: &str) -> Result<String, String> {
+    if !s.is_empty()
+        && s.len() <= 64
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
+        Ok(s.to_string())
+    } else {
+        Err("1 to 64 characters of A-Z a-z 0-9 - _".into())
+    }
+}
+
+/// Secrets (TICKET_KEY, ADMIN_TOKEN) must not be guessable.
 fn parse_ticket_key(s: &str) -> Result<String, String> {
     if s.len() < 16 {
         Err("must be at least 16 characters".into())
@@ -146,6 +171,9 @@ impl Config {
             finalizer_workers: 4,
             ticket_key: None,
             lease_ttl_ms: 2000,
+            finalize_max_deliveries: 5,
+            replica_id: None,
+            admin_token: None,
             finalize_visibility_ms: 30_000,
             sweep_interval_ms: 10_000,
             rust_log: "warn".into(),

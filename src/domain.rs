@@ -225,6 +225,26 @@ impl NewBooking {
     }
 }
 
+/// Parses `POST /ticket/verify {code}`: the code as scanned, 1 to 128 characters.
+pub fn parse_ticket_code(body: &Value) -> Result<String, Vec<FieldError>> {
+    let obj = object(body)?;
+    let loc = ["body", "code"];
+    match obj.get("code") {
+        None => Err(vec![FieldError::new("missing", &loc, "Field required")]),
+        Some(Value::String(s)) if !s.is_empty() && s.len() <= 128 => Ok(s.trim().to_string()),
+        Some(Value::String(_)) => Err(vec![FieldError::new(
+            "string_length",
+            &loc,
+            "String should have 1 to 128 characters",
+        )]),
+        Some(_) => Err(vec![FieldError::new(
+            "string_type",
+            &loc,
+            "Input should be a valid string",
+        )]),
+    }
+}
+
 /// Parses an id taken from the path (`/event/{id}`): a decimal integer from 1 to i64::MAX.
 pub fn parse_path_id(raw: &str, name: &str) -> Result<i64, FieldError> {
     let loc = ["path", name];

@@ -12,11 +12,12 @@ use tracing::info;
 use tracing_actix_web::TracingLogger;
 
 use crate::actors::event::EventDeps;
-use crate::actors::finalizer::{FinalizerDeps, FinalizerPool};
+use crate::actors::finalizer::{Finalization, FinalizerDeps, FinalizerPool, Source, READ_BLOCK};
 use crate::actors::{PersistenceActor, Registry};
 use crate::api::{self, AppState};
 use crate::config::{Config, Tuning};
-use crate::coord::{FinalizeQueue, Lease, RedisLease, RedisLink};
+use crate::coord::stream::{Consumer, StreamPusher};
+use crate::coord::{Lease, LocalQueue, Outbox, RedisLease, RedisLink};
 use crate::store::{self, queries, Checkpointer, ReadPool, StoreError};
 use crate::ticket::TicketSigner;
 
@@ -72,14 +73,51 @@ impl Application {
         let reads = ReadPool::open(&path, tuning.read_pool_size).map_err(store_err)?;
         let checkpointer = Checkpointer::start(&path, CHECKPOINT_EVERY).map_err(store_err)?;
 
+        // Cluster mode: one Redis link for the leases, the finalize stream and `/ready`.
+        let redis = match &config.redis_url {
+            None => None,
+            Some(url) => Some(
+                RedisLink::new(url).map_err(|e| StartError::Config(format!("REDIS_URL: {e}")))?,
+            ),
+        };
+        let mode = if redis.is_some() {
+            "cluster"
+        } else {
+            "embedded"
+        };
+        let replica = config.replica_id.clone().unwrap_or_else(random_replica_id);
+
         let workers = usize::from(config.finalizer_workers);
-        let (finalize, lanes) = FinalizeQueue::new(workers, FINALIZE_QUEUE / workers);
-        let persistence = PersistenceActor::start(
-            conn,
-            tuning.writer_queue_limit,
-            tuning.max_group,
-            finalize.clone(),
-        );
+        let max_deliveries = usize::from(config.finalize_max_deliveries);
+        let (outbox, sources, finalization) = match &redis {
+            None => {
+                let (q, lanes) = LocalQueue::new(workers, FINALIZE_QUEUE / workers, max_deliveries);
+                let sources = lanes
+                    .into_iter()
+                    .map(|lane| Source::Lane(q.clone(), lane))
+                    .collect();
+                (Outbox::Local(q.clone()), sources, Finalization::Local(q))
+            }
+            Some(link) => {
+                let pusher = StreamPusher::start(link.clone(), FINALIZE_QUEUE);
+                let sources = (0..workers)
+                    .map(|i| {
+                        Source::Stream(Consumer::new(
+                            link.clone(),
+                            format!("{replica}-{i}"),
+                            READ_BLOCK,
+                        ))
+                    })
+                    .collect();
+                (
+                    Outbox::Stream(pusher),
+                    sources,
+                    Finalization::Stream(link.clone()),
+                )
+            }
+        };
+        let persistence =
+            PersistenceActor::start(conn, tuning.writer_queue_limit, tuning.max_group, outbox);
         let writer = persistence.writer();
 
         let cores = std::thread::available_parallelism()
@@ -89,14 +127,14 @@ impl Application {
         let handles: Vec<ArbiterHandle> = arbiters.iter().map(|a| a.handle()).collect();
         let tuning = Arc::new(tuning);
         let lease_ttl = Duration::from_millis(config.lease_ttl_ms);
-        let (mode, lease, redis) = match &config.redis_url {
-            None => ("embedded", Lease::in_process(lease_ttl), None),
-            Some(url) => {
-                let link = RedisLink::new(url)
-                    .map_err(|e| StartError::Config(format!("REDIS_URL: {e}")))?;
-                let lease = Lease::redis(RedisLease::new(link.clone(), lease_ttl), &replica_id());
-                ("cluster", lease, Some(link))
-            }
+        let lease = match &redis {
+            None => Lease::in_process(lease_ttl),
+            // A fresh nonce per process: a restarted replica never mistakes its predecessor's
+            // lease for its own.
+            Some(link) => Lease::redis(
+                RedisLease::new(link.clone(), lease_ttl),
+                &format!("{replica}-{}", random_replica_id()),
+            ),
         };
         let deps = EventDeps {
             writer: writer.clone(),
@@ -109,23 +147,24 @@ impl Application {
             FinalizerDeps {
                 reads: reads.clone(),
                 writer: writer.clone(),
-                signer,
+                signer: signer.clone(),
                 delay: config.finalize_delay(),
-                queue: finalize.clone(),
                 per_worker: tuning.issuances_per_worker,
+                visibility: Duration::from_millis(config.finalize_visibility_ms),
+                max_deliveries,
             },
-            lanes,
+            sources,
+            finalization.clone(),
             Duration::from_millis(config.sweep_interval_ms),
-            redis
-                .is_some()
-                .then(|| Duration::from_millis(config.finalize_visibility_ms)),
         );
 
         let state = web::Data::new(AppState {
             registry,
             reads,
             writer,
-            finalize,
+            finalize: finalization,
+            signer,
+            admin_token: config.admin_token.clone(),
             mode,
             redis,
         });
@@ -200,8 +239,9 @@ impl Application {
     }
 }
 
-/// A name unique to this process among the replicas (lease owners are `<replica>:<actor>`).
-fn replica_id() -> String {
+/// A name unique to this process: the replica id when none is configured, and the nonce that
+/// makes lease owners (`<replica>-<nonce>:<actor>`) unique per process.
+fn random_replica_id() -> String {
     let mut buf = [0u8; 4];
     let _ = getrandom::fill(&mut buf);
     format!(

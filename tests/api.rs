@@ -114,7 +114,7 @@ async fn event_validation_names_the_field() {
     let r = app.get("/report").await;
     assert_eq!(
         r.body,
-        json!({"total_capacity": 0, "total_reserved": 0, "total_finalized": 0})
+        json!({"total_capacity": 0, "total_reserved": 0, "total_finalized": 0, "dead_letters": 0})
     );
 }
 
@@ -339,7 +339,7 @@ async fn reports_health_and_unknown_routes() {
         (r.status.as_u16(), &r.body),
         (
             200,
-            &json!({"total_capacity": 0, "total_reserved": 0, "total_finalized": 0})
+            &json!({"total_capacity": 0, "total_reserved": 0, "total_finalized": 0, "dead_letters": 0})
         )
     );
     let a = app.create_event("A", 10).await;

@@ -7,7 +7,7 @@ use std::time::Duration;
 use actix::Arbiter;
 use ticketd::actors::event::EventDeps;
 use ticketd::actors::{PersistenceActor, Registry};
-use ticketd::coord::{FinalizeQueue, Lease};
+use ticketd::coord::{Lease, LocalQueue, Outbox};
 use ticketd::store::{self, ReadPool};
 use ticketd::Tuning;
 
@@ -17,8 +17,8 @@ fn concurrent_first_requests_spawn_one_actor_and_retire_is_generation_checked() 
     let path = dir.path().join("t.db");
     actix::System::new().block_on(async move {
         let conn = store::open_writer(&path).unwrap();
-        let (queue, _lanes) = FinalizeQueue::new(1, 16);
-        let persistence = PersistenceActor::start(conn, 16, 16, queue);
+        let (queue, _lanes) = LocalQueue::new(1, 16, 5);
+        let persistence = PersistenceActor::start(conn, 16, 16, Outbox::Local(queue));
         let arbiter = Arbiter::new();
         let deps = EventDeps {
             writer: persistence.writer(),

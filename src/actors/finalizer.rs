@@ -1,29 +1,34 @@
 //! The finalizer pool: issues the ticket of every committed booking, exactly once in effect.
 //!
-//! `FINALIZER_WORKERS` actors each take booking ids from their lane of the finalization queue and
-//! issue them concurrently (up to `issuances_per_worker` at once): the simulated delivery
-//! (`FINALIZE_DELAY_MS`) is awaited, never slept on a thread, so one pool overlaps hundreds of
-//! issuances where the old Celery workers did one each.
+//! `FINALIZER_WORKERS` actors per replica take booking ids from the queue (embedded: their lane
+//! of the in-process queue; cluster: the Redis Stream, as consumers of one group) and issue them
+//! concurrently, up to `issuances_per_worker` each: the simulated delivery (`FINALIZE_DELAY_MS`)
+//! is awaited, never slept on a thread, so one pool overlaps hundreds of issuances where the old
+//! Celery workers did one each.
 //!
 //! Issuing is idempotent: the code is a pure function of the booking, and the store's update
-//! only moves PENDING to FINALIZED. A duplicate delivery (the sweeper and the writer both
-//! pushing, a restart mid-issuance) therefore changes nothing. The sweeper re-queues PENDING
-//! bookings that are not in flight: after a restart, after a full queue, after a failed write.
+//! only moves PENDING to FINALIZED. So duplicates (a redelivery, the sweeper and the writer both
+//! pushing, a restart mid-issuance) change nothing, and the queue can be at-least-once.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use tokio::sync::{mpsc, Semaphore};
 use tracing::{debug, info, warn};
 
 use super::persistence::Writer;
-use crate::coord::FinalizeQueue;
+use crate::coord::stream::{self, Consumer, Entry};
+use crate::coord::{LocalQueue, RedisLink};
 use crate::store::{queries, ReadPool, StoreError};
 use crate::ticket::{TicketFacts, TicketSigner};
 
 /// Bookings read per page while sweeping.
 const SWEEP_PAGE: usize = 1000;
+/// How long a stream consumer waits for new entries per read.
+pub const READ_BLOCK: Duration = Duration::from_millis(1000);
+/// Entries read (or reclaimed) at once by one stream consumer.
+const READ_COUNT: usize = 128;
 
 /// What every finalizer needs.
 #[derive(Clone)]
@@ -32,47 +37,186 @@ pub struct FinalizerDeps {
     pub writer: Writer,
     pub signer: TicketSigner,
     pub delay: Duration,
-    pub queue: FinalizeQueue,
     pub per_worker: usize,
+    /// Cluster mode: an entry idle this long is taken over by another consumer.
+    pub visibility: Duration,
+    /// Deliveries after which an entry is dead-lettered.
+    pub max_deliveries: usize,
 }
 
-/// One finalizer actor, consuming one lane of the queue.
+/// The queue behind the pool, as the rest of the service sees it (`/report`, replay).
+#[derive(Clone)]
+pub enum Finalization {
+    Local(LocalQueue),
+    Stream(RedisLink),
+}
+
+impl Finalization {
+    pub async fn dead_letters(&self) -> Result<u64, String> {
+        match self {
+            Finalization::Local(q) => Ok(q.dead_letters()),
+            Finalization::Stream(link) => stream::dead_letters(&link.conn())
+                .await
+                .map_err(|e| e.to_string()),
+        }
+    }
+
+    /// Sends every dead letter back for issuance; returns how many.
+    pub async fn replay(&self) -> Result<u64, String> {
+        match self {
+            Finalization::Local(q) => Ok(q.replay()),
+            Finalization::Stream(link) => stream::replay(&link.conn())
+                .await
+                .map_err(|e| e.to_string()),
+        }
+    }
+
+    /// Issuances queued or under way in this replica (embedded mode; the stream keeps its own).
+    pub fn in_flight(&self) -> Option<usize> {
+        match self {
+            Finalization::Local(q) => Some(q.in_flight()),
+            Finalization::Stream(_) => None,
+        }
+    }
+}
+
+/// Where one finalizer actor gets its work.
+pub enum Source {
+    Lane(LocalQueue, mpsc::Receiver<i64>),
+    Stream(Consumer),
+}
+
+/// One finalizer actor.
 pub struct FinalizerActor {
-    id: usize,
     deps: FinalizerDeps,
-    lane: Option<mpsc::Receiver<i64>>,
+    source: Option<Source>,
 }
 
 impl Actor for FinalizerActor {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
-        let Some(mut lane) = self.lane.take() else {
-            return;
-        };
         let deps = self.deps.clone();
-        let permits = Arc::new(Semaphore::new(deps.per_worker.max(1)));
-        let worker = self.id;
-        ctx.spawn(
-            async move {
-                while let Some(booking_id) = lane.recv().await {
-                    let Ok(permit) = permits.clone().acquire_owned().await else { break };
-                    let deps = deps.clone();
-                    actix::spawn(async move {
-                        if let Err(e) = issue(&deps, booking_id).await {
-                            warn!(worker, booking_id, error = %e, "issuance failed; the sweeper retries");
-                        }
-                        deps.queue.done(booking_id);
-                        drop(permit);
-                    });
+        match self.source.take() {
+            Some(Source::Lane(queue, lane)) => {
+                ctx.spawn(run_lane(deps, queue, lane).into_actor(self));
+            }
+            Some(Source::Stream(consumer)) => {
+                ctx.spawn(run_stream(deps, consumer).into_actor(self));
+            }
+            None => {}
+        }
+    }
+}
+
+/// Embedded mode: issue what arrives on this actor's lane.
+async fn run_lane(deps: FinalizerDeps, queue: LocalQueue, mut lane: mpsc::Receiver<i64>) {
+    let permits = Arc::new(Semaphore::new(deps.per_worker.max(1)));
+    while let Some(booking_id) = lane.recv().await {
+        let Ok(permit) = permits.clone().acquire_owned().await else {
+            break;
+        };
+        let (deps, queue) = (deps.clone(), queue.clone());
+        actix::spawn(async move {
+            match issue(&deps, booking_id).await {
+                Ok(()) => queue.done(booking_id),
+                Err(e) => {
+                    warn!(booking_id, error = %e, "issuance failed; the sweeper retries");
+                    queue.failed(booking_id);
                 }
             }
-            .into_actor(self),
-        );
+            drop(permit);
+        });
+    }
+}
+
+/// Cluster mode: one consumer of the stream's group. First its own pending entries (delivered
+/// before a restart, never acknowledged), then new entries, and now and then the stalled entries
+/// of dead consumers.
+async fn run_stream(deps: FinalizerDeps, mut consumer: Consumer) {
+    let link = consumer.link().clone();
+    let permits = Arc::new(Semaphore::new(deps.per_worker.max(1)));
+    while let Err(e) = stream::ensure_group(&link.conn()).await {
+        warn!(error = %e, "finalize stream unavailable; retrying");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let spawn_all = |entries: Vec<Entry>| {
+        for entry in entries {
+            let (deps, link, permits) = (deps.clone(), link.clone(), permits.clone());
+            actix::spawn(async move {
+                let Ok(_permit) = permits.acquire_owned().await else {
+                    return;
+                };
+                handle_entry(&deps, &link, entry).await;
+            });
+        }
+    };
+    // Own pending entries first: they were ours when this consumer last stopped.
+    let mut after = "0".to_string();
+    loop {
+        match consumer.read(Some(&after), READ_COUNT).await {
+            Ok(entries) if entries.is_empty() => break,
+            Ok(entries) => {
+                if let Some(last) = entries.last() {
+                    after = last.id.clone();
+                }
+                info!(consumer = %consumer.name, n = entries.len(), "resuming own pending entries");
+                spawn_all(entries);
+            }
+            Err(e) => {
+                warn!(error = %e, "reading own pending entries failed; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    }
+    let mut last_reclaim = Instant::now();
+    loop {
+        if last_reclaim.elapsed() >= deps.visibility / 2 {
+            last_reclaim = Instant::now();
+            match stream::reclaim(
+                &link.conn(),
+                &consumer.name,
+                deps.visibility,
+                deps.max_deliveries,
+                READ_COUNT,
+            )
+            .await
+            {
+                Ok(entries) => spawn_all(entries),
+                Err(e) => warn!(error = %e, "reclaim failed"),
+            }
+        }
+        match consumer.read(None, READ_COUNT).await {
+            Ok(entries) => spawn_all(entries),
+            Err(e) => {
+                debug!(error = %e, "stream read failed; retrying");
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        }
+    }
+}
+
+/// Issues one stream entry and acknowledges it. An entry that fails stays unacknowledged: it is
+/// reclaimed after the visibility timeout and dead-lettered after too many deliveries.
+async fn handle_entry(deps: &FinalizerDeps, link: &RedisLink, entry: Entry) {
+    let Some(booking_id) = entry.booking else {
+        warn!(entry = %entry.id, "unreadable finalize entry; it will be dead-lettered");
+        return;
+    };
+    if let Err(e) = issue(deps, booking_id).await {
+        warn!(booking_id, entry = %entry.id, error = %e, "issuance failed; the entry will be redelivered");
+        return;
+    }
+    // A crash here (played by the failpoint) leaves an issued booking unacknowledged: its
+    // redelivery finds it FINALIZED and only acknowledges it.
+    fail::fail_point!("finalize-before-ack", |_| {});
+    if let Err(e) = stream::ack(&link.conn(), &entry.id).await {
+        warn!(booking_id, entry = %entry.id, error = %e, "ack failed; the entry will be redelivered");
     }
 }
 
 /// Issues one ticket: sign, deliver (the simulated delay), then mark FINALIZED with the code.
+/// A booking that is missing or no longer PENDING needs nothing (a duplicate delivery).
 async fn issue(deps: &FinalizerDeps, booking_id: i64) -> Result<(), StoreError> {
     let Some(b) = deps
         .reads
@@ -82,7 +226,7 @@ async fn issue(deps: &FinalizerDeps, booking_id: i64) -> Result<(), StoreError> 
         return Ok(());
     };
     if b.status != "PENDING" {
-        return Ok(()); // already issued (a duplicate delivery) or cancelled
+        return Ok(());
     }
     let code = deps.signer.sign(&TicketFacts {
         booking_id: b.id,
@@ -91,43 +235,41 @@ async fn issue(deps: &FinalizerDeps, booking_id: i64) -> Result<(), StoreError> 
         quantity: b.quantity,
     });
     tokio::time::sleep(deps.delay).await;
+    fail::fail_point!("finalize-issue", |_| Err(StoreError::Task(
+        "failpoint finalize-issue".into()
+    )));
     let changed = deps.writer.finalize(booking_id, code).await?;
     debug!(booking_id, changed, "ticket issued");
     Ok(())
 }
 
-/// The running pool: its actors and its sweeper.
+/// The running pool.
 pub struct FinalizerPool {
     workers: Vec<Addr<FinalizerActor>>,
 }
 
 impl FinalizerPool {
-    /// Starts one actor per lane and the sweeper (which runs once at once: the restart pickup).
-    ///
-    /// `min_age`: in cluster mode every replica sweeps the shared outbox, so a sweeper only takes
-    /// bookings older than the visibility timeout (their own replica had its chance); embedded,
-    /// everything PENDING and not in flight here is fair game.
+    /// Starts one actor per source and the sweeper, which runs at once (the restart pickup) and
+    /// then every `sweep_every`.
     pub fn start(
         deps: FinalizerDeps,
-        lanes: Vec<mpsc::Receiver<i64>>,
+        sources: Vec<Source>,
+        queue: Finalization,
         sweep_every: Duration,
-        min_age: Option<Duration>,
     ) -> Self {
-        let workers = lanes
+        let workers = sources
             .into_iter()
-            .enumerate()
-            .map(|(id, lane)| {
+            .map(|source| {
                 FinalizerActor {
-                    id,
                     deps: deps.clone(),
-                    lane: Some(lane),
+                    source: Some(source),
                 }
                 .start()
             })
             .collect();
         actix::spawn(async move {
             loop {
-                match sweep(&deps, min_age).await {
+                match sweep(&deps, &queue).await {
                     Ok(0) => {}
                     Ok(n) => info!(requeued = n, "sweeper re-queued PENDING bookings"),
                     Err(e) => warn!(error = %e, "sweep failed"),
@@ -143,28 +285,55 @@ impl FinalizerPool {
     }
 }
 
-/// Queues every PENDING booking that is not already on its way; returns how many.
-async fn sweep(deps: &FinalizerDeps, min_age: Option<Duration>) -> Result<usize, StoreError> {
-    let before = min_age.map(|age| {
-        let age = chrono::Duration::from_std(age).unwrap_or_default();
-        queries::db_timestamp(chrono::Utc::now() - age)
-    });
+/// Re-queues PENDING bookings that are not on their way; returns how many.
+///
+/// Embedded: every PENDING booking not queued or in flight here (and not dead-lettered).
+/// Cluster: every PENDING booking older than the visibility timeout that has no entry in the
+/// stream (never pushed: a crash between commit and push; or lost: Redis restarted empty) and
+/// is not dead-lettered. Bookings whose entry exists are the consumers' and reclaim's business.
+async fn sweep(deps: &FinalizerDeps, queue: &Finalization) -> Result<usize, String> {
+    let (before, skip) = match queue {
+        Finalization::Local(_) => (None, Default::default()),
+        Finalization::Stream(link) => {
+            let age = chrono::Duration::from_std(deps.visibility).unwrap_or_default();
+            let before = queries::db_timestamp(chrono::Utc::now() - age);
+            let conn = link.conn();
+            let mut skip: std::collections::HashSet<i64> =
+                stream::queued_ids(&conn).await.map_err(|e| e.to_string())?;
+            skip.extend(stream::dead_ids(&conn).await.map_err(|e| e.to_string())?);
+            (Some(before), skip)
+        }
+    };
     let mut after = 0;
     let mut queued = 0;
     loop {
-        let before = before.clone();
+        let b = before.clone();
         let ids = deps
             .reads
-            .read(move |c| queries::pending_ids(c, after, before.as_deref(), SWEEP_PAGE))
-            .await?;
+            .read(move |c| queries::pending_ids(c, after, b.as_deref(), SWEEP_PAGE))
+            .await
+            .map_err(|e| e.to_string())?;
         let Some(&last) = ids.last() else {
             return Ok(queued);
         };
         after = last;
-        for id in ids {
-            if !deps.queue.is_tracked(id) {
-                deps.queue.push(id);
-                queued += 1;
+        match queue {
+            Finalization::Local(q) => {
+                for id in ids {
+                    if !q.is_tracked(id) {
+                        q.push(id);
+                        queued += 1;
+                    }
+                }
+            }
+            Finalization::Stream(link) => {
+                let missing: Vec<i64> = ids.into_iter().filter(|id| !skip.contains(id)).collect();
+                if !missing.is_empty() {
+                    stream::push_now(&link.conn(), &missing)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    queued += missing.len();
+                }
             }
         }
     }

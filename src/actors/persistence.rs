@@ -17,7 +17,7 @@ use rusqlite::{Connection, TransactionBehavior};
 use tokio::sync::oneshot;
 use tracing::{debug, error, info_span, warn};
 
-use crate::coord::FinalizeQueue;
+use crate::coord::Outbox;
 use crate::handoff::{Refused, WriteQueue};
 use crate::store::queries::{self, Refusal};
 use crate::store::{EventRow, StoreError};
@@ -180,12 +180,7 @@ pub struct PersistenceActor {
 
 impl PersistenceActor {
     /// Starts the writer thread on an opened, migrated connection.
-    pub fn start(
-        conn: Connection,
-        queue_limit: usize,
-        max_group: usize,
-        finalize: FinalizeQueue,
-    ) -> Self {
+    pub fn start(conn: Connection, queue_limit: usize, max_group: usize, finalize: Outbox) -> Self {
         let queue = Arc::new(WriteQueue::new(queue_limit));
         let refusals = std::sync::Arc::new(AtomicU64::new(0));
         let (q, r) = (queue.clone(), refusals.clone());
@@ -234,7 +229,7 @@ fn run(
     mut conn: Connection,
     queue: &WriteQueue<WriteOp>,
     max_group: usize,
-    finalize: &FinalizeQueue,
+    finalize: &Outbox,
     refusals: &AtomicU64,
 ) {
     let _guard = CloseOnExit(queue);
@@ -242,6 +237,15 @@ fn run(
         commit_group(&mut conn, group, finalize, refusals);
     }
     debug!("writer drained and stopped");
+}
+
+/// Hands committed bookings to the finalizers. A crash right here (the failpoint plays one)
+/// leaves them PENDING and unpushed: the sweeper finds them.
+fn push_committed(outbox: &Outbox, ids: &[i64]) {
+    fail::fail_point!("finalize-before-push", |_| {});
+    for id in ids {
+        outbox.push(*id);
+    }
 }
 
 /// An op applied inside the open transaction, waiting for COMMIT before anyone is answered.
@@ -267,7 +271,7 @@ const BEGIN_RETRIES: u32 = 3;
 fn commit_group(
     conn: &mut Connection,
     group: Vec<WriteOp>,
-    finalize: &FinalizeQueue,
+    finalize: &Outbox,
     refusals: &AtomicU64,
 ) {
     let started = Instant::now();
@@ -339,6 +343,7 @@ fn commit_group(
 
     // Committed: from here on every answer is a promise kept.
     let mut bookings = 0usize;
+    let mut committed = Vec::new();
     for a in applied {
         match a {
             Applied::Event(reply, row) => {
@@ -356,9 +361,8 @@ fn commit_group(
                 bookings += booked.len();
                 for (req, b) in booked {
                     seats += b.quantity;
-                    let id = b.id;
+                    committed.push(b.id);
                     let _ = req.reply.send(Ok(b));
-                    finalize.push(id);
                 }
                 let _ = batch_done.send(BatchOutcome::Committed {
                     seats,
@@ -378,6 +382,7 @@ fn commit_group(
             Applied::Error(op, e) => op.fail(&e),
         }
     }
+    push_committed(finalize, &committed);
     let us = started.elapsed().as_micros() as u64;
     span.record("bookings", bookings);
     span.record("duration_us", us);

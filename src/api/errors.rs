@@ -28,6 +28,10 @@ pub enum ApiError {
     NoRoute,
     #[error("Method Not Allowed")]
     MethodNotAllowed,
+    #[error("Not authenticated")]
+    Unauthorized,
+    #[error("{0}")]
+    Forbidden(String),
     #[error("{0}")]
     SoldOut(String),
     #[error("Too many requests for this event; retry shortly")]
@@ -82,6 +86,8 @@ impl ResponseError for ApiError {
                 StatusCode::NOT_FOUND
             }
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::SoldOut(_) => StatusCode::CONFLICT,
             ApiError::Overloaded | ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -92,6 +98,9 @@ impl ResponseError for ApiError {
         let mut res = HttpResponse::build(self.status_code());
         if self.status_code() == StatusCode::SERVICE_UNAVAILABLE {
             res.insert_header((header::RETRY_AFTER, RETRY_AFTER_SECS));
+        }
+        if let ApiError::Unauthorized = self {
+            res.insert_header((header::WWW_AUTHENTICATE, "Bearer"));
         }
         let body = match self {
             ApiError::Validation(errors) => json!({ "detail": errors }),

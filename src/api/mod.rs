@@ -1,21 +1,25 @@
 //! HTTP routes: parse and validate, then hand over to the actors or the read pool.
 //! One file per resource; errors map to status codes in `errors`.
 
+pub mod admin;
 pub mod body;
 pub mod bookings;
 pub mod errors;
 pub mod events;
 pub mod health;
 pub mod reports;
+pub mod tickets;
 
 use std::sync::Arc;
 
 use actix_web::{web, HttpResponse};
 
+use crate::actors::finalizer::Finalization;
 use crate::actors::{Registry, Writer};
-use crate::coord::{FinalizeQueue, RedisLink};
+use crate::coord::RedisLink;
 use crate::domain::parse_path_id;
 use crate::store::ReadPool;
+use crate::ticket::TicketSigner;
 pub use errors::ApiError;
 
 /// What the routes share.
@@ -23,7 +27,10 @@ pub struct AppState {
     pub registry: Arc<Registry>,
     pub reads: ReadPool,
     pub writer: Writer,
-    pub finalize: FinalizeQueue,
+    pub finalize: Finalization,
+    pub signer: TicketSigner,
+    /// `/admin/*` is enabled only with a token.
+    pub admin_token: Option<String>,
     /// `"embedded"` or `"cluster"`.
     pub mode: &'static str,
     /// Cluster mode's Redis (for `/ready`).
@@ -54,6 +61,8 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .service(resource("/book/{id}").route(web::get().to(bookings::get)))
         .service(resource("/report").route(web::get().to(reports::report)))
         .service(resource("/report/event/{id}").route(web::get().to(events::stats)))
+        .service(resource("/ticket/verify").route(web::post().to(tickets::verify)))
+        .service(resource("/admin/finalizer/replay").route(web::post().to(admin::replay)))
         .service(resource("/health").route(web::get().to(health::health)))
         .service(resource("/ready").route(web::get().to(health::ready)))
         .default_service(web::to(no_route));

@@ -5,7 +5,8 @@
 pub mod lease;
 pub mod queue;
 pub mod redis;
+pub mod stream;
 
 pub use lease::{Lease, LeaseError, LeaseTable};
-pub use queue::FinalizeQueue;
+pub use queue::{LocalQueue, Outbox};
 pub use redis::{RedisLease, RedisLink};

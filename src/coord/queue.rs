@@ -1,43 +1,77 @@
-//! The in-process finalization queue of the embedded mode.
+//! The outbox's delivery side: how committed booking ids reach the finalizers.
 //!
 //! Bookings are the outbox: a PENDING row is the durable record that a ticket is owed, and the
-//! sweeper re-queues any PENDING booking that is not in flight. This queue is therefore allowed
-//! to be small and lossy: when it is full a push is dropped (and found again by the sweeper)
-//! instead of growing without bound. `tracked` holds the ids queued or being issued, so the
-//! sweeper does not queue what is already on its way.
-
-use dashmap::DashSet;
-use tokio::sync::mpsc;
+//! sweeper re-queues PENDING bookings that are not on their way. The queues here may therefore be
+//! bounded and lossy: a push that does not fit is dropped and found again by the sweeper.
+//!
+//! Embedded mode uses `LocalQueue` (in-process lanes, one per finalizer actor); cluster mode a
+//! Redis Stream (`super::stream`). `Outbox` is what the writer pushes to after each commit.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-/// The producer side, shared by the writer (after each commit) and the sweeper.
+use dashmap::{DashMap, DashSet};
+use tokio::sync::mpsc;
+use tracing::warn;
+
+use super::stream::StreamPusher;
+
+/// Where the writer sends committed booking ids.
 #[derive(Clone)]
-pub struct FinalizeQueue {
+pub enum Outbox {
+    Local(LocalQueue),
+    Stream(StreamPusher),
+}
+
+impl Outbox {
+    /// Never blocks: callable from the writer thread.
+    pub fn push(&self, booking_id: i64) {
+        match self {
+            Outbox::Local(q) => q.push(booking_id),
+            Outbox::Stream(p) => {
+                p.push(booking_id);
+            }
+        }
+    }
+}
+
+/// The in-process queue of the embedded mode, with its own dead letters: a booking whose
+/// issuance failed `max_deliveries` times is parked (not swept again) until replayed.
+#[derive(Clone)]
+pub struct LocalQueue {
     lanes: Arc<Vec<mpsc::Sender<i64>>>,
+    /// Ids queued or being issued, so the sweeper does not queue them twice.
     tracked: Arc<DashSet<i64>>,
+    failures: Arc<DashMap<i64, usize>>,
+    dead: Arc<DashSet<i64>>,
+    max_deliveries: usize,
     dropped: Arc<AtomicUsize>,
 }
 
-impl FinalizeQueue {
+impl LocalQueue {
     /// A queue with `lanes` consumers (one per finalizer actor), each holding up to `per_lane`.
-    pub fn new(lanes: usize, per_lane: usize) -> (Self, Vec<mpsc::Receiver<i64>>) {
+    pub fn new(
+        lanes: usize,
+        per_lane: usize,
+        max_deliveries: usize,
+    ) -> (Self, Vec<mpsc::Receiver<i64>>) {
         let (txs, rxs): (Vec<_>, Vec<_>) = (0..lanes.max(1))
             .map(|_| mpsc::channel(per_lane.max(1)))
             .unzip();
-        let q = FinalizeQueue {
+        let q = LocalQueue {
             lanes: Arc::new(txs),
-            tracked: Arc::new(DashSet::new()),
-            dropped: Arc::new(AtomicUsize::new(0)),
+            tracked: Arc::default(),
+            failures: Arc::default(),
+            dead: Arc::default(),
+            max_deliveries: max_deliveries.max(1),
+            dropped: Arc::default(),
         };
         (q, rxs)
     }
 
-    /// Queues a booking for issuance unless it is already queued or in flight. Never blocks:
-    /// callable from the writer thread.
+    /// Queues a booking for issuance unless it is queued, in flight or dead-lettered.
     pub fn push(&self, booking_id: i64) {
-        if !self.tracked.insert(booking_id) {
+        if self.dead.contains(&booking_id) || !self.tracked.insert(booking_id) {
             return;
         }
         let lane = &self.lanes[(booking_id.unsigned_abs() % self.lanes.len() as u64) as usize];
@@ -47,8 +81,24 @@ impl FinalizeQueue {
         }
     }
 
-    /// The booking left the pipeline (issued, or failed and left for the sweeper).
+    /// The booking was issued (or needs no issuing).
     pub fn done(&self, booking_id: i64) {
+        self.failures.remove(&booking_id);
+        self.tracked.remove(&booking_id);
+    }
+
+    /// An issuance failed: the sweeper retries it, unless it failed too often.
+    pub fn failed(&self, booking_id: i64) {
+        let n = {
+            let mut f = self.failures.entry(booking_id).or_insert(0);
+            *f += 1;
+            *f
+        };
+        if n >= self.max_deliveries {
+            warn!(booking_id, deliveries = n, "booking dead-lettered");
+            self.failures.remove(&booking_id);
+            self.dead.insert(booking_id);
+        }
         self.tracked.remove(&booking_id);
     }
 
@@ -56,9 +106,22 @@ impl FinalizeQueue {
         self.tracked.contains(&booking_id)
     }
 
-    /// Bookings queued or being issued right now.
     pub fn in_flight(&self) -> usize {
         self.tracked.len()
+    }
+
+    pub fn dead_letters(&self) -> u64 {
+        self.dead.len() as u64
+    }
+
+    /// Moves every dead letter back into the queue; returns how many.
+    pub fn replay(&self) -> u64 {
+        let ids: Vec<i64> = self.dead.iter().map(|r| *r).collect();
+        for id in &ids {
+            self.dead.remove(id);
+            self.push(*id);
+        }
+        ids.len() as u64
     }
 
     /// Pushes dropped because a lane was full (the sweeper picks them up).

@@ -59,6 +59,7 @@ return 0
 /// serves reads while Redis is down, and bookings resume when it is back, without a restart.
 #[derive(Clone)]
 pub struct RedisLink {
+    client: redis::Client,
     conn: ConnectionManager,
 }
 
@@ -71,9 +72,14 @@ impl RedisLink {
             .set_response_timeout(Some(RESPONSE_TIMEOUT))
             .set_number_of_retries(2)
             .set_max_delay(Duration::from_millis(200));
-        let conn =
-            ConnectionManager::new_lazy_with_config(client, config).map_err(|e| e.to_string())?;
-        Ok(RedisLink { conn })
+        let conn = ConnectionManager::new_lazy_with_config(client.clone(), config)
+            .map_err(|e| e.to_string())?;
+        Ok(RedisLink { client, conn })
+    }
+
+    /// The client, for a dedicated connection (blocking reads).
+    pub fn client(&self) -> &redis::Client {
+        &self.client
     }
 
     /// A handle for one command (cheap: the connection is multiplexed).
