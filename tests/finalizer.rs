@@ -1,0 +1,496 @@
+//! The finalizer: every committed booking ends FINALIZED exactly once with one code, whatever
+//! fails — failpoints after commit, during issuance and before the ack; a replica killed with
+//! unacknowledged entries; Redis restarted empty mid-issuance; poison entries; and codes that
+//! verify only when genuine.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::Duration;
+
+use common::cluster::{replicas, RedisProc};
+use common::{count_status, open_db, Proc, Target};
+use serde_json::{json, Value};
+
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+const ADMIN: &str = "admin-token-0123456789";
+
+/// Settings that make redelivery and sweeping quick enough for a test.
+fn quick<'a>(extra: &[(&'a str, &'a str)]) -> Vec<(&'a str, &'a str)> {
+    let mut v = vec![
+        ("FINALIZE_DELAY_MS", "20"),
+        ("FINALIZE_VISIBILITY_MS", "600"),
+        ("SWEEP_INTERVAL_MS", "200"),
+        ("FINALIZE_MAX_DELIVERIES", "3"),
+        ("ADMIN_TOKEN", ADMIN),
+    ];
+    v.extend_from_slice(extra);
+    v
+}
+
+async fn book_many(target: &impl Target, event_id: i64, n: i64) -> Vec<i64> {
+    let mut ids = Vec::new();
+    for u in 0..n {
+        let r = target
+            .post(
+                "/book",
+                json!({"user_id": u + 1, "event_id": event_id, "quantity": 1 + u % 2}),
+            )
+            .await;
+        assert_eq!(r.status, 200, "{:?}", r.body);
+        ids.push(r.body["id"].as_i64().unwrap());
+    }
+    ids
+}
+
+fn codes(db_path: &Path) -> HashMap<i64, String> {
+    let db = open_db(db_path);
+    let mut st = db
+        .prepare("SELECT id, ticket_code FROM bookings WHERE status = 'FINALIZED'")
+        .unwrap();
+    st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect()
+}
+
+/// All bookings FINALIZED, each seat counted once, each code genuine.
+async fn all_issued_once(db_path: &Path, timeout: Duration) {
+    let db = open_db(db_path);
+    assert!(
+        common::eventually(timeout, || count_status(&db, "PENDING") == 0).await,
+        "every booking ends FINALIZED ({} still PENDING)",
+        count_status(&db, "PENDING")
+    );
+    let (fin, booked, issued_seats): (i64, i64, i64) = db
+        .query_row(
+            "SELECT (SELECT SUM(finalized_count) FROM events), (SELECT SUM(booked_count) FROM events),
+                    (SELECT SUM(quantity) FROM bookings WHERE status = 'FINALIZED')",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .unwrap();
+    assert_eq!(
+        (fin, issued_seats),
+        (booked, booked),
+        "each seat issued exactly once"
+    );
+    let signer = ticketd::ticket::TicketSigner::new(common::TEST_KEY.as_bytes());
+    let mut st = db
+        .prepare("SELECT id, event_id, user_id, quantity, ticket_code FROM bookings")
+        .unwrap();
+    for row in st
+        .query_map([], |r| {
+            Ok((
+                ticketd::ticket::TicketFacts {
+                    booking_id: r.get(0)?,
+                    event_id: r.get(1)?,
+                    user_id: r.get(2)?,
+                    quantity: r.get(3)?,
+                },
+                r.get::<_, String>(4)?,
+            ))
+        })
+        .unwrap()
+    {
+        let (facts, code) = row.unwrap();
+        assert!(
+            signer.verify(&code, &facts),
+            "booking {} has its genuine code",
+            facts.booking_id
+        );
+    }
+}
+
+async fn redis_conn(redis: &RedisProc) -> redis::aio::MultiplexedConnection {
+    redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap()
+}
+
+/// Entries in the stream and entries delivered but not acknowledged.
+async fn stream_state(redis: &RedisProc) -> (u64, u64) {
+    let mut c = redis_conn(redis).await;
+    let len: u64 = redis::cmd("XLEN")
+        .arg("ticketd:finalize")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let summary: redis::Value = redis::cmd("XPENDING")
+        .arg("ticketd:finalize")
+        .arg("finalizers")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let pending = match summary {
+        redis::Value::Array(a) => match a.first() {
+            Some(redis::Value::Int(n)) => *n as u64,
+            _ => 0,
+        },
+        _ => 0,
+    };
+    (len, pending)
+}
+
+/// Waits until nothing is queued or pending in the stream.
+async fn stream_drains(redis: &RedisProc) {
+    let mut state = (0, 0);
+    for _ in 0..100 {
+        state = stream_state(redis).await;
+        if state == (0, 0) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the stream still holds entries (len, pending) = {state:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn never_pushed_bookings_are_found_by_the_sweeper_in_both_modes() {
+    let _serial = SERIAL.lock().await;
+    // Every push after commit is lost (the failpoint plays a crash between commit and push).
+    for cluster in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("t.db");
+        let redis = RedisProc::start().await;
+        let env = quick(&[("FAILPOINTS", "finalize-before-push=return")]);
+        let p = if cluster {
+            replicas(1, &db, &redis.url(), &env).await.remove(0)
+        } else {
+            Proc::start(&db, &env).await
+        };
+        let event = p.create_event("Outbox", 100).await;
+        book_many(&p, event, 30).await;
+        all_issued_once(&db, Duration::from_secs(30)).await;
+        if cluster {
+            stream_drains(&redis).await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn failed_issuances_are_redelivered_and_issued_once() {
+    let _serial = SERIAL.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("t.db");
+    let redis = RedisProc::start().await;
+    // The first 10 issuances fail after the delivery delay, before the write.
+    let env = quick(&[
+        ("FAILPOINTS", "finalize-issue=10*return"),
+        ("FINALIZE_MAX_DELIVERIES", "5"),
+    ]);
+    let p = replicas(1, &db, &redis.url(), &env).await.remove(0);
+    let event = p.create_event("Flaky mail", 100).await;
+    book_many(&p, event, 20).await;
+    all_issued_once(&db, Duration::from_secs(30)).await;
+    assert_eq!(p.get("/report").await.body["dead_letters"], 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_crash_before_the_ack_redelivers_without_reissuing() {
+    let _serial = SERIAL.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("t.db");
+    let redis = RedisProc::start().await;
+    let env = quick(&[
+        ("FAILPOINTS", "finalize-before-ack=10*return"),
+        ("FINALIZE_MAX_DELIVERIES", "5"),
+    ]);
+    let p = replicas(1, &db, &redis.url(), &env).await.remove(0);
+    let event = p.create_event("Lost acks", 100).await;
+    book_many(&p, event, 20).await;
+    all_issued_once(&db, Duration::from_secs(30)).await;
+    let first = codes(&db);
+    // The unacknowledged entries come back after the visibility timeout, find their bookings
+    // FINALIZED, and are only acknowledged: same codes, same counters.
+    stream_drains(&redis).await;
+    assert_eq!(codes(&db), first, "redelivery never changes a code");
+    all_issued_once(&db, Duration::from_secs(1)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_killed_replicas_unacknowledged_entries_are_reclaimed() {
+    let _serial = SERIAL.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("t.db");
+    let redis = RedisProc::start().await;
+    // Slow delivery: the victim holds its entries, unacknowledged, when it dies.
+    let slow = [
+        ("FINALIZE_DELAY_MS", "2000"),
+        ("FINALIZE_VISIBILITY_MS", "3000"),
+        ("SWEEP_INTERVAL_MS", "500"),
+    ];
+    let victim = replicas(
+        1,
+        &db,
+        &redis.url(),
+        &[slow.as_slice(), &[("REPLICA_ID", "victim")]].concat(),
+    )
+    .await
+    .remove(0);
+    let event = victim.create_event("Reclaim", 500).await;
+    book_many(&victim, event, 60).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut c = redis_conn(&redis).await;
+    let summary: redis::Value = redis::cmd("XPENDING")
+        .arg("ticketd:finalize")
+        .arg("finalizers")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert!(
+        format!("{summary:?}").contains("victim-"),
+        "the victim's consumers hold entries: {summary:?}"
+    );
+    victim.signal(libc::SIGKILL);
+    victim.wait().await;
+    assert!(
+        count_status(&open_db(&db), "PENDING") > 0,
+        "killed mid-issuance"
+    );
+
+    let _survivor = replicas(
+        1,
+        &db,
+        &redis.url(),
+        &[slow.as_slice(), &[("REPLICA_ID", "survivor")]].concat(),
+    )
+    .await;
+    all_issued_once(&db, Duration::from_secs(30)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redis_restarted_empty_mid_issuance() {
+    let _serial = SERIAL.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("t.db");
+    let mut redis = RedisProc::start().await;
+    let env = [
+        ("FINALIZE_DELAY_MS", "1500"),
+        ("FINALIZE_VISIBILITY_MS", "2000"),
+        ("SWEEP_INTERVAL_MS", "300"),
+    ];
+    let reps = replicas(2, &db, &redis.url(), &env).await;
+    let event = reps[0].create_event("Amnesia", 500).await;
+    book_many(&reps[0], event, 40).await;
+    book_many(&reps[1], event, 40).await;
+    // Every entry (queued or delivered) vanishes with Redis.
+    redis.restart().await;
+    all_issued_once(&db, Duration::from_secs(40)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn poison_entries_are_dead_lettered_counted_and_replayable() {
+    let _serial = SERIAL.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("t.db");
+    let redis = RedisProc::start().await;
+    // Every issuance fails on this replica: its booking's entry is poison here.
+    let env = quick(&[
+        ("FAILPOINTS", "finalize-issue=return"),
+        ("FINALIZE_MAX_DELIVERIES", "2"),
+    ]);
+    let sick = replicas(1, &db, &redis.url(), &env).await.remove(0);
+    let event = sick.create_event("Poison", 10).await;
+    let ids = book_many(&sick, event, 1).await;
+    // And an entry nobody can read.
+    let mut c = redis_conn(&redis).await;
+    let _: String = redis::cmd("XADD")
+        .arg("ticketd:finalize")
+        .arg("*")
+        .arg("booking")
+        .arg("garbage")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+
+    let mut dead = Value::Null;
+    for _ in 0..100 {
+        dead = sick.get("/report").await.body["dead_letters"].clone();
+        if dead == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        dead, 2,
+        "both entries reach the dead-letter stream after 2 deliveries"
+    );
+    // Parked means parked: the sweeper does not push the booking again.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(sick.get("/report").await.body["dead_letters"], 2);
+    assert_eq!(count_status(&open_db(&db), "PENDING"), 1);
+    let len: u64 = redis::cmd("XLEN")
+        .arg("ticketd:finalize")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(len, 0);
+
+    // The operator fixes the cause (a healthy replica) and replays.
+    drop(sick);
+    let healthy = replicas(
+        1,
+        &db,
+        &redis.url(),
+        &quick(&[("FINALIZE_MAX_DELIVERIES", "2")]),
+    )
+    .await
+    .remove(0);
+    let r = common::send(
+        healthy
+            .client
+            .post(format!("{}/admin/finalizer/replay", healthy.base())),
+    )
+    .await;
+    assert_eq!(r.status, 401, "a token is required");
+    let r = common::send(
+        healthy
+            .client
+            .post(format!("{}/admin/finalizer/replay", healthy.base()))
+            .bearer_auth("wrong-token-0123456789"),
+    )
+    .await;
+    assert_eq!(r.status, 403);
+    let r = common::send(
+        healthy
+            .client
+            .post(format!("{}/admin/finalizer/replay", healthy.base()))
+            .bearer_auth(ADMIN),
+    )
+    .await;
+    assert_eq!((r.status.as_u16(), &r.body), (200, &json!({"replayed": 2})));
+    all_issued_once(&db, Duration::from_secs(20)).await;
+    let b = healthy.get(&format!("/book/{}", ids[0])).await.body;
+    assert_eq!(b["status"], "FINALIZED");
+    // The unreadable entry is still poison: back in the dead letters, counted again.
+    let mut dead = Value::Null;
+    for _ in 0..100 {
+        dead = healthy.get("/report").await.body["dead_letters"].clone();
+        if dead == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(dead, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn embedded_dead_letters_and_replay() {
+    let _serial = SERIAL.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("t.db");
+    let env = quick(&[
+        ("FAILPOINTS", "finalize-issue=3*return"),
+        ("FINALIZE_MAX_DELIVERIES", "3"),
+    ]);
+    let p = Proc::start(&db, &env).await;
+    let event = p.create_event("Embedded poison", 10).await;
+    book_many(&p, event, 1).await;
+    let mut dead = Value::Null;
+    for _ in 0..100 {
+        dead = p.get("/report").await.body["dead_letters"].clone();
+        if dead == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(dead, 1, "three failed deliveries park the booking");
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(
+        count_status(&open_db(&db), "PENDING"),
+        1,
+        "parked, not retried"
+    );
+    let r = common::send(
+        p.client
+            .post(format!("{}/admin/finalizer/replay", p.base()))
+            .bearer_auth(ADMIN),
+    )
+    .await;
+    assert_eq!(r.body, json!({"replayed": 1}));
+    all_issued_once(&db, Duration::from_secs(20)).await;
+    assert_eq!(p.get("/report").await.body["dead_letters"], 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn ticket_verification() {
+    let app = common::TestApp::spawn_with(|c, _| c.finalize_delay_ms = 10);
+    let event = app.create_event("Door", 10).await;
+    let ids = book_many(&app, event, 2).await;
+    all_issued_once(&app.db_path, Duration::from_secs(20)).await;
+    let code = app.get(&format!("/book/{}", ids[0])).await.body["ticket_code"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    let r = app.post("/ticket/verify", json!({"code": code})).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body["valid"], true);
+    assert_eq!(
+        (r.body["booking_id"].as_i64(), r.body["event_id"].as_i64()),
+        (Some(ids[0]), Some(event))
+    );
+
+    // Every single-character change is refused.
+    let alphabet: Vec<char> = "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567".chars().collect();
+    let chars: Vec<char> = code.chars().collect();
+    for i in 0..chars.len() {
+        let mut altered = chars.clone();
+        altered[i] = alphabet.iter().copied().find(|c| *c != chars[i]).unwrap();
+        let altered: String = altered.into_iter().collect();
+        let r = app.post("/ticket/verify", json!({"code": altered})).await;
+        assert_eq!(
+            (r.status.as_u16(), &r.body["valid"]),
+            (200, &json!(false)),
+            "{altered}"
+        );
+    }
+    // Another booking's id with this MAC, a made-up MAC, nonsense: refused.
+    let other = code.replacen(&format!("TK-{}-", ids[0]), &format!("TK-{}-", ids[1]), 1);
+    for forged in [
+        other,
+        format!("TK-{}-AAAAAAAAAAAAAAAAAAAAAAAAAA", ids[0]),
+        "hello".into(),
+    ] {
+        assert_eq!(
+            app.post("/ticket/verify", json!({"code": forged}))
+                .await
+                .body["valid"],
+            false
+        );
+    }
+    // A cancelled booking's code is refused.
+    open_db(&app.db_path)
+        .execute(
+            "UPDATE bookings SET status = 'CANCELLED' WHERE id = ?1",
+            [ids[0]],
+        )
+        .unwrap();
+    let r = app.post("/ticket/verify", json!({"code": code})).await;
+    assert_eq!(
+        (r.body["valid"].clone(), r.body["detail"].clone()),
+        (json!(false), json!("The booking was cancelled"))
+    );
+    // Malformed requests are 422.
+    for bad in [
+        json!({}),
+        json!({"code": 5}),
+        json!({"code": ""}),
+        json!({"code": "x".repeat(500)}),
+    ] {
+        assert_eq!(app.post("/ticket/verify", bad).await.status, 422);
+    }
+    // Admin endpoints are off without ADMIN_TOKEN.
+    let r = common::send(
+        app.client
+            .post(format!("{}/admin/finalizer/replay", app.base()))
+            .bearer_auth(ADMIN),
+    )
+    .await;
+    assert_eq!(r.status, 403);
+}
