@@ -7,7 +7,8 @@
 //!      in memory, hands it to the writer, answers after the commit
 //!   -> PersistenceActor: the one SQLite writer; group-commits batches of many events in one
 //!      transaction; the fenced conditional update refuses any oversell
-//!   -> FinalizeQueue -> FinalizerPool: signs each ticket, awaits delivery, marks FINALIZED once
+//!   -> Outbox (in-process or Redis Stream) -> FinalizerPool: signs each ticket, awaits delivery,
+//!      marks FINALIZED once, acknowledges; a sweeper re-queues what never arrived
 //! Reads (stats, reports, GET /book/{id}) go through a pool of read-only WAL connections.
 //! ```
 //!
