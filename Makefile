@@ -4,7 +4,7 @@ CARGO ?= cargo
 TEST_PACKAGES ?= redis-server nginx wrk docker-compose
 LOOM_TARGET ?= target-loom
 
-.PHONY: run test unit loom deps fmt-check compose-check cluster test-docker clean-test
+.PHONY: run test unit loom loom-mutants deps fmt-check compose-check cluster test-docker clean-test
 
 ## run: the service in embedded mode on :8000 with ./ticket.db (no Redis needed)
 run:
@@ -32,6 +32,10 @@ test-docker:
 compose-check:
 	docker-compose -f docker-compose.yml config -q
 	docker-compose -f docker-compose.test.yml config -q
+
+## loom-mutants: put one deliberate bug per model into src/, require each model to fail, restore
+loom-mutants:
+	python3 scripts/loom-mutants.py
 
 fmt-check:
 	$(CARGO) fmt --all -- --check

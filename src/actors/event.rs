@@ -10,7 +10,6 @@
 //! reloaded under the new lease first. The fenced update in the store checks again regardless.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
@@ -22,6 +21,7 @@ use super::persistence::{BatchOutcome, BookError, SeatBatch, SeatRequest, WriteO
 use super::registry::Registry;
 use crate::config::Tuning;
 use crate::coord::lease::{Lease, LeaseError, Token};
+use crate::slots::SoldOut;
 use crate::store::{queries, EventRow, ReadPool, StoreError};
 
 /// Times a batch may be refused by the fence in a row before its clients get 503.
@@ -77,7 +77,7 @@ pub struct EventActor {
     generation: u64,
     registry: Weak<Registry>,
     deps: EventDeps,
-    sold_out: Arc<AtomicBool>,
+    sold_out: Arc<SoldOut>,
     view: Option<View>,
     /// The lease token under which `view` was last known exact.
     view_token: Option<Token>,
@@ -97,7 +97,7 @@ impl EventActor {
         generation: u64,
         registry: Weak<Registry>,
         deps: EventDeps,
-        sold_out: Arc<AtomicBool>,
+        sold_out: Arc<SoldOut>,
     ) -> Self {
         EventActor {
             id,
@@ -205,7 +205,7 @@ impl EventActor {
         });
         self.floor = self.floor.max(row.fence);
         if row.booked_count >= row.capacity {
-            self.sold_out.store(true, Ordering::Release);
+            self.sold_out.mark();
         }
     }
 
@@ -323,7 +323,7 @@ impl EventActor {
         self.busy = false;
         self.idle_since = Instant::now();
         if self.view.is_some_and(|v| v.sold_out()) {
-            self.sold_out.store(true, Ordering::Release);
+            self.sold_out.mark();
         }
         if self.queue.is_empty() {
             self.release_lease(ctx);
@@ -394,7 +394,7 @@ impl Handler<Book> for EventActor {
     type Result = ();
 
     fn handle(&mut self, Book(req): Book, ctx: &mut Self::Context) {
-        if self.sold_out.load(Ordering::Acquire) {
+        if self.sold_out.is_sold_out() {
             let _ = req.reply.send(Err(BookError::SoldOut { remaining: 0 }));
             return;
         }

@@ -1,22 +1,21 @@
 //! The registry: finds or spawns the one event actor of an event.
 //!
-//! `get_or_spawn` decides under the DashMap shard lock (the entry API), so two first requests for
-//! a new event can never create two actors. Every actor carries a generation number; an actor
-//! that stops removes its entry only if the entry still carries its generation, so an exiting
-//! actor never removes a successor that replaced it.
+//! The bookkeeping is `crate::slots::Slots` (a DashMap keyed by event id): `get_or_spawn` decides
+//! under the key's lock, so two first requests for a new event can never create two actors.
+//! Every actor carries a generation number; an actor that stops removes its entry only if the
+//! entry still carries its generation, so an exiting actor never removes a successor that
+//! replaced it. `loom-tests` checks both against every interleaving.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use actix::dev::SendError;
 use actix::prelude::*;
-use dashmap::mapref::entry::Entry as MapEntry;
-use dashmap::DashMap;
 use tokio::sync::oneshot;
 
 use super::event::{Book, EventActor, EventDeps};
 use super::persistence::{BookError, Booked, SeatRequest};
 use crate::domain::NewBooking;
+use crate::slots::{Slots, SoldOut};
 
 /// Times a booking is re-routed when its actor stopped before reading it.
 const MAX_REROUTES: usize = 4;
@@ -27,12 +26,18 @@ pub struct Entry {
     pub generation: u64,
     pub addr: Addr<EventActor>,
     /// Set by the actor once the event is sold out: routes answer 409 without a message.
-    pub sold_out: Arc<AtomicBool>,
+    pub sold_out: Arc<SoldOut>,
+}
+
+/// The live actor's address and flag, as kept in the slots.
+#[derive(Clone)]
+struct Live {
+    addr: Addr<EventActor>,
+    sold_out: Arc<SoldOut>,
 }
 
 pub struct Registry {
-    map: DashMap<i64, Entry>,
-    next_generation: AtomicU64,
+    slots: Slots<Live>,
     deps: EventDeps,
     arbiters: Vec<ArbiterHandle>,
 }
@@ -41,8 +46,7 @@ impl Registry {
     /// A registry spawning actors round the given arbiters (by event id).
     pub fn new(deps: EventDeps, arbiters: Vec<ArbiterHandle>) -> Arc<Self> {
         Arc::new(Registry {
-            map: DashMap::new(),
-            next_generation: AtomicU64::new(1),
+            slots: Slots::new(),
             deps,
             arbiters,
         })
@@ -50,50 +54,41 @@ impl Registry {
 
     /// The live actor of `event_id`, spawned if there is none.
     pub fn get_or_spawn(self: &Arc<Self>, event_id: i64) -> Entry {
-        if let Some(e) = self.map.get(&event_id) {
-            return e.clone();
-        }
-        match self.map.entry(event_id) {
-            MapEntry::Occupied(e) => e.get().clone(),
-            MapEntry::Vacant(v) => {
-                let generation = self.next_generation.fetch_add(1, Ordering::Relaxed);
-                let sold_out = Arc::new(AtomicBool::new(false));
-                let (weak, deps, flag) =
-                    (Arc::downgrade(self), self.deps.clone(), sold_out.clone());
-                let cap = self.deps.tuning.event_queue_limit;
-                let make = move |ctx: &mut Context<EventActor>| {
-                    ctx.set_mailbox_capacity(cap);
-                    EventActor::new(event_id, generation, weak, deps, flag)
-                };
-                let addr = if self.arbiters.is_empty() {
-                    EventActor::create(make)
-                } else {
-                    let i = (event_id.unsigned_abs() % self.arbiters.len() as u64) as usize;
-                    EventActor::start_in_arbiter(&self.arbiters[i], make)
-                };
-                v.insert(Entry {
-                    generation,
-                    addr,
-                    sold_out,
-                })
-                .clone()
-            }
+        let slot = self.slots.get_or_create(event_id, |generation| {
+            let sold_out = Arc::new(SoldOut::new());
+            let (weak, deps, flag) = (Arc::downgrade(self), self.deps.clone(), sold_out.clone());
+            let cap = self.deps.tuning.event_queue_limit;
+            let make = move |ctx: &mut Context<EventActor>| {
+                ctx.set_mailbox_capacity(cap);
+                EventActor::new(event_id, generation, weak, deps, flag)
+            };
+            let addr = if self.arbiters.is_empty() {
+                EventActor::create(make)
+            } else {
+                let i = (event_id.unsigned_abs() % self.arbiters.len() as u64) as usize;
+                EventActor::start_in_arbiter(&self.arbiters[i], make)
+            };
+            Live { addr, sold_out }
+        });
+        Entry {
+            generation: slot.generation,
+            addr: slot.value.addr,
+            sold_out: slot.value.sold_out,
         }
     }
 
     /// Removes the entry of `event_id` if it still belongs to actor `generation`.
     pub fn retire(&self, event_id: i64, generation: u64) {
-        self.map
-            .remove_if(&event_id, |_, e| e.generation == generation);
+        self.slots.remove_if_generation(event_id, generation);
     }
 
     /// Live event actors.
     pub fn len(&self) -> usize {
-        self.map.len()
+        self.slots.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.map.is_empty()
+        self.slots.is_empty()
     }
 
     /// Books through the event's actor. A request its actor never read (the actor passivated
@@ -102,7 +97,7 @@ impl Registry {
         let event_id = nb.event_id.0;
         for _ in 0..MAX_REROUTES {
             let entry = self.get_or_spawn(event_id);
-            if entry.sold_out.load(Ordering::Acquire) {
+            if entry.sold_out.is_sold_out() {
                 return Err(BookError::SoldOut { remaining: 0 });
             }
             let (reply, rx) = oneshot::channel();
