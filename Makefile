@@ -4,7 +4,7 @@ CARGO ?= cargo
 TEST_PACKAGES ?= redis-server nginx wrk docker-compose
 LOOM_TARGET ?= target-loom
 
-.PHONY: run test unit loom loom-mutants deps fmt-check compose-check cluster test-docker clean-test
+.PHONY: run test bench unit loom loom-mutants deps fmt-check compose-check cluster test-docker clean-test
 
 ## run: the service in embedded mode on :8000 with ./ticket.db (no Redis needed)
 run:
@@ -20,6 +20,11 @@ unit:
 loom:
 	RUSTFLAGS="--cfg ticketd_loom" CARGO_TARGET_DIR=$(LOOM_TARGET) LOOM_MAX_PREEMPTIONS=2 \
 		$(CARGO) test -p loom-tests --release
+
+## bench: release build, then the flash-sale scenarios with wrk (bench/results.json, a table)
+bench: deps
+	$(CARGO) build --release --bin ticketd
+	python3 scripts/bench.py
 
 ## cluster: redis-server + three replicas + nginx on :8000, without Docker (Ctrl-C stops all)
 cluster: deps

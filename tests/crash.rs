@@ -117,7 +117,7 @@ async fn sigkill_mid_sale_loses_no_acknowledged_booking() {
     let db_path = dir.path().join("ticket.db");
     // Issuance is slow here, so the kill finds bookings both issued and not yet issued.
     let p = Proc::start(&db_path, &[("FINALIZE_DELAY_MS", "300")]).await;
-    let event_id = p.create_event("Crash sale", 3_000).await;
+    let event_id = p.create_event("Crash sale", 1_000_000).await;
     let stop = Arc::new(AtomicBool::new(false));
     let (acks, _, tasks) = hammer(&p, event_id, 48, stop.clone());
     wait_for_acks(&acks, 300).await;

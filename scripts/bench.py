@@ -1,0 +1,355 @@
+#!/usr/bin/env python3
+"""`make bench`: flash-sale benchmarks of the release binary with wrk on loopback.
+
+Every number is reported next to scenario 1 (`GET /health` of the same binary, in the same run):
+this machine is shared and noisy, and the ceiling of what HTTP carries here moves with it.
+Prints a markdown table and writes bench/results.json. Nothing here is a test: no threshold
+fails the run; the targets are printed beside the measurements.
+"""
+import json, os, re, shutil, signal, socket, sqlite3, subprocess, sys, tempfile, time
+import urllib.request
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.path.join(ROOT, "target", "release", "ticketd")
+WRK_DIR = os.path.join(ROOT, "bench", "wrk")
+SECONDS = int(os.environ.get("BENCH_SECONDS", "10"))
+CONNS = int(os.environ.get("BENCH_CONNECTIONS", "64"))
+THREADS = 2
+ONLY = set(filter(None, os.environ.get("BENCH_ONLY", "").split(",")))
+
+procs = []
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def http(method, url, body=None, timeout=30):
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, json.loads(r.read() or b"null")
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"null")
+
+
+def wait_http(url, timeout=30):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if http("GET", url, timeout=2)[0] == 200:
+                return
+        except Exception:
+            pass
+        time.sleep(0.05)
+    raise RuntimeError(f"{url} did not come up")
+
+
+class Ticketd:
+    def __init__(self, db, **env):
+        self.port = free_port()
+        e = dict(os.environ, PORT=str(self.port), DATABASE_URL=f"sqlite://{db}", RUST_LOG="warn",
+                 TICKET_KEY="bench-ticket-key-0123456789")
+        e.update({k: str(v) for k, v in env.items()})
+        self.proc = subprocess.Popen([BIN], env=e, stdout=subprocess.DEVNULL)
+        procs.append(self.proc)
+        self.url = f"http://127.0.0.1:{self.port}"
+        wait_http(self.url + "/health")
+
+    def status(self, field):
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024.0  # MiB
+        return 0.0
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+def create_event(url, capacity, title="Bench"):
+    status, body = http("POST", url + "/event", {"title": title, "capacity": capacity})
+    assert status == 200, body
+    return body["id"]
+
+
+def wrk(url, script, seconds=SECONDS, conns=CONNS, **env):
+    e = dict(os.environ, WRK_DIR=WRK_DIR, WRK_THREADS=str(THREADS))
+    e.update({k: str(v) for k, v in env.items()})
+    out = subprocess.run(
+        ["wrk", "-t", str(THREADS), "-c", str(conns), "-d", f"{seconds}s", "--timeout", "10s",
+         "-s", os.path.join(WRK_DIR, script), url],
+        env=e, capture_output=True, text=True, check=True).stdout
+    m = re.search(r"WRKJSON (\{.*\})", out)
+    r = json.loads(m.group(1))
+    r["rps"] = r["requests"] / (r["duration_us"] / 1e6)
+    r["errors"] = r["connect_errors"] + r["read_errors"] + r["write_errors"] + r["timeouts"]
+    return r
+
+
+def db_counts(db, event_id=None):
+    c = sqlite3.connect(db, timeout=30)
+    try:
+        if event_id is None:
+            return c.execute("SELECT COALESCE(SUM(booked_count),0), COALESCE(SUM(capacity),0), "
+                             "COALESCE(SUM(finalized_count),0) FROM events").fetchone()
+        return c.execute("SELECT booked_count, capacity, finalized_count FROM events WHERE id=?",
+                         (event_id,)).fetchone()
+    finally:
+        c.close()
+
+
+def rows(db, event_id):
+    c = sqlite3.connect(db, timeout=30)
+    try:
+        return c.execute("SELECT COALESCE(SUM(quantity),0), COUNT(*) FROM bookings WHERE event_id=?",
+                         (event_id,)).fetchone()
+    finally:
+        c.close()
+
+
+def wait_finalized(db, total, timeout):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        c = sqlite3.connect(db, timeout=30)
+        done = c.execute("SELECT COUNT(*) FROM bookings WHERE status='FINALIZED'").fetchone()[0]
+        c.close()
+        if done >= total:
+            return time.time()
+        time.sleep(0.05)
+    return None
+
+
+def nginx_conf(run, listen, upstreams):
+    servers = "".join(f"    server 127.0.0.1:{p} max_fails=0;\n" for p in upstreams)
+    user = "user root;\n" if os.geteuid() == 0 else ""
+    return (f"{user}worker_processes 1;\ndaemon off;\npid {run}/nginx.pid;\nerror_log {run}/error.log error;\n"
+            f"worker_rlimit_nofile 20000;\nevents {{ worker_connections 16000; }}\n"
+            f"http {{\n  access_log off;\n  client_body_temp_path {run}/body;\n  proxy_temp_path {run}/proxy;\n"
+            f"  fastcgi_temp_path {run}/fcgi;\n  uwsgi_temp_path {run}/uwsgi;\n  scgi_temp_path {run}/scgi;\n"
+            f"  upstream ticketd {{\n{servers}    keepalive 512;\n  }}\n"
+            f"  server {{\n    listen 127.0.0.1:{listen} backlog=8192;\n    location / {{\n"
+            f"      proxy_pass http://ticketd;\n      proxy_http_version 1.1;\n"
+            f"      proxy_set_header Connection \"\";\n      proxy_next_upstream error timeout;\n    }}\n  }}\n}}\n")
+
+
+def main():
+    if not os.path.exists(BIN):
+        sys.exit("build first: cargo build --release")
+    tmp = tempfile.mkdtemp(prefix="ticketd-bench-")
+    results = {"machine": machine(), "seconds": SECONDS, "connections": CONNS, "scenarios": {}}
+    S = results["scenarios"]
+    try:
+        db = os.path.join(tmp, "one.db")
+        one = Ticketd(db, FINALIZE_DELAY_MS=5000)
+        if not ONLY or "1" in ONLY:
+            print("1. ceiling: GET /health", flush=True)
+            S["1_ceiling"] = wrk(one.url, "health.lua")
+        ceiling = S.get("1_ceiling", {}).get("rps") or 1.0
+
+        if not ONLY or "2" in ONLY:
+            print("2. hot event", flush=True)
+            ev = create_event(one.url, 1_000_000_000)
+            r = wrk(one.url, "book.lua", EVENT_ID=ev)
+            booked, cap, _ = db_counts(db, ev)
+            r.update(booked=booked, rows=rows(db, ev)[1], ratio=r["rps"] / ceiling)
+            S["2_hot_event"] = r
+
+        if not ONLY or "3" in ONLY:
+            print("3. sold-out flood", flush=True)
+            ev = create_event(one.url, 1)
+            http("POST", one.url + "/book", {"user_id": 1, "event_id": ev})
+            r = wrk(one.url, "book.lua", EVENT_ID=ev)
+            r.update(ratio=r["rps"] / ceiling, booked=db_counts(db, ev)[0])
+            S["3_sold_out"] = r
+
+        if not ONLY or "4" in ONLY:
+            print("4. spread over 10,000 events", flush=True)
+            first = create_events_fast(one.url, 10_000, 1_000_000)
+            r = wrk(one.url, "spread.lua", EVENT_MIN=first, EVENT_MAX=first + 9_999)
+            r.update(ratio=r["rps"] / ceiling)
+            S["4_spread"] = r
+        one.stop()
+
+        if not ONLY or "5" in ONLY:
+            print("5. cluster: redis + 3 replicas + nginx, one hot event", flush=True)
+            S["5_cluster"] = cluster(tmp, ceiling)
+
+        if not ONLY or "6" in ONLY:
+            print("6. issuance", flush=True)
+            S["6_issuance"] = issuance(tmp)
+
+        if not ONLY or "7" in ONLY:
+            print("7. memory: 100,000 events", flush=True)
+            S["7_memory"] = memory(tmp)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+        shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(os.path.join(ROOT, "bench"), exist_ok=True)
+    with open(os.path.join(ROOT, "bench", "results.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    print(table(results))
+
+
+def create_events_fast(url, n, capacity):
+    """Creates n events through the API, 16 requests at a time; returns the first id."""
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(16) as pool:
+        ids = list(pool.map(lambda i: create_event(url, capacity, f"Spread {i}"), range(n)))
+    assert ids == list(range(ids[0], ids[0] + n)), "ids are consecutive"
+    return ids[0]
+
+
+def cluster(tmp, ceiling):
+    db = os.path.join(tmp, "cluster.db")
+    rport = free_port()
+    procs.append(subprocess.Popen(["redis-server", "--port", str(rport), "--bind", "127.0.0.1", "--save", "",
+                                   "--appendonly", "no", "--loglevel", "warning"], stdout=subprocess.DEVNULL))
+    time.sleep(0.3)
+    reps = [Ticketd(db, REDIS_URL=f"redis://127.0.0.1:{rport}/", FINALIZE_DELAY_MS=5000, REPLICA_ID=f"r{i}")
+            for i in range(3)]
+    run = os.path.join(tmp, "nginx")
+    os.makedirs(run)
+    port = free_port()
+    with open(os.path.join(run, "nginx.conf"), "w") as f:
+        f.write(nginx_conf(run, port, [r.port for r in reps]))
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    ng = subprocess.Popen([nginx, "-p", run, "-c", os.path.join(run, "nginx.conf"), "-e", "stderr"])
+    procs.append(ng)
+    url = f"http://127.0.0.1:{port}"
+    wait_http(url + "/health")
+    cap = 10_000_000
+    ev = create_event(url, cap)
+    r = wrk(url, "book.lua", EVENT_ID=ev)
+    booked, capacity, _ = db_counts(db, ev)
+    seats, nrows = rows(db, ev)
+    r.update(ratio=r["rps"] / ceiling, booked=booked, capacity=capacity, rows=nrows,
+             oversold=booked > capacity or seats != booked)
+    ng.send_signal(signal.SIGTERM)
+    for rep in reps:
+        rep.stop()
+    return r
+
+
+def issuance(tmp):
+    out = {}
+    # a) 50,000 bookings made while issuance is parked (a very long delivery), then a restart
+    # with zero delay: the pickup sweep plus issuance, measured alone.
+    db = os.path.join(tmp, "issue.db")
+    s = Ticketd(db, FINALIZE_DELAY_MS=3_600_000)
+    ev = create_event(s.url, 50_000)
+    wrk(s.url, "book.lua", seconds=30, EVENT_ID=ev)
+    booked = db_counts(db, ev)[0]
+    s.stop()
+    t0 = time.time()
+    s = Ticketd(db, FINALIZE_DELAY_MS=0)
+    t1 = wait_finalized(db, booked, 300)
+    out["zero_delay"] = {"bookings": booked, "seconds": t1 - t0 if t1 else None,
+                         "tickets_per_s": booked / (t1 - t0) if t1 else 0}
+    s.stop()
+    # b) 2,000 bookings with the default 5,000 ms delivery: from the first booking to the last ticket.
+    db = os.path.join(tmp, "issue5s.db")
+    s = Ticketd(db)
+    ev = create_event(s.url, 2_000)
+    t0 = time.time()
+    wrk(s.url, "book.lua", seconds=2, EVENT_ID=ev)
+    booked = db_counts(db, ev)[0]
+    t1 = wait_finalized(db, booked, 120)
+    out["default_delay"] = {"bookings": booked, "seconds": t1 - t0 if t1 else None}
+    s.stop()
+    return out
+
+
+def memory(tmp):
+    db = os.path.join(tmp, "mem.db")
+    s = Ticketd(db, FINALIZE_DELAY_MS=0)
+    s.stop()
+    c = sqlite3.connect(db)
+    c.executemany("INSERT INTO events (title, capacity, booked_count) VALUES (?, 1000, 0)",
+                  ((f"Mem {i}",) for i in range(100_000)))
+    c.commit()
+    first = c.execute("SELECT MIN(id) FROM events").fetchone()[0]
+    c.close()
+    s = Ticketd(db, FINALIZE_DELAY_MS=0)
+    base = s.status("VmRSS")
+    r = wrk(s.url, "sweep.lua", seconds=max(SECONDS, 20), EVENT_MIN=first, EVENT_MAX=first + 99_999)
+    c = sqlite3.connect(db)
+    touched = c.execute("SELECT COUNT(DISTINCT event_id) FROM bookings").fetchone()[0]
+    c.close()
+    peak = s.status("VmHWM")
+    actors = http("GET", s.url + "/ready")[1]["event_actors"]
+    deadline = time.time() + 120
+    while time.time() < deadline and http("GET", s.url + "/ready")[1]["event_actors"] > 0:
+        time.sleep(1)
+    after = s.status("VmRSS")
+    left = http("GET", s.url + "/ready")[1]["event_actors"]
+    s.stop()
+    return {"rss_start_mib": base, "events_booked": touched, "actors_live": actors, "peak_rss_mib": peak,
+            "rss_after_passivation_mib": after, "actors_after": left, "booking_rps": r["rps"]}
+
+
+def machine():
+    cpu = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), "")
+    except OSError:
+        pass
+    return {"cpus": os.cpu_count(), "cpu": cpu, "kernel": os.uname().release,
+            "wrk": "wrk -t%d -c%d -d%ds (loopback, same machine)" % (THREADS, CONNS, SECONDS)}
+
+
+def table(res):
+    S = res["scenarios"]
+    def ms(us):
+        return f"{us / 1000:.2f} ms"
+    lines = ["| scenario | result | ratio to ceiling | p99 | target |", "|---|---|---|---|---|"]
+    if "1_ceiling" in S:
+        r = S["1_ceiling"]
+        lines.append(f"| 1 ceiling: GET /health | {r['rps']:.0f} req/s | 100 % | {ms(r['p99_us'])} | |")
+    if "2_hot_event" in S:
+        r = S["2_hot_event"]
+        lines.append(f"| 2 hot event: POST /book | {r['rps']:.0f} bookings/s, {r['status_errors']} non-200, "
+                     f"{r['errors']} errors; {r['rows']} rows | {100 * r['ratio']:.0f} % | {ms(r['p99_us'])} "
+                     f"| ≥ 40 %, p99 ≤ 10 ms, 0 errors |")
+    if "3_sold_out" in S:
+        r = S["3_sold_out"]
+        lines.append(f"| 3 sold-out flood (409s) | {r['rps']:.0f} req/s; {r['booked']} seat sold | "
+                     f"{100 * r['ratio']:.0f} % | {ms(r['p99_us'])} | ≥ 70 % |")
+    if "4_spread" in S:
+        r = S["4_spread"]
+        lines.append(f"| 4 spread over 10,000 events | {r['rps']:.0f} bookings/s | {100 * r['ratio']:.0f} % | "
+                     f"{ms(r['p99_us'])} | ≥ 30 % |")
+    if "5_cluster" in S:
+        r = S["5_cluster"]
+        lines.append(f"| 5 cluster: 3 replicas + nginx + Redis | {r['rps']:.0f} bookings/s; booked {r['booked']} = "
+                     f"{r['rows']} rows, oversold: {'YES' if r['oversold'] else 'no'} | {100 * r['ratio']:.0f} % | "
+                     f"{ms(r['p99_us'])} | ≥ 10,000/s, p99 ≤ 50 ms, 0 oversell |")
+    if "6_issuance" in S:
+        a, b = S["6_issuance"]["zero_delay"], S["6_issuance"]["default_delay"]
+        lines.append(f"| 6a issuance, 0 ms delay | {a['bookings']} tickets in {a['seconds']:.1f} s = "
+                     f"{a['tickets_per_s']:.0f} tickets/s | | | ≥ 5,000/s |")
+        lines.append(f"| 6b issuance, 5,000 ms delay | {b['bookings']} tickets in {b['seconds']:.1f} s "
+                     f"(from the first booking) | | | ≤ 10 s |")
+    if "7_memory" in S:
+        r = S["7_memory"]
+        lines.append(f"| 7 memory | {r['events_booked']} events booked, {r['actors_live']} actors: peak RSS "
+                     f"{r['peak_rss_mib']:.0f} MiB; after passivation ({r['actors_after']} actors) "
+                     f"{r['rss_after_passivation_mib']:.0f} MiB | | | peak ≤ 300 MiB, ≤ 100 MiB after |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
