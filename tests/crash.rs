@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{booking_sums, count_status, event_counts, open_db, Proc, Target};
+use common::{booking_sums, codes, count_status, event_counts, open_db, Proc, Target};
 use serde_json::{json, Value};
 use ticketd::ticket::{TicketFacts, TicketSigner};
 
@@ -94,16 +94,6 @@ fn assert_acks_committed(db: &rusqlite::Connection, event_id: i64, acks: &HashMa
         "booked_count agrees with the rows"
     );
     assert!(booked <= capacity);
-}
-
-fn codes(db: &rusqlite::Connection) -> HashMap<i64, String> {
-    let mut st = db
-        .prepare("SELECT id, ticket_code FROM bookings WHERE status = 'FINALIZED'")
-        .unwrap();
-    st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
-        .unwrap()
-        .map(Result::unwrap)
-        .collect()
 }
 
 async fn all_finalized(db_path: &std::path::Path, timeout: Duration) -> bool {

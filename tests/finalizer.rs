@@ -5,7 +5,6 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::path::Path;
 use std::time::Duration;
 
@@ -43,17 +42,6 @@ async fn book_many(target: &impl Target, event_id: i64, n: i64) -> Vec<i64> {
         ids.push(r.body["id"].as_i64().unwrap());
     }
     ids
-}
-
-fn codes(db_path: &Path) -> HashMap<i64, String> {
-    let db = open_db(db_path);
-    let mut st = db
-        .prepare("SELECT id, ticket_code FROM bookings WHERE status = 'FINALIZED'")
-        .unwrap();
-    st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
-        .unwrap()
-        .map(Result::unwrap)
-        .collect()
 }
 
 /// All bookings FINALIZED, each seat counted once, each code genuine.
@@ -172,20 +160,38 @@ async fn never_pushed_bookings_are_found_by_the_sweeper_in_both_modes() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn failed_issuances_are_redelivered_and_issued_once() {
-    let _serial = SERIAL.lock().await;
+/// One cluster replica with `failpoints` (and at most 5 deliveries), 20 bookings made through it.
+async fn twenty_bookings_with(
+    failpoints: &str,
+) -> (tempfile::TempDir, std::path::PathBuf, RedisProc, Proc) {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("t.db");
     let redis = RedisProc::start().await;
-    // The first 10 issuances fail after the delivery delay, before the write.
-    let env = quick(&[
-        ("FAILPOINTS", "finalize-issue=10*return"),
-        ("FINALIZE_MAX_DELIVERIES", "5"),
-    ]);
+    let env = quick(&[("FAILPOINTS", failpoints), ("FINALIZE_MAX_DELIVERIES", "5")]);
     let p = replicas(1, &db, &redis.url(), &env).await.remove(0);
-    let event = p.create_event("Flaky mail", 100).await;
+    let event = p.create_event("Failpoints", 100).await;
     book_many(&p, event, 20).await;
+    (dir, db, redis, p)
+}
+
+/// Polls `GET /report` until `dead_letters` is `n`; returns the last value seen.
+async fn wait_dead_letters(target: &impl Target, n: u64) -> Value {
+    let mut dead = Value::Null;
+    for _ in 0..100 {
+        dead = target.get("/report").await.body["dead_letters"].clone();
+        if dead == n {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    dead
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn failed_issuances_are_redelivered_and_issued_once() {
+    let _serial = SERIAL.lock().await;
+    // The first 10 issuances fail after the delivery delay, before the write.
+    let (_dir, db, _redis, p) = twenty_bookings_with("finalize-issue=10*return").await;
     all_issued_once(&db, Duration::from_secs(30)).await;
     assert_eq!(p.get("/report").await.body["dead_letters"], 0);
 }
@@ -193,22 +199,18 @@ async fn failed_issuances_are_redelivered_and_issued_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_crash_before_the_ack_redelivers_without_reissuing() {
     let _serial = SERIAL.lock().await;
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("t.db");
-    let redis = RedisProc::start().await;
-    let env = quick(&[
-        ("FAILPOINTS", "finalize-before-ack=10*return"),
-        ("FINALIZE_MAX_DELIVERIES", "5"),
-    ]);
-    let p = replicas(1, &db, &redis.url(), &env).await.remove(0);
-    let event = p.create_event("Lost acks", 100).await;
-    book_many(&p, event, 20).await;
+    // The first 10 issuances stop right before their XACK.
+    let (_dir, db, redis, _p) = twenty_bookings_with("finalize-before-ack=10*return").await;
     all_issued_once(&db, Duration::from_secs(30)).await;
-    let first = codes(&db);
+    let first = common::codes(&open_db(&db));
     // The unacknowledged entries come back after the visibility timeout, find their bookings
     // FINALIZED, and are only acknowledged: same codes, same counters.
     stream_drains(&redis).await;
-    assert_eq!(codes(&db), first, "redelivery never changes a code");
+    assert_eq!(
+        common::codes(&open_db(&db)),
+        first,
+        "redelivery never changes a code"
+    );
     all_issued_once(&db, Duration::from_secs(1)).await;
 }
 
@@ -308,14 +310,7 @@ async fn poison_entries_are_dead_lettered_counted_and_replayable() {
         .await
         .unwrap();
 
-    let mut dead = Value::Null;
-    for _ in 0..100 {
-        dead = sick.get("/report").await.body["dead_letters"].clone();
-        if dead == 2 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let dead = wait_dead_letters(&sick, 2).await;
     assert_eq!(
         dead, 2,
         "both entries reach the dead-letter stream after 2 deliveries"
@@ -368,14 +363,7 @@ async fn poison_entries_are_dead_lettered_counted_and_replayable() {
     let b = healthy.get(&format!("/book/{}", ids[0])).await.body;
     assert_eq!(b["status"], "FINALIZED");
     // The unreadable entry is still poison: back in the dead letters, counted again.
-    let mut dead = Value::Null;
-    for _ in 0..100 {
-        dead = healthy.get("/report").await.body["dead_letters"].clone();
-        if dead == 1 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let dead = wait_dead_letters(&healthy, 1).await;
     assert_eq!(dead, 1);
 }
 
@@ -391,14 +379,7 @@ async fn embedded_dead_letters_and_replay() {
     let p = Proc::start(&db, &env).await;
     let event = p.create_event("Embedded poison", 10).await;
     book_many(&p, event, 1).await;
-    let mut dead = Value::Null;
-    for _ in 0..100 {
-        dead = p.get("/report").await.body["dead_letters"].clone();
-        if dead == 1 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let dead = wait_dead_letters(&p, 1).await;
     assert_eq!(dead, 1, "three failed deliveries park the booking");
     tokio::time::sleep(Duration::from_millis(800)).await;
     assert_eq!(

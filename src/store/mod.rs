@@ -48,16 +48,9 @@ pub fn open_writer(path: &Path) -> Result<Connection, StoreError> {
             ))))
         })?;
     }
-    let mut conn = Connection::open(path)?;
-    conn.busy_timeout(BUSY_TIMEOUT)?;
-    conn.pragma_update(None, "journal_mode", "WAL")?;
-    conn.pragma_update(None, "synchronous", "FULL")?;
-    conn.pragma_update(None, "foreign_keys", "OFF")?;
-    // Checkpoints run on their own thread (`Checkpointer`), never inside a commit.
-    conn.pragma_update(None, "wal_autocheckpoint", 0)?;
-    conn.pragma_update(None, "journal_size_limit", 64 * 1024 * 1024)?;
-    // Replicas starting together on a new file would each see version 0 and run the same
-    // migration twice; an exclusive lock on a sidecar file makes them take turns.
+    // Replicas starting together on one file would race to switch it to WAL ("database is
+    // locked") and each run the migrations from version 0; an exclusive lock on a sidecar file
+    // makes them take turns for the whole setup.
     let lock_path = path.with_extension("migrate-lock");
     let lock = std::fs::OpenOptions::new()
         .create(true)
@@ -66,9 +59,21 @@ pub fn open_writer(path: &Path) -> Result<Connection, StoreError> {
         .open(&lock_path)
         .and_then(|f| f.lock().map(|()| f))
         .map_err(|e| StoreError::Task(format!("{}: {e}", lock_path.display())))?;
-    let migrated = schema::migrations().to_latest(&mut conn);
+    let conn = setup_writer(path);
     drop(lock);
-    migrated?;
+    conn
+}
+
+fn setup_writer(path: &Path) -> Result<Connection, StoreError> {
+    let mut conn = Connection::open(path)?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    conn.pragma_update(None, "foreign_keys", "OFF")?;
+    // Checkpoints run on their own thread (`Checkpointer`), never inside a commit.
+    conn.pragma_update(None, "wal_autocheckpoint", 0)?;
+    conn.pragma_update(None, "journal_size_limit", 64 * 1024 * 1024)?;
+    schema::migrations().to_latest(&mut conn)?;
     Ok(conn)
 }
 

@@ -319,3 +319,14 @@ pub fn count_status(db: &rusqlite::Connection, status: &str) -> i64 {
     )
     .unwrap()
 }
+
+/// Ticket codes of the FINALIZED bookings, by booking id.
+pub fn codes(db: &rusqlite::Connection) -> std::collections::HashMap<i64, String> {
+    let mut st = db
+        .prepare("SELECT id, ticket_code FROM bookings WHERE status = 'FINALIZED'")
+        .unwrap();
+    st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect()
+}
