@@ -98,7 +98,7 @@ pub enum Lease {
         ttl: Duration,
     },
     Redis {
-        lease: super::redis::RedisLease,
+        lease: std::sync::Arc<super::redis::RedisLease>,
         replica: std::sync::Arc<str>,
     },
 }
@@ -114,8 +114,9 @@ impl Lease {
 
     /// `replica` makes owners unique across processes (actor generations are per process).
     pub fn redis(lease: super::redis::RedisLease, replica: &str) -> Self {
+        // Shared: every event actor holds a clone of its lease handle.
         Lease::Redis {
-            lease,
+            lease: std::sync::Arc::new(lease),
             replica: replica.into(),
         }
     }
