@@ -208,8 +208,9 @@ def create_events_fast(url, n, capacity):
     from concurrent.futures import ThreadPoolExecutor
     with ThreadPoolExecutor(16) as pool:
         ids = list(pool.map(lambda i: create_event(url, capacity, f"Spread {i}"), range(n)))
-    assert ids == list(range(ids[0], ids[0] + n)), "ids are consecutive"
-    return ids[0]
+    first = min(ids)
+    assert sorted(ids) == list(range(first, first + n)), "ids are consecutive"
+    return first
 
 
 def cluster(tmp, ceiling):

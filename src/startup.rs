@@ -158,6 +158,7 @@ impl Application {
             Duration::from_millis(config.sweep_interval_ms),
         );
 
+        let registry_for_trim = registry.clone();
         let state = web::Data::new(AppState {
             registry,
             reads,
@@ -192,6 +193,7 @@ impl Application {
         .listen(listener)
         .map_err(listen_err)?
         .run();
+        actix::spawn(give_back_memory(registry_for_trim));
         info!(%addr, port, db = %path.display(), mode, "ticketd listening");
         Ok(Application {
             port,
@@ -249,4 +251,29 @@ fn random_replica_id() -> String {
         std::process::id(),
         data_encoding::HEXLOWER.encode(&buf)
     )
+}
+
+/// After many event actors passivate, hands the freed memory back to the system.
+///
+/// glibc's malloc keeps freed memory in its per-thread arenas (measured: RSS stayed at 168 MiB
+/// after 100,000 actors had passivated, for a 174 MiB peak); `malloc_trim` returns it. Checked
+/// every 10 s, trimming only when the number of live actors fell by at least 1,000 from its
+/// highest since the last trim, so a steady service never pays for it. (mimalloc returned the memory by itself but
+/// more than doubled the peak, 397 MiB, in `make bench`.)
+async fn give_back_memory(registry: Arc<Registry>) {
+    let mut high = registry.len();
+    loop {
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        let now = registry.len();
+        high = high.max(now);
+        if now + 1000 <= high {
+            #[cfg(all(target_os = "linux", target_env = "gnu"))]
+            // SAFETY: malloc_trim only walks glibc's own arenas; it has no preconditions.
+            unsafe {
+                libc::malloc_trim(0);
+            }
+            tracing::debug!(high, now, "trimmed the heap after passivation");
+            high = now;
+        }
+    }
 }

@@ -29,7 +29,7 @@ const MAX_REFUSALS: u32 = 8;
 /// How long an actor for an event that does not exist lingers before it leaves.
 const MISSING_LINGER: Duration = Duration::from_millis(500);
 /// Pause before asking again for a lease someone else holds.
-const LEASE_RETRY: Duration = Duration::from_millis(5);
+const LEASE_RETRY: Duration = Duration::from_millis(1);
 
 /// What every event actor needs, shared.
 #[derive(Clone)]

@@ -425,6 +425,13 @@ fn apply(tx: &rusqlite::Transaction<'_>, op: WriteOp, now: &str) -> Applied {
     }
 }
 
+/// Undoes one batch inside the group transaction (prepared once: the hot path runs it often).
+fn rollback_savepoint(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<()> {
+    tx.prepare_cached("ROLLBACK TO seats")?.execute([])?;
+    tx.prepare_cached("RELEASE seats")?.execute([])?;
+    Ok(())
+}
+
 fn apply_seats(tx: &rusqlite::Transaction<'_>, batch: SeatBatch, now: &str) -> Applied {
     let _span = info_span!(
         "batch",
@@ -440,7 +447,9 @@ fn apply_seats(tx: &rusqlite::Transaction<'_>, batch: SeatBatch, now: &str) -> A
         .collect();
     // A savepoint per batch: a refused or failed batch is undone alone.
     let result = tx
-        .execute_batch("SAVEPOINT seats")
+        .prepare_cached("SAVEPOINT seats")
+        .and_then(|mut st| st.execute([]))
+        .map(|_| ())
         .map_err(StoreError::from)
         .and_then(|()| {
             match queries::apply_fenced_batch(tx, batch.event_id, batch.token, &wanted, now) {
@@ -450,7 +459,10 @@ fn apply_seats(tx: &rusqlite::Transaction<'_>, batch: SeatBatch, now: &str) -> A
         });
     match result {
         Ok(Ok((ids, booked_after))) => {
-            if let Err(e) = tx.execute_batch("RELEASE seats") {
+            if let Err(e) = tx
+                .prepare_cached("RELEASE seats")
+                .and_then(|mut st| st.execute([]))
+            {
                 return Applied::Error(WriteOp::Seats(batch), e.into());
             }
             let created_at = queries::iso_utc(now);
@@ -477,7 +489,7 @@ fn apply_seats(tx: &rusqlite::Transaction<'_>, batch: SeatBatch, now: &str) -> A
             }
         }
         Ok(Err(refusal)) => {
-            let _ = tx.execute_batch("ROLLBACK TO seats; RELEASE seats");
+            let _ = rollback_savepoint(tx);
             let row = match refusal {
                 Refusal::NoEvent => None,
                 Refusal::Stale(row) => Some(row),
@@ -490,7 +502,7 @@ fn apply_seats(tx: &rusqlite::Transaction<'_>, batch: SeatBatch, now: &str) -> A
             }
         }
         Err(e) => {
-            let _ = tx.execute_batch("ROLLBACK TO seats; RELEASE seats");
+            let _ = rollback_savepoint(tx);
             warn!(error = %e, "batch failed");
             Applied::Error(WriteOp::Seats(batch), e)
         }
