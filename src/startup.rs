@@ -18,11 +18,9 @@ use crate::api::{self, AppState};
 use crate::config::{Config, Tuning};
 use crate::coord::stream::{Consumer, StreamPusher};
 use crate::coord::{Lease, LocalQueue, Outbox, RedisLease, RedisLink};
-use crate::store::{self, queries, Checkpointer, ReadPool, StoreError};
+use crate::store::{self, queries, ReadPool, StoreError};
 use crate::ticket::TicketSigner;
 
-/// How often the WAL is checkpointed (PASSIVE, off the commit path).
-const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
 /// Bookings waiting in the in-process finalization queue, all lanes together.
 const FINALIZE_QUEUE: usize = 200_000;
 
@@ -44,7 +42,6 @@ pub struct Application {
     port: u16,
     server: Server,
     persistence: PersistenceActor,
-    checkpointer: Checkpointer,
     arbiters: Vec<Arbiter>,
     _finalizers: FinalizerPool,
 }
@@ -71,7 +68,6 @@ impl Application {
         };
         let signer = TicketSigner::new(key.as_bytes());
         let reads = ReadPool::open(&path, tuning.read_pool_size).map_err(store_err)?;
-        let checkpointer = Checkpointer::start(&path, CHECKPOINT_EVERY).map_err(store_err)?;
 
         // Cluster mode: one Redis link for the leases, the finalize stream and `/ready`.
         let redis = match &config.redis_url {
@@ -199,7 +195,6 @@ impl Application {
             port,
             server,
             persistence,
-            checkpointer,
             arbiters,
             _finalizers: finalizers,
         })
@@ -222,16 +217,11 @@ impl Application {
         let Application {
             server,
             persistence,
-            checkpointer,
             arbiters,
             ..
         } = self;
         let served = server.await;
-        let _ = tokio::task::spawn_blocking(move || {
-            persistence.shutdown();
-            checkpointer.stop();
-        })
-        .await;
+        let _ = tokio::task::spawn_blocking(move || persistence.shutdown()).await;
         for a in arbiters {
             a.stop();
             let _ = a.join();

@@ -20,6 +20,7 @@ use tracing::{debug, error, info_span, warn};
 use crate::coord::Outbox;
 use crate::handoff::{Refused, WriteQueue};
 use crate::store::queries::{self, Refusal};
+use crate::store::wal::WalKeeper;
 use crate::store::{EventRow, StoreError};
 use crate::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -233,9 +234,20 @@ fn run(
     refusals: &AtomicU64,
 ) {
     let _guard = CloseOnExit(queue);
+    let mut wal = match WalKeeper::install(&conn) {
+        Ok(k) => Some(k),
+        Err(e) => {
+            error!(error = %e, "cannot manage checkpoints; SQLite's automatic ones stay on");
+            None
+        }
+    };
     while let Some(group) = queue.next_group(max_group) {
         commit_group(&mut conn, group, finalize, refusals);
+        if let Some(k) = wal.as_mut() {
+            k.after_commit(&conn);
+        }
     }
+    WalKeeper::at_exit(&conn);
     debug!("writer drained and stopped");
 }
 

@@ -6,6 +6,7 @@
 
 pub mod queries;
 pub mod schema;
+pub mod wal;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -70,8 +71,7 @@ fn setup_writer(path: &Path) -> Result<Connection, StoreError> {
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "synchronous", "FULL")?;
     conn.pragma_update(None, "foreign_keys", "OFF")?;
-    // Checkpoints run on their own thread (`Checkpointer`), never inside a commit.
-    conn.pragma_update(None, "wal_autocheckpoint", 0)?;
+    // Checkpoints: the writer runs them between groups (`wal::WalKeeper`).
     conn.pragma_update(None, "journal_size_limit", 64 * 1024 * 1024)?;
     schema::migrations().to_latest(&mut conn)?;
     Ok(conn)
@@ -81,53 +81,6 @@ fn setup_writer(path: &Path) -> Result<Connection, StoreError> {
 pub fn is_busy(e: &rusqlite::Error) -> bool {
     matches!(e, rusqlite::Error::SqliteFailure(f, _)
         if matches!(f.code, rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked))
-}
-
-/// Copies the WAL back into the database file on its own thread and connection, in PASSIVE
-/// mode: it never waits for, nor blocks, a writer (of this process or another replica), so a
-/// checkpoint never adds its latency to a `POST /book`. Writers have auto-checkpoints off.
-pub struct Checkpointer {
-    stop: std::sync::Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Checkpointer {
-    pub fn start(path: &Path, every: Duration) -> Result<Self, StoreError> {
-        let conn = Connection::open(path)?;
-        conn.busy_timeout(Duration::from_millis(0))?;
-        let stop = std::sync::Arc::new((std::sync::Mutex::new(false), std::sync::Condvar::new()));
-        let s = stop.clone();
-        let thread = std::thread::Builder::new()
-            .name("ticketd-checkpoint".into())
-            .spawn(move || {
-                let (lock, cv) = &*s;
-                let mut stopped = lock.lock().unwrap_or_else(|p| p.into_inner());
-                while !*stopped {
-                    stopped = match cv.wait_timeout(stopped, every) {
-                        Ok((g, _)) => g,
-                        Err(p) => p.into_inner().0,
-                    };
-                    // Busy (another checkpointer at work) is fine: it will be done next time.
-                    let _ = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()));
-                }
-                let _ = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()));
-            })
-            .map_err(|e| StoreError::Task(e.to_string()))?;
-        Ok(Checkpointer {
-            stop,
-            thread: Some(thread),
-        })
-    }
-
-    /// Stops the thread after a last (truncating, if nobody is writing) checkpoint.
-    pub fn stop(mut self) {
-        let (lock, cv) = &*self.stop;
-        *lock.lock().unwrap_or_else(|p| p.into_inner()) = true;
-        cv.notify_all();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
 }
 
 /// The pool of read-only connections used by routes, event actors (loading) and finalizers.
