@@ -5,7 +5,6 @@ use std::net::TcpListener;
 use std::sync::Arc;
 use std::time::Duration;
 
-use actix::{Arbiter, ArbiterHandle};
 use actix_web::dev::{Server, ServerHandle};
 use actix_web::{web, App, HttpServer};
 use tracing::info;
@@ -42,7 +41,6 @@ pub struct Application {
     port: u16,
     server: Server,
     persistence: PersistenceActor,
-    arbiters: Vec<Arbiter>,
     _finalizers: FinalizerPool,
 }
 
@@ -119,8 +117,6 @@ impl Application {
         let cores = std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(2);
-        let arbiters: Vec<Arbiter> = (0..cores).map(|_| Arbiter::new()).collect();
-        let handles: Vec<ArbiterHandle> = arbiters.iter().map(|a| a.handle()).collect();
         let tuning = Arc::new(tuning);
         let lease_ttl = Duration::from_millis(config.lease_ttl_ms);
         let lease = match &redis {
@@ -138,7 +134,8 @@ impl Application {
             lease,
             tuning: tuning.clone(),
         };
-        let registry = Registry::new(deps, handles);
+        // Event actors live on the HTTP workers (see `Registry::new`).
+        let registry = Registry::new(deps, Vec::new());
         let finalizers = FinalizerPool::start(
             FinalizerDeps {
                 reads: reads.clone(),
@@ -195,7 +192,6 @@ impl Application {
             port,
             server,
             persistence,
-            arbiters,
             _finalizers: finalizers,
         })
     }
@@ -217,15 +213,10 @@ impl Application {
         let Application {
             server,
             persistence,
-            arbiters,
             ..
         } = self;
         let served = server.await;
         let _ = tokio::task::spawn_blocking(move || persistence.shutdown()).await;
-        for a in arbiters {
-            a.stop();
-            let _ = a.join();
-        }
         info!("ticketd stopped");
         served
     }

@@ -54,10 +54,12 @@ async fn no_route() -> Result<HttpResponse, ApiError> {
 pub fn configure(cfg: &mut web::ServiceConfig) {
     let resource =
         |path: &str| web::resource(path.to_string()).default_service(web::to(method_not_allowed));
-    cfg.service(resource("/event").route(web::post().to(events::create)))
+    // Resources are tried in order and the dynamic ones match by regex: the flash-sale route
+    // goes first so a `POST /book` is not tested against the others.
+    cfg.service(resource("/book").route(web::post().to(bookings::book)))
+        .service(resource("/event").route(web::post().to(events::create)))
         .service(resource("/event/{id}").route(web::get().to(events::get)))
         .service(resource("/event/{id}/stats").route(web::get().to(events::stats)))
-        .service(resource("/book").route(web::post().to(bookings::book)))
         .service(resource("/book/{id}").route(web::get().to(bookings::get)))
         .service(resource("/report").route(web::get().to(reports::report)))
         .service(resource("/report/event/{id}").route(web::get().to(events::stats)))
