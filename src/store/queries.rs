@@ -207,21 +207,23 @@ pub fn finalize(
     code: &str,
     at: &str,
 ) -> rusqlite::Result<bool> {
-    let changed = conn
+    // RETURNING hands back what the event counter needs: no second look-up of the booking.
+    let changed: Option<(i64, i64)> = conn
         .prepare_cached(
             "UPDATE bookings SET status = 'FINALIZED', ticket_code = ?2, finalized_at = ?3
-             WHERE id = ?1 AND status = 'PENDING'",
+             WHERE id = ?1 AND status = 'PENDING'
+             RETURNING event_id, quantity",
         )?
-        .execute(params![booking_id, code, at])?;
-    if changed == 1 {
-        conn.prepare_cached(
-            "UPDATE events SET finalized_count = finalized_count
-                 + (SELECT quantity FROM bookings WHERE id = ?1)
-             WHERE id = (SELECT event_id FROM bookings WHERE id = ?1)",
-        )?
-        .execute([booking_id])?;
-    }
-    Ok(changed == 1)
+        .query_row(params![booking_id, code, at], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
+        .optional()?;
+    let Some((event_id, quantity)) = changed else {
+        return Ok(false);
+    };
+    conn.prepare_cached("UPDATE events SET finalized_count = finalized_count + ?2 WHERE id = ?1")?
+        .execute([event_id, quantity])?;
+    Ok(true)
 }
 
 /// The value stored under `key` in `ticketd_meta`, inserting `default` first if there is none
