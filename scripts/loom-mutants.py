@@ -40,6 +40,11 @@ MUTANTS = [
                 return None;
             }
             if !st.items.is_empty() {"""),
+    ("handoff", "src/handoff.rs",
+     "the writer goes to sleep without saying so: producers skip the notification",
+     """            st.waiting = true;
+""",
+     """"""),
     ("lease", "src/coord/lease.rs",
      "non-atomic token increment: check and take in two critical sections",
      """        let mut slots = lock(&self.slots);

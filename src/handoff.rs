@@ -24,6 +24,9 @@ pub enum Refused<T> {
 struct State<T> {
     items: VecDeque<T>,
     closed: bool,
+    /// The consumer is (about to be) asleep on `ready`. Producers wake it only then: a
+    /// notification is a system call, and a busy writer (the flash-sale case) needs none.
+    waiting: bool,
 }
 
 /// A bounded multi-producer, single-consumer queue handing out groups.
@@ -39,6 +42,7 @@ impl<T> WriteQueue<T> {
             state: Mutex::new(State {
                 items: VecDeque::new(),
                 closed: false,
+                waiting: false,
             }),
             ready: Condvar::new(),
             limit: limit.max(1),
@@ -55,8 +59,11 @@ impl<T> WriteQueue<T> {
             return Err(Refused::Full(item));
         }
         st.items.push_back(item);
+        let wake = st.waiting;
         drop(st);
-        self.ready.notify_one();
+        if wake {
+            self.ready.notify_one();
+        }
         Ok(())
     }
 
@@ -72,10 +79,14 @@ impl<T> WriteQueue<T> {
             if st.closed {
                 return None;
             }
+            // Set under the lock that `wait` releases atomically: a producer either pushed
+            // before (seen above) or sees the flag and notifies.
+            st.waiting = true;
             st = match self.ready.wait(st) {
                 Ok(g) => g,
                 Err(p) => p.into_inner(),
             };
+            st.waiting = false;
         }
     }
 

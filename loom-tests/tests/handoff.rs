@@ -47,6 +47,27 @@ fn every_item_is_acknowledged_exactly_once_through_shutdown() {
     });
 }
 
+/// The writer sleeps when there is nothing to do, and producers notify it only when it says it
+/// sleeps (a notification is a system call the busy writer does not need). No submit may slip
+/// between "nothing there" and "asleep" unnoticed: loom reports a deadlock if one can.
+#[test]
+fn a_sleeping_writer_is_woken_by_every_submit() {
+    loom::model(|| {
+        let q = Arc::new(WriteQueue::new(8));
+        let q2 = q.clone();
+        let producer = thread::spawn(move || {
+            q2.submit(1).unwrap();
+            q2.submit(2).unwrap();
+        });
+        let mut got = Vec::new();
+        while got.len() < 2 {
+            got.extend(q.next_group(8).expect("never closed here"));
+        }
+        producer.join().unwrap();
+        assert_eq!(got, vec![1, 2]);
+    });
+}
+
 #[test]
 fn a_full_queue_gives_items_back_instead_of_growing() {
     loom::model(|| {

@@ -121,6 +121,30 @@ impl Lease {
         }
     }
 
+    /// The in-process lease answers at once, so the event actor takes it without a future and
+    /// a trip through its context (one per batch: with bookings spread over many events, every
+    /// booking is a batch). `None` on Redis: ask `acquire`.
+    pub fn acquire_now(&self, event: i64, owner: u64, floor: Token) -> Option<Option<Token>> {
+        match self {
+            Lease::InProcess { table, epoch, ttl } => {
+                let now = epoch.elapsed().as_millis() as u64;
+                Some(table.acquire(event, owner, floor, now, ttl.as_millis() as u64))
+            }
+            Lease::Redis { .. } => None,
+        }
+    }
+
+    /// Gives an in-process lease back at once; false on Redis (use `release`).
+    pub fn release_now(&self, event: i64, owner: u64, token: Token) -> bool {
+        match self {
+            Lease::InProcess { table, .. } => {
+                table.release(event, owner, token);
+                true
+            }
+            Lease::Redis { .. } => false,
+        }
+    }
+
     /// One round trip per batch: take (or renew) the lease, or learn that someone else has it.
     pub async fn acquire(
         &self,
@@ -129,10 +153,7 @@ impl Lease {
         floor: Token,
     ) -> Result<Option<Token>, LeaseError> {
         match self {
-            Lease::InProcess { table, epoch, ttl } => {
-                let now = epoch.elapsed().as_millis() as u64;
-                Ok(table.acquire(event, owner, floor, now, ttl.as_millis() as u64))
-            }
+            Lease::InProcess { .. } => Ok(self.acquire_now(event, owner, floor).flatten()),
             Lease::Redis { lease, replica } => {
                 lease
                     .acquire(event, &format!("{replica}:{owner}"), floor)
@@ -143,8 +164,8 @@ impl Lease {
 
     pub async fn release(&self, event: i64, owner: u64, token: Token) -> Result<(), LeaseError> {
         match self {
-            Lease::InProcess { table, .. } => {
-                table.release(event, owner, token);
+            Lease::InProcess { .. } => {
+                self.release_now(event, owner, token);
                 Ok(())
             }
             Lease::Redis { lease, replica } => {
