@@ -151,6 +151,17 @@ impl Application {
             Duration::from_millis(config.sweep_interval_ms),
         );
 
+        if let Some(link) = &redis {
+            let weak = Arc::downgrade(&registry);
+            actix::spawn(crate::coord::redis::watch_lease_frees(
+                link.client().clone(),
+                move |event| {
+                    if let Some(r) = weak.upgrade() {
+                        r.lease_free(event);
+                    }
+                },
+            ));
+        }
         let registry_for_trim = registry.clone();
         let state = web::Data::new(AppState {
             registry,

@@ -44,6 +44,11 @@ pub struct EventDeps {
     pub tuning: Arc<Tuning>,
 }
 
+/// Another replica gave up this event's lease while we wanted it: try now, not at the next poll.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct LeaseFree;
+
 /// A booking request for this actor's event.
 #[derive(Message)]
 #[rtype(result = "()")]
@@ -392,6 +397,16 @@ impl Actor for EventActor {
             }
         }
         self.fail_queue(BookError::Unavailable("the event actor stopped".into()));
+    }
+}
+
+impl Handler<LeaseFree> for EventActor {
+    type Result = ();
+
+    fn handle(&mut self, _: LeaseFree, ctx: &mut Self::Context) {
+        if self.held.is_none() {
+            self.kick(ctx); // nothing to do if busy or idle; the poll stays as the fallback
+        }
     }
 }
 

@@ -12,7 +12,7 @@ use actix::dev::SendError;
 use actix::prelude::*;
 use tokio::sync::oneshot;
 
-use super::event::{Book, EventActor, EventDeps};
+use super::event::{Book, EventActor, EventDeps, LeaseFree};
 use super::persistence::{BookError, Booked, SeatRequest};
 use crate::domain::NewBooking;
 use crate::slots::{Slots, SoldOut};
@@ -84,6 +84,13 @@ impl Registry {
     /// Removes the entry of `event_id` if it still belongs to actor `generation`.
     pub fn retire(&self, event_id: i64, generation: u64) {
         self.slots.remove_if_generation(event_id, generation);
+    }
+
+    /// Tells the live actor of `event_id`, if any, that its lease is free (cluster mode).
+    pub fn lease_free(&self, event_id: i64) {
+        if let Some(slot) = self.slots.get(event_id) {
+            let _ = slot.value.addr.try_send(LeaseFree);
+        }
     }
 
     /// Live event actors.
