@@ -137,6 +137,31 @@ async fn stream_drains(redis: &RedisProc) {
     panic!("the stream still holds entries (len, pending) = {state:?}");
 }
 
+/// A consumer reads only what it can start at once. Here: room for two issuances, each taking
+/// 150 ms, a 400 ms visibility timeout and two deliveries allowed, so the thirty bookings take
+/// over two seconds to drain. A consumer that read ahead held entries past the timeout while
+/// they waited for room: they were reclaimed, delivered again and dead-lettered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_backlog_waits_in_the_stream_not_in_a_consumer() {
+    let _serial = SERIAL.lock().await;
+    let redis = RedisProc::start().await;
+    let url = redis.url();
+    let app = common::TestApp::spawn_with(|c, t| {
+        c.redis_url = Some(url);
+        c.finalize_delay_ms = 150;
+        c.finalize_visibility_ms = 400;
+        c.finalize_max_deliveries = 2;
+        c.finalizer_workers = 1;
+        t.issuances_per_worker = 2;
+    });
+    let event = app.create_event("Backlog", 100).await;
+    book_many(&app, event, 30).await;
+    all_issued_once(&app.db_path, Duration::from_secs(30)).await;
+    stream_drains(&redis).await;
+    assert_eq!(app.get("/report").await.body["dead_letters"], 0);
+    app.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn never_pushed_bookings_are_found_by_the_sweeper_in_both_modes() {
     let _serial = SERIAL.lock().await;
