@@ -448,3 +448,86 @@ async fn replicas_starting_together_on_a_new_file_all_come_up() {
         );
     }
 }
+
+/// Publishes `event` on the lease-free channel until the watcher reports it (a subscription
+/// takes a moment to be in place), for at most `within`.
+async fn notified(
+    redis: &RedisProc,
+    rx: &mut tokio::sync::mpsc::UnboundedReceiver<i64>,
+    event: i64,
+    within: Duration,
+) -> bool {
+    let client = redis::Client::open(redis.url()).unwrap();
+    let deadline = std::time::Instant::now() + within;
+    while std::time::Instant::now() < deadline {
+        if let Ok(mut c) = client.get_multiplexed_async_connection().await {
+            let _: redis::RedisResult<i64> = redis::cmd("PUBLISH")
+                .arg(ticketd::coord::redis::LEASE_FREE)
+                .arg(event)
+                .query_async(&mut c)
+                .await;
+        }
+        if let Ok(Some(got)) = tokio::time::timeout(Duration::from_millis(200), rx.recv()).await {
+            if got == event {
+                return true;
+            }
+        }
+    }
+    false
+}
+
+/// Connection ids of the pub/sub clients of `redis`.
+async fn pubsub_clients(redis: &RedisProc) -> Vec<String> {
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut c = client.get_multiplexed_async_connection().await.unwrap();
+    let list: String = redis::cmd("CLIENT")
+        .arg("LIST")
+        .arg("TYPE")
+        .arg("pubsub")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    list.lines()
+        .filter_map(|l| {
+            l.split(' ')
+                .find(|f| f.starts_with("id="))
+                .map(str::to_string)
+        })
+        .collect()
+}
+
+/// The lease notifications (a hint that saves the waiting replica its poll interval) keep
+/// arriving across the subscription's keepalive pings and across a Redis restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lease_notifications_survive_keepalives_and_a_redis_restart() {
+    let _serial = SERIAL.lock().await;
+    let mut redis = RedisProc::start().await;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let client = redis::Client::open(redis.url()).unwrap();
+    let watcher = tokio::spawn(ticketd::coord::redis::watch_lease_frees(client, move |e| {
+        let _ = tx.send(e);
+    }));
+    assert!(
+        notified(&redis, &mut rx, 7, Duration::from_secs(5)).await,
+        "first notification"
+    );
+    let subscriber = pubsub_clients(&redis).await;
+    assert_eq!(subscriber.len(), 1, "one subscription: {subscriber:?}");
+    // Past one keepalive period: the ping in subscribed mode must not tear the subscription down.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert_eq!(
+        pubsub_clients(&redis).await,
+        subscriber,
+        "same connection after a keepalive"
+    );
+    assert!(
+        notified(&redis, &mut rx, 8, Duration::from_secs(1)).await,
+        "after a keepalive"
+    );
+    redis.restart().await;
+    assert!(
+        notified(&redis, &mut rx, 9, Duration::from_secs(10)).await,
+        "after a restart"
+    );
+    watcher.abort();
+}

@@ -75,23 +75,43 @@ pub const LEASE_FREE: &str = "ticketd:lease-free";
 /// and calls `on_free` with each event id. Measured without it: a hot event shared by three
 /// replicas changed hands about 340 times a second and each hand-over waited ~2 ms for the
 /// waiter's next poll (the timer's 1 ms granularity included), more than the batch itself took.
+/// A quiet subscription is pinged now and then: a half-open connection would otherwise go
+/// silent for good (only latency would suffer: the poll stays as the fallback).
 pub async fn watch_lease_frees(client: redis::Client, on_free: impl Fn(i64)) {
     use futures_util::StreamExt;
+    const KEEPALIVE: Duration = Duration::from_secs(5);
     loop {
-        match client.get_async_pubsub().await {
-            Ok(mut pubsub) => match pubsub.subscribe(LEASE_FREE).await {
-                Ok(()) => {
-                    let mut messages = pubsub.on_message();
-                    while let Some(msg) = messages.next().await {
-                        if let Ok(event) = msg.get_payload::<i64>() {
-                            on_free(event);
+        let connected = tokio::time::timeout(CONNECT_TIMEOUT, async {
+            let mut pubsub = client.get_async_pubsub().await?;
+            pubsub.subscribe(LEASE_FREE).await?;
+            Ok::<_, redis::RedisError>(pubsub)
+        })
+        .await;
+        match connected {
+            Ok(Ok(pubsub)) => {
+                let (mut sink, mut messages) = pubsub.split();
+                loop {
+                    tokio::select! {
+                        msg = messages.next() => match msg {
+                            Some(msg) => {
+                                if let Ok(event) = msg.get_payload::<i64>() {
+                                    on_free(event);
+                                }
+                            }
+                            None => break,
+                        },
+                        () = tokio::time::sleep(KEEPALIVE) => {
+                            let pong = tokio::time::timeout(RESPONSE_TIMEOUT, sink.ping::<redis::Value>());
+                            if !matches!(pong.await, Ok(Ok(_))) {
+                                break;
+                            }
                         }
                     }
-                    tracing::debug!("lease notifications: connection closed; reconnecting");
                 }
-                Err(e) => tracing::debug!(error = %e, "lease notifications: subscribe failed"),
-            },
-            Err(e) => tracing::debug!(error = %e, "lease notifications: no connection"),
+                tracing::debug!("lease notifications: connection lost; reconnecting");
+            }
+            Ok(Err(e)) => tracing::debug!(error = %e, "lease notifications: cannot subscribe"),
+            Err(_) => tracing::debug!("lease notifications: connect timed out"),
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }

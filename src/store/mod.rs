@@ -74,7 +74,7 @@ const SHORT_NAP: Duration = Duration::from_micros(100);
 /// after about `BUSY_TIMEOUT`. SQLite's own busy timeout sleeps 1, 2, 5, 10, 15, 20, 25... ms
 /// between attempts, so in cluster mode a collision with a commit that takes a fraction of a
 /// millisecond cost every booking of the group several milliseconds (the cluster's p99).
-fn wait_for_write_lock(attempt: i32) -> bool {
+pub(crate) fn wait_for_write_lock(attempt: i32) -> bool {
     let long_naps = BUSY_TIMEOUT.as_millis() as i32;
     if attempt < SHORT_NAPS {
         std::thread::sleep(SHORT_NAP);

@@ -2,7 +2,12 @@
 //!
 //! The first migration is the old service's schema, written with `IF NOT EXISTS`: pointed at the
 //! old service's `ticket.db`, ticketd adopts its rows instead of starting over. Later migrations
-//! only add (columns, indexes, a trigger), so the old reports keep working on the same file.
+//! add columns, an index and a trigger, and drop only ticketd's own index on `bookings(event_id)`
+//! (the old service never had it), so the old reports keep working on the same file.
+//!
+//! `PRAGMA user_version` only moves forward: a ticketd binary older than the file's schema
+//! refuses to start on it (rusqlite_migration's "database too far ahead"). In cluster mode, roll
+//! replicas forward, not back, across a release that adds a migration.
 
 use rusqlite_migration::{Migrations, M};
 

@@ -25,6 +25,10 @@ use tracing::{debug, info_span, warn};
 pub const CHECKPOINT_PAGES: i32 = 1000;
 /// Log size, in thresholds, past which the checkpoint makes other writers wait.
 const FORCE_FACTOR: i32 = 8;
+/// How long a RESTART or TRUNCATE checkpoint may wait for other writers and readers. It holds up
+/// this writer, so every booking of the process, while it waits: better to give up and try again
+/// after more growth than to wait the writer's full busy timeout.
+const BLOCKING_WAIT: std::time::Duration = std::time::Duration::from_millis(20);
 
 thread_local! {
     /// Pages in the log after this thread's last commit, as SQLite's WAL hook reports them.
@@ -81,15 +85,18 @@ impl WalKeeper {
             Ok((busy, log, copied)) if !busy && log == copied => {
                 debug!(log, "checkpoint complete; the log starts over");
                 self.next_at = CHECKPOINT_PAGES;
+                // The hook reports again only on the next commit that writes; a group that
+                // writes nothing must not see the old count and checkpoint again.
+                WAL_PAGES.with(|p| p.set(0));
             }
             Ok((busy, log, copied)) => {
-                // Someone wrote or read beside us: try again after a little more growth.
+                // Someone wrote or read beside us: try again after more growth.
                 debug!(busy, log, copied, "checkpoint incomplete");
-                self.next_at = pages + CHECKPOINT_PAGES / 2;
+                self.next_at = pages + CHECKPOINT_PAGES;
             }
             Err(e) => {
                 warn!(error = %e, "checkpoint failed");
-                self.next_at = pages + CHECKPOINT_PAGES / 2;
+                self.next_at = pages + CHECKPOINT_PAGES;
             }
         }
     }
@@ -103,11 +110,21 @@ impl WalKeeper {
     }
 }
 
-/// `PRAGMA wal_checkpoint(mode)`: (busy, frames in the log, frames copied back).
+/// `PRAGMA wal_checkpoint(mode)`: (busy, frames in the log, frames copied back). PASSIVE never
+/// waits; the other modes wait at most `BLOCKING_WAIT`, then the writer's own busy handler is
+/// put back.
 fn checkpoint(conn: &Connection, mode: &str) -> rusqlite::Result<(bool, i32, i32)> {
-    conn.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |r| {
+    let blocking = mode != "PASSIVE";
+    if blocking {
+        conn.busy_timeout(BLOCKING_WAIT)?;
+    }
+    let result = conn.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |r| {
         Ok((r.get::<_, i32>(0)? != 0, r.get(1)?, r.get(2)?))
-    })
+    });
+    if blocking {
+        conn.busy_handler(Some(super::wait_for_write_lock))?;
+    }
+    result
 }
 
 #[cfg(all(test, not(ticketd_loom)))]
@@ -153,6 +170,13 @@ mod tests {
             wal < 2 * (CHECKPOINT_PAGES as u64) * 4096,
             "log file stays bounded: {wal} bytes"
         );
+        // A completed checkpoint forgets the count: a group that writes nothing next (no hook
+        // call) must not checkpoint again on the old number.
+        while WalKeeper::pages() < CHECKPOINT_PAGES {
+            grow(&conn, 50);
+        }
+        keeper.after_commit(&conn);
+        assert_eq!(WalKeeper::pages(), 0);
         WalKeeper::at_exit(&conn);
         let wal = std::fs::metadata(dir.path().join("w.db-wal"))
             .unwrap()
