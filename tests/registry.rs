@@ -8,6 +8,7 @@ use actix::Arbiter;
 use ticketd::actors::event::EventDeps;
 use ticketd::actors::{PersistenceActor, Registry};
 use ticketd::coord::{Lease, LocalQueue, Outbox};
+use ticketd::domain::{EventId, NewBooking};
 use ticketd::store::{self, ReadPool};
 use ticketd::Tuning;
 
@@ -73,5 +74,75 @@ fn concurrent_first_requests_spawn_one_actor_and_retire_is_generation_checked() 
         tokio::task::spawn_blocking(move || persistence.shutdown())
             .await
             .unwrap();
+    });
+}
+
+/// Event actors live on the HTTP worker that first asked for them, and during a graceful
+/// shutdown actix-server stops each worker's arbiter on its own schedule, taking its actors with
+/// it. A booking waiting in such an actor's queue (here: for a lease held elsewhere) was never
+/// written; it must be re-routed to a live actor and booked, not answered 503.
+#[test]
+fn a_booking_queued_in_an_actor_whose_arbiter_stops_is_rerouted() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("t.db");
+    actix::System::new().block_on(async move {
+        let conn = store::open_writer(&path).unwrap();
+        let (queue, _lanes) = LocalQueue::new(1, 16, 5);
+        let persistence = PersistenceActor::start(conn, 16, 16, Outbox::Local(queue));
+        let writer = persistence.writer();
+        let deps = EventDeps {
+            writer: writer.clone(),
+            reads: ReadPool::open(&path, 1).unwrap(),
+            lease: Lease::in_process(Duration::from_secs(30)),
+            tuning: Arc::new(Tuning::default()),
+        };
+        let lease = deps.lease.clone();
+        // No arbiters given: actors start on the arbiter of whoever asks first, as in the server.
+        let registry = Registry::new(deps, Vec::new());
+        let event = writer.create_event("Rerouted".into(), 10).await.unwrap().id;
+        let stranger = 999_999;
+        let token = lease.acquire_now(event, stranger, 0).flatten().expect("lease");
+
+        let worker = Arbiter::new();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let r = registry.clone();
+        worker.spawn(async move {
+            let _ = tx.send(r.get_or_spawn(event).generation);
+        });
+        let first = rx.await.unwrap();
+        let r = registry.clone();
+        let booking = actix::spawn(async move {
+            r.book(NewBooking {
+                user_id: 7,
+                event_id: EventId(event),
+                quantity: 2,
+            })
+            .await
+        });
+        // The booking reaches the actor on `worker` and waits in its queue for the lease.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        worker.stop();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(lease.release_now(event, stranger, token));
+
+        let booked = booking.await.unwrap().expect("booked after the re-route, not refused");
+        assert_eq!((booked.event_id, booked.quantity), (event, 2));
+        assert_ne!(
+            registry.get_or_spawn(event).generation,
+            first,
+            "served by a successor"
+        );
+        tokio::task::spawn_blocking(move || persistence.shutdown())
+            .await
+            .unwrap();
+        let db = rusqlite::Connection::open(&path).unwrap();
+        let (rows, booked): (i64, i64) = db
+            .query_row(
+                "SELECT (SELECT COUNT(*) FROM bookings), (SELECT booked_count FROM events WHERE id = ?1)",
+                [event],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .unwrap();
+        assert_eq!((rows, booked), (1, 2), "booked once");
     });
 }

@@ -390,13 +390,27 @@ impl Actor for EventActor {
         if let Some(token) = self.held.take() {
             let (id, owner) = (self.id, self.generation);
             if !self.deps.lease.release_now(id, owner, token) {
+                // On the System arbiter: this actor's own arbiter may be going away with it.
                 let lease = self.deps.lease.clone();
-                actix::spawn(async move {
+                let release = async move {
                     let _ = lease.release(id, owner, token).await;
-                });
+                };
+                match actix::System::try_current() {
+                    Some(system) => {
+                        system.arbiter().spawn(release);
+                    }
+                    None => {
+                        actix::spawn(release);
+                    }
+                }
             }
         }
-        self.fail_queue(BookError::Unavailable("the event actor stopped".into()));
+        // An actor stops itself only with an empty queue (idle, or an unknown event); requests
+        // still queued mean its arbiter is going away under it: an HTTP worker stopping during
+        // a graceful shutdown. None of them reached a batch, so dropping their reply channels
+        // tells their routes that nothing was written, and the routes re-route them to a live
+        // actor (`Registry::book`) instead of answering 503.
+        self.queue.clear();
     }
 }
 

@@ -17,8 +17,10 @@ use super::persistence::{BookError, Booked, SeatRequest};
 use crate::domain::NewBooking;
 use crate::slots::{Slots, SoldOut};
 
-/// Times a booking is re-routed when its actor stopped before reading it.
-const MAX_REROUTES: usize = 4;
+/// Times a booking is re-routed when its actor stopped before writing it. Each re-route needs an
+/// actor that died; actors live on the HTTP workers, which stop one after another in a graceful
+/// shutdown, so a booking may meet a few.
+const MAX_REROUTES: usize = 8;
 
 /// What the registry knows of a live event actor.
 #[derive(Clone)]
