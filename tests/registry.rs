@@ -1,6 +1,7 @@
 //! The registry under real thread concurrency: concurrent first requests for one event find one
 //! actor; a retiring actor removes only its own entry.
 
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,21 +13,27 @@ use ticketd::domain::{EventId, NewBooking};
 use ticketd::store::{self, ReadPool};
 use ticketd::Tuning;
 
+/// A writer on a fresh database and what event actors need, with an in-process lease of `ttl`.
+fn writer_and_deps(path: &Path, ttl: Duration) -> (PersistenceActor, EventDeps) {
+    let conn = store::open_writer(path).unwrap();
+    let (queue, _lanes) = LocalQueue::new(1, 16, 5);
+    let persistence = PersistenceActor::start(conn, 16, 16, Outbox::Local(queue));
+    let deps = EventDeps {
+        writer: persistence.writer(),
+        reads: ReadPool::open(path, 1).unwrap(),
+        lease: Lease::in_process(ttl),
+        tuning: Arc::new(Tuning::default()),
+    };
+    (persistence, deps)
+}
+
 #[test]
 fn concurrent_first_requests_spawn_one_actor_and_retire_is_generation_checked() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("t.db");
     actix::System::new().block_on(async move {
-        let conn = store::open_writer(&path).unwrap();
-        let (queue, _lanes) = LocalQueue::new(1, 16, 5);
-        let persistence = PersistenceActor::start(conn, 16, 16, Outbox::Local(queue));
+        let (persistence, deps) = writer_and_deps(&path, Duration::from_secs(1));
         let arbiter = Arbiter::new();
-        let deps = EventDeps {
-            writer: persistence.writer(),
-            reads: ReadPool::open(&path, 1).unwrap(),
-            lease: Lease::in_process(Duration::from_secs(1)),
-            tuning: Arc::new(Tuning::default()),
-        };
         let registry = Registry::new(deps, vec![arbiter.handle()]);
 
         for event in 1..=20i64 {
@@ -86,16 +93,8 @@ fn a_booking_queued_in_an_actor_whose_arbiter_stops_is_rerouted() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("t.db");
     actix::System::new().block_on(async move {
-        let conn = store::open_writer(&path).unwrap();
-        let (queue, _lanes) = LocalQueue::new(1, 16, 5);
-        let persistence = PersistenceActor::start(conn, 16, 16, Outbox::Local(queue));
+        let (persistence, deps) = writer_and_deps(&path, Duration::from_secs(30));
         let writer = persistence.writer();
-        let deps = EventDeps {
-            writer: writer.clone(),
-            reads: ReadPool::open(&path, 1).unwrap(),
-            lease: Lease::in_process(Duration::from_secs(30)),
-            tuning: Arc::new(Tuning::default()),
-        };
         let lease = deps.lease.clone();
         // No arbiters given: actors start on the arbiter of whoever asks first, as in the server.
         let registry = Registry::new(deps, Vec::new());
