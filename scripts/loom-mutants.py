@@ -11,20 +11,11 @@ MUTANTS = [
     ("registry", "src/slots.rs",
      "check-then-insert: look under one lock, insert under another",
      """            let mut map = crate::sync::lock(&self.map);
-            map.entry(key)
-                .or_insert_with(|| {
-                    let generation = self.next_generation.fetch_add(1, Ordering::Relaxed);
-                    Slot {
-                        generation,
-                        value: make(generation),
-                    }
-                })
-                .clone()""",
+            map.entry(key).or_insert_with(|| self.fresh(make)).clone()""",
      """            if let Some(s) = crate::sync::lock(&self.map).get(&key) {
                 return s.clone();
             }
-            let generation = self.next_generation.fetch_add(1, Ordering::Relaxed);
-            let slot = Slot { generation, value: make(generation) };
+            let slot = self.fresh(make);
             crate::sync::lock(&self.map).insert(key, slot.clone());
             slot"""),
     ("registry", "src/slots.rs",

@@ -52,27 +52,22 @@ impl<V: Clone> Slots<V> {
             }
             self.map
                 .entry(key)
-                .or_insert_with(|| {
-                    let generation = self.next_generation.fetch_add(1, Ordering::Relaxed);
-                    Slot {
-                        generation,
-                        value: make(generation),
-                    }
-                })
+                .or_insert_with(|| self.fresh(make))
                 .clone()
         }
         #[cfg(ticketd_loom)]
         {
             let mut map = crate::sync::lock(&self.map);
-            map.entry(key)
-                .or_insert_with(|| {
-                    let generation = self.next_generation.fetch_add(1, Ordering::Relaxed);
-                    Slot {
-                        generation,
-                        value: make(generation),
-                    }
-                })
-                .clone()
+            map.entry(key).or_insert_with(|| self.fresh(make)).clone()
+        }
+    }
+
+    /// A new slot under a generation never used before.
+    fn fresh(&self, make: impl FnOnce(u64) -> V) -> Slot<V> {
+        let generation = self.next_generation.fetch_add(1, Ordering::Relaxed);
+        Slot {
+            generation,
+            value: make(generation),
         }
     }
 

@@ -167,9 +167,7 @@ async fn never_pushed_bookings_are_found_by_the_sweeper_in_both_modes() {
     let _serial = SERIAL.lock().await;
     // Every push after commit is lost (the failpoint plays a crash between commit and push).
     for cluster in [false, true] {
-        let dir = tempfile::tempdir().unwrap();
-        let db = dir.path().join("t.db");
-        let redis = RedisProc::start().await;
+        let (_dir, db, redis) = db_and_redis().await;
         let env = quick(&[("FAILPOINTS", "finalize-before-push=return")]);
         let p = if cluster {
             replicas(1, &db, &redis.url(), &env).await.remove(0)
@@ -185,13 +183,19 @@ async fn never_pushed_bookings_are_found_by_the_sweeper_in_both_modes() {
     }
 }
 
+/// A fresh database path (in a directory that lives as long as the returned guard) and a private
+/// redis-server.
+async fn db_and_redis() -> (tempfile::TempDir, std::path::PathBuf, RedisProc) {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("t.db");
+    (dir, db, RedisProc::start().await)
+}
+
 /// One cluster replica with `failpoints` (and at most 5 deliveries), 20 bookings made through it.
 async fn twenty_bookings_with(
     failpoints: &str,
 ) -> (tempfile::TempDir, std::path::PathBuf, RedisProc, Proc) {
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("t.db");
-    let redis = RedisProc::start().await;
+    let (dir, db, redis) = db_and_redis().await;
     let env = quick(&[("FAILPOINTS", failpoints), ("FINALIZE_MAX_DELIVERIES", "5")]);
     let p = replicas(1, &db, &redis.url(), &env).await.remove(0);
     let event = p.create_event("Failpoints", 100).await;
@@ -242,9 +246,7 @@ async fn a_crash_before_the_ack_redelivers_without_reissuing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_killed_replicas_unacknowledged_entries_are_reclaimed() {
     let _serial = SERIAL.lock().await;
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("t.db");
-    let redis = RedisProc::start().await;
+    let (_dir, db, redis) = db_and_redis().await;
     // Slow delivery: the victim holds its entries, unacknowledged, when it dies.
     let slow = [
         ("FINALIZE_DELAY_MS", "2000"),
@@ -293,9 +295,7 @@ async fn a_killed_replicas_unacknowledged_entries_are_reclaimed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn redis_restarted_empty_mid_issuance() {
     let _serial = SERIAL.lock().await;
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("t.db");
-    let mut redis = RedisProc::start().await;
+    let (_dir, db, mut redis) = db_and_redis().await;
     let env = [
         ("FINALIZE_DELAY_MS", "1500"),
         ("FINALIZE_VISIBILITY_MS", "2000"),
@@ -313,9 +313,7 @@ async fn redis_restarted_empty_mid_issuance() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn poison_entries_are_dead_lettered_counted_and_replayable() {
     let _serial = SERIAL.lock().await;
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("t.db");
-    let redis = RedisProc::start().await;
+    let (_dir, db, redis) = db_and_redis().await;
     // Every issuance fails on this replica: its booking's entry is poison here.
     let env = quick(&[
         ("FAILPOINTS", "finalize-issue=return"),
