@@ -214,8 +214,98 @@ async fn sigterm_during_a_burst_commits_every_acknowledged_booking() {
     let acks = acks.lock().unwrap().clone();
     let db = open_db(&db_path);
     assert_acks_committed(&db, &events, &acks);
+    // A graceful stop answers what it committed: no row without its 200.
     let rows: i64 = events.iter().map(|&e| booking_sums(&db, e).1).sum();
-    assert!(rows as usize >= acks.len());
+    assert_eq!(
+        rows as usize,
+        acks.len(),
+        "every committed booking was answered"
+    );
+}
+
+/// Promise 2, deterministically: the writer's COMMIT fails for twenty groups in a row (failpoint
+/// `writer-commit`, what a full disk or an I/O error does) while 64 clients book. Every client of
+/// a failed group gets 503 and nothing of it is written; every 200 has its row; every row was
+/// answered 200. A writer that answered before COMMIT returned would have told the clients of the
+/// failed groups 200 for rows that do not exist.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_failed_commit_acknowledges_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let db_path = dir.path().join("ticket.db");
+    let p = Proc::start(&db_path, &[]).await;
+    let event_id = p.create_event("Failing disk", 1_000_000).await;
+    p.signal(libc::SIGTERM);
+    assert_eq!(p.wait().await, Some(0));
+
+    // Issuance waits a minute, so every group of this test is a group of bookings.
+    let p = Proc::start(
+        &db_path,
+        &[
+            ("FAILPOINTS", "writer-commit=20*return"),
+            ("FINALIZE_DELAY_MS", "60000"),
+        ],
+    )
+    .await;
+    let tasks: Vec<_> = (0..64i64)
+        .map(|w| {
+            let (client, base) = (p.client.clone(), p.base());
+            tokio::spawn(async move {
+                let (mut acked, mut refused) = (Vec::new(), Vec::new());
+                for n in 0..25i64 {
+                    let user_id = w * 1000 + n + 1;
+                    let body =
+                        json!({"user_id": user_id, "event_id": event_id, "quantity": 1 + n % 2});
+                    let r = common::send(client.post(format!("{base}/book")).json(&body)).await;
+                    match r.status.as_u16() {
+                        200 => acked.push(r.body),
+                        503 => {
+                            assert!(r.retry_after.is_some(), "503 says when to retry");
+                            refused.push(user_id);
+                        }
+                        other => panic!("unexpected {other}: {:?}", r.body),
+                    }
+                }
+                (acked, refused)
+            })
+        })
+        .collect();
+    let (mut acked, mut refused) = (Vec::new(), Vec::new());
+    for t in tasks {
+        let (a, r) = t.await.unwrap();
+        acked.extend(a);
+        refused.extend(r);
+    }
+    assert!(
+        refused.len() >= 20,
+        "each of the 20 failed groups refused its clients ({} refused)",
+        refused.len()
+    );
+    assert!(!acked.is_empty(), "the writer recovered after the failures");
+
+    let db = open_db(&db_path);
+    let acks: HashMap<i64, Value> = acked
+        .into_iter()
+        .map(|v| (v["id"].as_i64().unwrap(), v))
+        .collect();
+    assert_acks_committed(&db, &[event_id], &acks);
+    let (seats, rows) = booking_sums(&db, event_id);
+    assert_eq!(
+        rows as usize,
+        acks.len(),
+        "every row written was answered 200"
+    );
+    let acked_seats: i64 = acks.values().map(|v| v["quantity"].as_i64().unwrap()).sum();
+    assert_eq!(seats, acked_seats);
+    for user_id in refused {
+        let n: i64 = db
+            .query_row(
+                "SELECT COUNT(*) FROM bookings WHERE user_id = ?1",
+                [user_id],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(n, 0, "user {user_id} was answered 503 but has a booking");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

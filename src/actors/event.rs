@@ -230,14 +230,11 @@ impl EventActor {
             if req.reply.is_closed() {
                 continue; // the client went away before we sold it anything
             }
-            let remaining = view.capacity - view.booked - seats;
-            if req.quantity <= remaining {
-                seats += req.quantity;
-                requests.push(req);
-            } else {
-                let _ = req.reply.send(Err(BookError::SoldOut {
-                    remaining: remaining.max(0),
-                }));
+            match view.allocate(&mut seats, req.quantity) {
+                Ok(()) => requests.push(req),
+                Err(remaining) => {
+                    let _ = req.reply.send(Err(BookError::SoldOut { remaining }));
+                }
             }
         }
         if requests.is_empty() {

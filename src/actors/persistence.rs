@@ -118,12 +118,30 @@ impl WriteOp {
     }
 }
 
+/// Batches the fenced update refused, by reason, for `/ready`. Kept apart because they mean
+/// different things: a fence refusal is a replica that allocated under a lease it no longer held
+/// (a pause, a partition: the fence did its job), a seats refusal an actor whose view was behind
+/// the row (another replica sold in between).
+#[derive(Debug, Default)]
+pub struct Refusals {
+    fenced: AtomicU64,
+    no_seats: AtomicU64,
+}
+
+impl Refusals {
+    fn count(&self, refusal: &Refusal) {
+        match refusal {
+            Refusal::Fenced(_) => self.fenced.fetch_add(1, Ordering::Relaxed),
+            Refusal::NoSeats(_) | Refusal::NoEvent => self.no_seats.fetch_add(1, Ordering::Relaxed),
+        };
+    }
+}
+
 /// The address of the persistence actor: submit writes, await their outcome.
 #[derive(Clone)]
 pub struct Writer {
     queue: Arc<WriteQueue<WriteOp>>,
-    /// Batches the fenced update refused (stale token or seats gone), for `/ready`.
-    refusals: std::sync::Arc<AtomicU64>,
+    refusals: std::sync::Arc<Refusals>,
 }
 
 impl Writer {
@@ -162,12 +180,17 @@ impl Writer {
         !self.queue.is_closed()
     }
 
-    /// Writes waiting for the next transaction.
-    /// Batches the store refused so far: each one an actor whose view or lease was stale.
+    /// Batches the store refused because a newer lease token had written to the event.
     pub fn fence_refusals(&self) -> u64 {
-        self.refusals.load(Ordering::Relaxed)
+        self.refusals.fenced.load(Ordering::Relaxed)
     }
 
+    /// Batches the store refused under a current token because the seats were not there.
+    pub fn seat_refusals(&self) -> u64 {
+        self.refusals.no_seats.load(Ordering::Relaxed)
+    }
+
+    /// Writes waiting for the next transaction.
     pub fn backlog(&self) -> usize {
         self.queue.len()
     }
@@ -183,7 +206,7 @@ impl PersistenceActor {
     /// Starts the writer thread on an opened, migrated connection.
     pub fn start(conn: Connection, queue_limit: usize, max_group: usize, finalize: Outbox) -> Self {
         let queue = Arc::new(WriteQueue::new(queue_limit));
-        let refusals = std::sync::Arc::new(AtomicU64::new(0));
+        let refusals = std::sync::Arc::new(Refusals::default());
         let (q, r) = (queue.clone(), refusals.clone());
         let thread = std::thread::Builder::new()
             .name("ticketd-writer".into())
@@ -231,7 +254,7 @@ fn run(
     queue: &WriteQueue<WriteOp>,
     max_group: usize,
     finalize: &Outbox,
-    refusals: &AtomicU64,
+    refusals: &Refusals,
 ) {
     let _guard = CloseOnExit(queue);
     let mut wal = match WalKeeper::install(&conn) {
@@ -260,6 +283,17 @@ fn push_committed(outbox: &Outbox, ids: &[i64]) {
     }
 }
 
+/// COMMITs the group. Tests make it fail (failpoint `writer-commit`, returning the error a full
+/// disk or an I/O error would): dropping the transaction rolls it back, as SQLite does after a
+/// failed COMMIT, so nothing of the group is written and none of its clients may hear 200.
+fn commit(tx: rusqlite::Transaction<'_>) -> rusqlite::Result<()> {
+    fail::fail_point!("writer-commit", |_| Err(rusqlite::Error::SqliteFailure(
+        rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_IOERR),
+        Some("injected COMMIT failure (failpoint writer-commit)".into()),
+    )));
+    tx.commit()
+}
+
 /// An op applied inside the open transaction, waiting for COMMIT before anyone is answered.
 enum Applied {
     Event(oneshot::Sender<Result<EventRow, StoreError>>, EventRow),
@@ -270,7 +304,7 @@ enum Applied {
     },
     SeatsRefused {
         done: oneshot::Sender<BatchOutcome>,
-        row: Option<EventRow>,
+        refusal: Refusal,
         requests: Vec<SeatRequest>,
     },
     Finalized(oneshot::Sender<Result<bool, StoreError>>, bool),
@@ -284,7 +318,7 @@ fn commit_group(
     conn: &mut Connection,
     group: Vec<WriteOp>,
     finalize: &Outbox,
-    refusals: &AtomicU64,
+    refusals: &Refusals,
 ) {
     let started = Instant::now();
     let span = info_span!(
@@ -322,7 +356,7 @@ fn commit_group(
     for op in group {
         applied.push(apply(&tx, op, &now));
     }
-    if let Err(e) = tx.commit() {
+    if let Err(e) = commit(tx) {
         error!(error = %e, "group commit failed; every op of the group is answered as failed");
         let why = StoreError::Sqlite(e);
         for a in applied {
@@ -383,13 +417,16 @@ fn commit_group(
             }
             Applied::SeatsRefused {
                 done,
-                row,
+                refusal,
                 requests,
             } => {
-                refusals.fetch_add(1, Ordering::Relaxed);
+                refusals.count(&refusal);
                 // The actor retries them after a reload; if it is gone, dropping the replies
                 // tells the routes that nothing was written, so they may resubmit.
-                let _ = done.send(BatchOutcome::Refused { row, requests });
+                let _ = done.send(BatchOutcome::Refused {
+                    row: refusal.into_row(),
+                    requests,
+                });
             }
             Applied::Error(op, e) => op.fail(&e),
         }
@@ -502,14 +539,10 @@ fn apply_seats(tx: &rusqlite::Transaction<'_>, batch: SeatBatch, now: &str) -> A
         }
         Ok(Err(refusal)) => {
             let _ = rollback_savepoint(tx);
-            let row = match refusal {
-                Refusal::NoEvent => None,
-                Refusal::Stale(row) => Some(row),
-            };
-            debug!(?row, "batch refused by the fence");
+            debug!(?refusal, "batch refused by the fenced update");
             Applied::SeatsRefused {
                 done: batch.done,
-                row,
+                refusal,
                 requests: batch.requests,
             }
         }

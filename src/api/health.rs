@@ -36,6 +36,7 @@ pub async fn ready(state: web::Data<AppState>) -> Result<HttpResponse, ApiError>
         "writer": if writer { "running" } else { "stopped" },
         "writer_backlog": state.writer.backlog(),
         "fence_refusals": state.writer.fence_refusals(),
+        "seat_refusals": state.writer.seat_refusals(),
         "event_actors": state.registry.len(),
         "finalizations_in_flight": state.finalize.in_flight(),
         "redis": match redis { Ok(s) | Err(s) => s },

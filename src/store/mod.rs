@@ -149,3 +149,28 @@ impl ReadPool {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Promise 2 rests on these two settings of the writer connection: no process kill can show
+    /// a missing fsync (the page cache survives it), only a power loss would, so they are
+    /// checked here on the connection `open_writer` hands to the persistence actor.
+    #[test]
+    fn the_writer_commits_durably_in_wal_mode() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = open_writer(&dir.path().join("t.db")).unwrap();
+        let journal: String = conn
+            .pragma_query_value(None, "journal_mode", |r| r.get(0))
+            .unwrap();
+        let synchronous: i64 = conn
+            .pragma_query_value(None, "synchronous", |r| r.get(0))
+            .unwrap();
+        assert_eq!(journal, "wal");
+        assert_eq!(
+            synchronous, 2,
+            "synchronous = FULL: every COMMIT is fsynced"
+        );
+    }
+}

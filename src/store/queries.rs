@@ -47,8 +47,21 @@ pub struct Report {
 pub enum Refusal {
     /// The event does not exist (any more).
     NoEvent,
-    /// A newer lease token has written, or the seats are not there: here is the current row.
-    Stale(EventRow),
+    /// A newer lease token has written: the batch was allocated under a lease that has since
+    /// passed to someone else (a pause, a partition). Here is the current row.
+    Fenced(EventRow),
+    /// The token is current but the seats are not there (the view was behind the row).
+    NoSeats(EventRow),
+}
+
+impl Refusal {
+    /// The row the refusal came with, if the event exists.
+    pub fn into_row(self) -> Option<EventRow> {
+        match self {
+            Refusal::NoEvent => None,
+            Refusal::Fenced(row) | Refusal::NoSeats(row) => Some(row),
+        }
+    }
 }
 
 const EVENT_COLS: &str = "id, title, capacity, booked_count, finalized_count, fence";
@@ -183,7 +196,8 @@ pub fn apply_fenced_batch(
         .optional()?;
     let Some(booked_after) = booked_after else {
         return Ok(Err(match event(conn, event_id)? {
-            Some(row) => Refusal::Stale(row),
+            Some(row) if row.fence > token => Refusal::Fenced(row),
+            Some(row) => Refusal::NoSeats(row),
             None => Refusal::NoEvent,
         }));
     };
@@ -261,14 +275,14 @@ mod tests {
                 .unwrap()
                 .unwrap();
         assert_eq!((ids.len(), booked), (2, 3));
-        // An older token cannot write any more.
+        // An older token cannot write any more, though the seats are there.
         let r = apply_fenced_batch(&c, e.id, 1, &[(3, 1)], "x").unwrap();
         assert!(
-            matches!(r, Err(Refusal::Stale(ref row)) if row.fence == 2 && row.booked_count == 3)
+            matches!(r, Err(Refusal::Fenced(ref row)) if row.fence == 2 && row.booked_count == 3)
         );
         // The same token may write again, but not past capacity.
         let r = apply_fenced_batch(&c, e.id, 2, &[(3, 3)], "x").unwrap();
-        assert!(matches!(r, Err(Refusal::Stale(ref row)) if row.booked_count == 3));
+        assert!(matches!(r, Err(Refusal::NoSeats(ref row)) if row.booked_count == 3));
         assert!(apply_fenced_batch(&c, e.id, 3, &[(3, 2)], "x")
             .unwrap()
             .is_ok());
