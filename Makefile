@@ -4,7 +4,7 @@ CARGO ?= cargo
 TEST_PACKAGES ?= redis-server nginx wrk docker-compose
 LOOM_TARGET ?= target-loom
 
-.PHONY: run test bench unit loom loom-mutants deps fmt-check compose-check cluster test-docker clean-test
+.PHONY: run test bench unit loom loom-mutants mutants deps fmt-check compose-check cluster test-docker clean-test
 
 ## run: the service in embedded mode on :8000 with ./ticket.db (no Redis needed)
 run:
@@ -35,12 +35,17 @@ test-docker:
 	docker-compose -f docker-compose.test.yml run --rm tests
 
 compose-check:
-	docker-compose -f docker-compose.yml config -q
+	ADMIN_TOKEN=compose-check-organizer TICKET_KEY=compose-check-ticket-key \
+		docker-compose -f docker-compose.yml config -q
 	docker-compose -f docker-compose.test.yml config -q
 
 ## loom-mutants: put one deliberate bug per model into src/, require each model to fail, restore
 loom-mutants:
 	python3 scripts/loom-mutants.py
+
+## mutants: plant one deliberate bug per promise into a scratch copy, require its tests to fail
+mutants: deps
+	python3 scripts/mutants.py
 
 fmt-check:
 	$(CARGO) fmt --all -- --check

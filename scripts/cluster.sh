@@ -11,6 +11,10 @@ BIN=./target/release/ticketd
 RUN=$(mktemp -d /tmp/ticketd-cluster.XXXXXX)
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 
+# The organizer token: yours if ADMIN_TOKEN is set, else a fresh one printed below.
+ADMIN_TOKEN=${ADMIN_TOKEN:-$(head -c 18 /dev/urandom | base64 | tr '+/' '-_')}
+export ADMIN_TOKEN
+
 cargo build --release --bin ticketd
 
 pids=()
@@ -70,6 +74,7 @@ CONF
 pids+=($!)
 
 echo "ticketd cluster: nginx on http://127.0.0.1:$PORT -> replicas :$((PORT + 1)) :$((PORT + 2)) :$((PORT + 3)), redis :$REDIS_PORT, $DATABASE_URL"
+echo "organizer token: export ADMIN_TOKEN=$ADMIN_TOKEN"
 echo "Ctrl-C stops them all."
 # Exit (and stop everything) as soon as any of them dies.
 wait -n

@@ -262,15 +262,16 @@ async fn fencing_refuses_a_holder_whose_lease_expired() {
         (r, started.elapsed())
     });
     tokio::time::sleep(Duration::from_millis(1000)).await;
-    // A's lease has expired: B takes the lease with a higher token and sells 8 seats.
-    let mut b_ids = Vec::new();
-    for u in 0..8 {
-        let r = b
-            .post("/book", json!({"user_id": 100 + u, "event_id": event_id}))
-            .await;
-        assert_eq!(r.status, 200, "{:?}", r.body);
-        b_ids.push(r.body["id"].as_i64().unwrap());
-    }
+    // A's lease has expired: B takes the lease with the next token and sells 8 seats in one
+    // batch under it (one booking: one lease, one token — A's plus one, if tokens increase).
+    let r = b
+        .post(
+            "/book",
+            json!({"user_id": 100, "event_id": event_id, "quantity": 8}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let b_ids = [r.body["id"].as_i64().unwrap()];
     // A wakes. Its batch would fit (12 seats left), but it was allocated under a lease that has
     // passed to B: the store refuses the token, A takes a new lease above B's tokens and writes
     // the batch under it, after B's bookings.
@@ -308,7 +309,49 @@ async fn fencing_refuses_a_holder_whose_lease_expired() {
     );
     let db = open_db(&db_path);
     assert_eq!(event_counts(&db, event_id).0, 20);
-    assert_eq!(booking_sums(&db, event_id), (20, 10));
+    assert_eq!(booking_sums(&db, event_id), (20, 3));
+}
+
+/// The capacity check of the fenced update, deterministically: A's view says 9 seats are free
+/// when B has sold them all. A's batch carries a new, valid token, so the fence lets it through;
+/// only `booked_count + n <= capacity` in the store stands between it and an oversell.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stale_view_cannot_sell_seats_another_replica_sold() {
+    let _serial = SERIAL.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let db_path = dir.path().join("ticket.db");
+    let redis = RedisProc::start().await;
+    let mut reps = replicas(2, &db_path, &redis.url(), FAST).await;
+    let (b, a) = (reps.remove(1), reps.remove(0));
+    let event_id = a.create_event("Stale view", 10).await;
+    let r = a
+        .post("/book", json!({"user_id": 1, "event_id": event_id}))
+        .await;
+    assert_eq!(r.status, 200, "A loads its view: 1 of 10 sold");
+    let r = b
+        .post(
+            "/book",
+            json!({"user_id": 2, "event_id": event_id, "quantity": 9}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "B sells the other 9: {:?}", r.body);
+    let r = a
+        .post("/book", json!({"user_id": 3, "event_id": event_id}))
+        .await;
+    assert_eq!(
+        (r.status.as_u16(), &r.body),
+        (409, &json!({"detail": "Event is sold out."})),
+        "A learns from the refusal that nothing is left"
+    );
+    let ready = a.get("/ready").await.body;
+    assert_eq!(
+        (&ready["fence_refusals"], &ready["seat_refusals"]),
+        (&json!(0), &json!(1)),
+        "the capacity, not the fence, refused A's batch: {ready}"
+    );
+    let db = open_db(&db_path);
+    assert_eq!(event_counts(&db, event_id).0, 10);
+    assert_eq!(booking_sums(&db, event_id), (10, 2));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -29,7 +29,8 @@ fn quick<'a>(extra: &[(&'a str, &'a str)]) -> Vec<(&'a str, &'a str)> {
     v
 }
 
-async fn book_many(target: &impl Target, event_id: i64, n: i64) -> Vec<i64> {
+/// Books `n` bookings one after the other; returns their ids and secrets.
+async fn book_many(target: &impl Target, event_id: i64, n: i64) -> Vec<(i64, String)> {
     let mut ids = Vec::new();
     for u in 0..n {
         let r = target
@@ -39,7 +40,10 @@ async fn book_many(target: &impl Target, event_id: i64, n: i64) -> Vec<i64> {
             )
             .await;
         assert_eq!(r.status, 200, "{:?}", r.body);
-        ids.push(r.body["id"].as_i64().unwrap());
+        ids.push((
+            r.body["id"].as_i64().unwrap(),
+            r.body["secret"].as_str().unwrap().to_string(),
+        ));
     }
     ids
 }
@@ -158,7 +162,7 @@ async fn a_backlog_waits_in_the_stream_not_in_a_consumer() {
     book_many(&app, event, 30).await;
     all_issued_once(&app.db_path, Duration::from_secs(30)).await;
     stream_drains(&redis).await;
-    assert_eq!(app.get("/report").await.body["dead_letters"], 0);
+    assert_eq!(app.admin_get("/report").await.body["dead_letters"], 0);
     app.stop().await;
 }
 
@@ -207,7 +211,7 @@ async fn twenty_bookings_with(
 async fn wait_dead_letters(target: &impl Target, n: u64) -> Value {
     let mut dead = Value::Null;
     for _ in 0..100 {
-        dead = target.get("/report").await.body["dead_letters"].clone();
+        dead = target.admin_get("/report").await.body["dead_letters"].clone();
         if dead == n {
             break;
         }
@@ -222,7 +226,7 @@ async fn failed_issuances_are_redelivered_and_issued_once() {
     // The first 10 issuances fail after the delivery delay, before the write.
     let (_dir, db, _redis, p) = twenty_bookings_with("finalize-issue=10*return").await;
     all_issued_once(&db, Duration::from_secs(30)).await;
-    assert_eq!(p.get("/report").await.body["dead_letters"], 0);
+    assert_eq!(p.admin_get("/report").await.body["dead_letters"], 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -321,7 +325,11 @@ async fn poison_entries_are_dead_lettered_counted_and_replayable() {
     ]);
     let sick = replicas(1, &db, &redis.url(), &env).await.remove(0);
     let event = sick.create_event("Poison", 10).await;
-    let ids = book_many(&sick, event, 1).await;
+    let ids: Vec<i64> = book_many(&sick, event, 1)
+        .await
+        .into_iter()
+        .map(|b| b.0)
+        .collect();
     // And an entry nobody can read.
     let mut c = redis_conn(&redis).await;
     let _: String = redis::cmd("XADD")
@@ -340,7 +348,7 @@ async fn poison_entries_are_dead_lettered_counted_and_replayable() {
     );
     // Parked means parked: the sweeper does not push the booking again.
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    assert_eq!(sick.get("/report").await.body["dead_letters"], 2);
+    assert_eq!(sick.admin_get("/report").await.body["dead_letters"], 2);
     assert_eq!(count_status(&open_db(&db), "PENDING"), 1);
     let len: u64 = redis::cmd("XLEN")
         .arg("ticketd:finalize")
@@ -383,7 +391,7 @@ async fn poison_entries_are_dead_lettered_counted_and_replayable() {
     .await;
     assert_eq!((r.status.as_u16(), &r.body), (200, &json!({"replayed": 2})));
     all_issued_once(&db, Duration::from_secs(20)).await;
-    let b = healthy.get(&format!("/book/{}", ids[0])).await.body;
+    let b = healthy.admin_get(&format!("/book/{}", ids[0])).await.body;
     assert_eq!(b["status"], "FINALIZED");
     // The unreadable entry is still poison: back in the dead letters, counted again.
     let dead = wait_dead_letters(&healthy, 1).await;
@@ -418,16 +426,58 @@ async fn embedded_dead_letters_and_replay() {
     .await;
     assert_eq!(r.body, json!({"replayed": 1}));
     all_issued_once(&db, Duration::from_secs(20)).await;
-    assert_eq!(p.get("/report").await.body["dead_letters"], 0);
+    assert_eq!(p.admin_get("/report").await.body["dead_letters"], 0);
+}
+
+/// A booking cancelled while its ticket is being issued (read PENDING, the delivery under way)
+/// is never moved to FINALIZED: the write is conditional on PENDING in the store, whatever the
+/// finalizer read before. The cancellation is written straight into the file here; a second
+/// booking issued alongside shows that the finalizer did try.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_booking_cancelled_during_issuance_is_never_finalized() {
+    let app = common::TestApp::spawn_with(|c, _| c.finalize_delay_ms = 1000);
+    let event = app.create_event("Refund", 10).await;
+    let booked = book_many(&app, event, 2).await;
+    let (cancelled, control) = (booked[0].0, booked[1].0);
+    tokio::time::sleep(Duration::from_millis(300)).await; // both issuances are under way
+    let db = open_db(&app.db_path);
+    db.execute(
+        "UPDATE bookings SET status = 'CANCELLED' WHERE id = ?1 AND status = 'PENDING'",
+        [cancelled],
+    )
+    .unwrap();
+    assert!(
+        common::eventually(Duration::from_secs(20), || {
+            common::codes(&db).contains_key(&control)
+        })
+        .await,
+        "the other booking was issued"
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (status, code): (String, Option<String>) = db
+        .query_row(
+            "SELECT status, ticket_code FROM bookings WHERE id = ?1",
+            [cancelled],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert_eq!((status.as_str(), code), ("CANCELLED", None));
+    let quantity_of_control = 2; // book_many: 1 + u % 2
+    assert_eq!(
+        common::event_counts(&db, event).2,
+        quantity_of_control,
+        "only the control's seats count as issued"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn ticket_verification() {
     let app = common::TestApp::spawn_with(|c, _| c.finalize_delay_ms = 10);
     let event = app.create_event("Door", 10).await;
-    let ids = book_many(&app, event, 4).await;
+    let booked = book_many(&app, event, 4).await;
+    let ids: Vec<i64> = booked.iter().map(|b| b.0).collect();
     all_issued_once(&app.db_path, Duration::from_secs(20)).await;
-    let code = app.get(&format!("/book/{}", ids[0])).await.body["ticket_code"]
+    let code = app.get_booking(ids[0], &booked[0].1).await.body["ticket_code"]
         .as_str()
         .unwrap()
         .to_string();
@@ -457,7 +507,7 @@ async fn ticket_verification() {
         "a stored code with a wrong MAC"
     );
     //    and a genuine code stops verifying when the facts it vouches for are altered;
-    let code2 = app.get(&format!("/book/{}", ids[2])).await.body["ticket_code"]
+    let code2 = app.get_booking(ids[2], &booked[2].1).await.body["ticket_code"]
         .as_str()
         .unwrap()
         .to_string();
@@ -470,7 +520,7 @@ async fn ticket_verification() {
     );
     // 2. the issued code: a code with a genuine MAC is refused if it is not the one the booking
     //    was issued with.
-    let code3 = app.get(&format!("/book/{}", ids[3])).await.body["ticket_code"]
+    let code3 = app.get_booking(ids[3], &booked[3].1).await.body["ticket_code"]
         .as_str()
         .unwrap()
         .to_string();

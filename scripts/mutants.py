@@ -1,0 +1,310 @@
+#!/usr/bin/env python3
+"""`make mutants`: proves that the test suite guards every promise of DESIGN.md.
+
+For each mutant below, plant one deliberate bug into a scratch copy of the working tree
+(target/mutants/tree; the real tree is never touched), run the tests that target that promise,
+and require every one of them to FAIL; then restore the file. A mutant that survives, or that
+does not even build, fails the run. Before any mutant, the same tests must pass on the
+unmutated copy (a test that fails without a bug proves nothing).
+
+    python3 scripts/mutants.py              every mutant, its targeted tests
+    python3 scripts/mutants.py fence lease  only mutants whose name contains one of the words
+    python3 scripts/mutants.py --suite ...  also run the whole suite per mutant and list every
+                                            test that fails (slow: a full suite per mutant)
+    python3 scripts/mutants.py --list       the table of mutants, nothing run
+
+Prints a table: mutant -> promise -> killing tests. Not part of `make test` (it builds once per
+mutant); run it before resolving an issue that touches a promise, and add a mutant for every
+promise you add. The loom models have their own mutants (`make loom-mutants`).
+
+Test names: `<test binary>::<test name>` for tests/, `lib::<module path>::<test>` for unit tests.
+"""
+import os, re, shutil, subprocess, sys, time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORK = os.path.join(ROOT, "target", "mutants")
+TREE = os.path.join(WORK, "tree")
+TARGET = os.path.join(WORK, "target")
+FEATURES = ["--features", "failpoints"]
+TEST_TIMEOUT = 300  # seconds per test run; a hang counts as a kill, and is reported as one
+
+
+class Mutant:
+    def __init__(self, name, promise, what, path, old, new, tests):
+        self.name, self.promise, self.what = name, promise, what
+        self.path, self.old, self.new, self.tests = path, old, new, tests
+
+
+MUTANTS = [
+    # Promise 1: never oversell.
+    Mutant("no-capacity-check", "1 never oversell",
+           "the fenced update no longer checks capacity (the trigger still aborts)",
+           "src/store/queries.rs",
+           "WHERE id = ?3 AND fence <= ?2 AND booked_count + ?1 <= capacity",
+           "WHERE id = ?3 AND fence <= ?2",
+           ["lib::store::queries::tests::fenced_batch_refuses_stale_tokens_and_missing_seats",
+            "cluster::a_stale_view_cannot_sell_seats_another_replica_sold"]),
+    Mutant("no-trigger", "1 never oversell",
+           "the oversell trigger never fires",
+           "src/store/schema.rs",
+           "WHEN NEW.booked_count > NEW.capacity OR NEW.booked_count < 0",
+           "WHEN 0",
+           ["lib::store::schema::tests::adopts_the_old_services_file"]),
+    Mutant("no-fence", "1 never oversell",
+           "the fenced update without `fence <= token`",
+           "src/store/queries.rs",
+           "WHERE id = ?3 AND fence <= ?2 AND booked_count + ?1 <= capacity",
+           "WHERE id = ?3 AND booked_count + ?1 <= capacity",
+           ["lib::store::queries::tests::fenced_batch_refuses_stale_tokens_and_missing_seats",
+            "cluster::fencing_refuses_a_holder_whose_lease_expired"]),
+    Mutant("lease-no-incr", "1 never oversell",
+           "the Redis lease script hands out the current token instead of INCR-ing it",
+           "src/coord/redis.rs",
+           "local token = redis.call('INCR', KEYS[2])",
+           "local token = tonumber(redis.call('GET', KEYS[2]) or '0')",
+           ["cluster::lease_protocol_on_redis_fences_and_takes_turns",
+            "cluster::fencing_refuses_a_holder_whose_lease_expired"]),
+    Mutant("allocate-unchecked", "1 never oversell",
+           "the actor's allocation rule takes a request whatever is left",
+           "src/actors/event.rs",
+           "if quantity >= 1 && quantity <= remaining {",
+           "if quantity >= 1 {",
+           ["lib::actors::event::tests::allocation_is_first_come_first_served_without_partial_fills",
+            "concurrency::four_hundred_clients_on_a_hundred_seats"]),
+    # Promise 2: never lose an acknowledged booking.
+    Mutant("reply-before-commit", "2 a 200 means committed",
+           "booking replies sent before COMMIT",
+           "src/actors/persistence.rs",
+           "    if let Err(e) = commit(tx) {",
+           """    for a in applied.iter_mut() {
+        if let Applied::Seats { booked, .. } = a {
+            for (req, b) in booked.drain(..) {
+                let _ = req.reply.send(Ok(b));
+            }
+        }
+    }
+    if let Err(e) = commit(tx) {""",
+           ["crash::a_failed_commit_acknowledges_nothing"]),
+    Mutant("synchronous-off", "2 a 200 means committed",
+           "PRAGMA synchronous FULL -> OFF",
+           "src/store/mod.rs",
+           'conn.pragma_update(None, "synchronous", "FULL")?;',
+           'conn.pragma_update(None, "synchronous", "OFF")?;',
+           ["lib::store::tests::the_writer_commits_durably_in_wal_mode"]),
+    Mutant("synchronous-normal", "2 a 200 means committed",
+           "PRAGMA synchronous FULL -> NORMAL (WAL commits not fsynced)",
+           "src/store/mod.rs",
+           'conn.pragma_update(None, "synchronous", "FULL")?;',
+           'conn.pragma_update(None, "synchronous", "NORMAL")?;',
+           ["lib::store::tests::the_writer_commits_durably_in_wal_mode"]),
+    # Promise 3: issued exactly once in effect, never after a cancellation.
+    Mutant("finalize-any-status", "3 issued once, never cancelled",
+           "finalize without `status = 'PENDING'`",
+           "src/store/queries.rs",
+           "WHERE id = ?1 AND status = 'PENDING'\n             RETURNING event_id, quantity",
+           "WHERE id = ?1\n             RETURNING event_id, quantity",
+           ["lib::store::queries::tests::finalize_is_idempotent",
+            "finalizer::a_booking_cancelled_during_issuance_is_never_finalized"]),
+    # Promise 4: only the holder or the organizer acts; codes cannot be forged.
+    Mutant("verify-no-mac", "4 tickets cannot be forged",
+           "/ticket/verify skips the MAC check",
+           "src/api/tickets.rs",
+           "if !state.signer.verify(&code, &facts) {",
+           "if false && !state.signer.verify(&code, &facts) {",
+           ["finalizer::ticket_verification"]),
+    Mutant("verify-no-stored-code", "4 tickets cannot be forged",
+           "/ticket/verify accepts a genuine MAC that is not the issued code",
+           "src/api/tickets.rs",
+           '"FINALIZED" if b.ticket_code.as_deref() == Some(code.as_str()) => {}',
+           '"FINALIZED" => {}',
+           ["finalizer::ticket_verification"]),
+    Mutant("mac-compare-inverted", "4 tickets cannot be forged",
+           "the signer's MAC comparison inverted",
+           "src/ticket.rs",
+           "constant_time_eq(&given, &self.mac(f))",
+           "!constant_time_eq(&given, &self.mac(f))",
+           ["lib::ticket::tests::codes_are_stable_and_bound_to_the_facts",
+            "api::tickets_are_issued_with_a_verifiable_code"]),
+    Mutant("ct-eq-ignores-length", "4 only the holder or the organizer",
+           "the constant-time comparison ignores a length difference (zero-padded prefix passes)",
+           "src/secrets.rs",
+           "let mut diff = (given.len() ^ expected.len()) as u64;",
+           "let mut diff = 0u64;",
+           ["lib::secrets::tests::equal_only_when_every_byte_and_the_length_agree"]),
+    Mutant("organizer-any-token", "4 only the organizer",
+           "the organizer token check accepts any bearer token",
+           "src/api/auth.rs",
+           "    if constant_time_eq(given.as_bytes(), expected.as_bytes()) {\n        Ok(())",
+           "    if !given.is_empty() {\n        Ok(())",
+           ["finalizer::poison_entries_are_dead_lettered_counted_and_replayable",
+            "security::organizer_operations_need_the_token"]),
+    Mutant("organizer-reads-any-booking", "4 only the holder or the organizer",
+           "any bearer token reads any booking",
+           "src/api/auth.rs",
+           "(Some(expected), Some(given)) => constant_time_eq(given.as_bytes(), expected.as_bytes()),",
+           "(Some(_), Some(_)) => true,",
+           ["security::organizer_operations_need_the_token"]),
+    Mutant("booking-no-secret", "4 only the holder or the organizer",
+           "GET /book/{id} shown without checking the secret",
+           "src/api/bookings.rs",
+           "Some(b) if auth::may_act_on(&state, &req, &TicketFacts::from(&b)) => {",
+           "Some(b) => {",
+           ["security::bookings_are_invisible_without_their_secret"]),
+    Mutant("secret-is-the-id", "4 only the holder or the organizer",
+           "the booking secret derived from public facts only (no key)",
+           "src/ticket.rs",
+           'data_encoding::BASE64URL_NOPAD.encode(&self.hmac("ticketd-secret-v1", f)[..SECRET_BYTES])',
+           'format!("{:0>32}", f.booking_id)',
+           ["lib::ticket::tests::booking_secrets_are_long_url_safe_and_bound_to_the_booking",
+            "security::bookings_are_invisible_without_their_secret"]),
+    Mutant("secret-in-the-log", "4 secrets never logged",
+           "request spans record the query string (where `?secret=` travels)",
+           "src/telemetry.rs",
+           "http.target = %request.path(),",
+           "http.target = %request.uri(),",
+           ["security::secrets_never_reach_the_log"]),
+    # Promise 5: overload is answered at once, queues are bounded.
+    Mutant("unbounded-event-queue", "5 bounded queues, quick 503",
+           "the event actor's queue has no limit",
+           "src/actors/event.rs",
+           "if self.queue.len() >= self.deps.tuning.event_queue_limit {",
+           "if false && self.queue.len() >= self.deps.tuning.event_queue_limit {",
+           ["concurrency::overload_is_answered_at_once_with_retry_after"]),
+    # Promise 6: bad input gets a clear 4xx.
+    Mutant("user-id-zero", "6 bad input is a 4xx",
+           "validation accepts user_id 0",
+           "src/domain.rs",
+           'let user_id = f.int("user_id", None, 1, i64::MAX);',
+           'let user_id = f.int("user_id", None, 0, i64::MAX);',
+           ["lib::domain::tests::booking_rules", "api::booking_validation_never_500s"]),
+]
+
+
+def sh(cmd, **kw):
+    return subprocess.run(cmd, cwd=kw.pop("cwd", TREE), capture_output=True, text=True, **kw)
+
+
+def make_scratch():
+    """A copy of the working tree as it is (tracked and untracked, not ignored files)."""
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT,
+                           capture_output=True, text=True, check=True).stdout.split("\0")
+    if os.path.isdir(TREE):
+        shutil.rmtree(TREE)
+    for f in filter(None, files):
+        src = os.path.join(ROOT, f)
+        if not os.path.isfile(src):
+            continue  # deleted in the working tree
+        dst = os.path.join(TREE, f)
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        shutil.copy2(src, dst)
+    # Seed the scratch build with the real tree's compiled dependencies (a copy: the real
+    # target directory is never written), so only ticketd itself is built per mutant.
+    seed = os.path.join(ROOT, "target", "debug")
+    if not os.path.isdir(TARGET) and os.path.isdir(seed):
+        print("seeding target/mutants/target from target/debug ...", flush=True)
+        os.makedirs(TARGET, exist_ok=True)
+        subprocess.run(["cp", "-a", seed, os.path.join(TARGET, "debug")], check=False)
+
+
+def cargo_test(test, timeout=TEST_TIMEOUT):
+    """Runs one test; returns 'pass', 'fail', 'timeout' or 'build' (did not compile)."""
+    binary, name = test.split("::", 1)
+    which = ["--lib"] if binary == "lib" else ["--test", binary]
+    env = dict(os.environ, CARGO_TARGET_DIR=TARGET)
+    cmd = ["cargo", "test", "-q", *FEATURES, *which, "--", "--exact", name]
+    try:
+        r = sh(cmd, env=env, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return "timeout", ""
+    out = r.stdout + r.stderr
+    if r.returncode == 0:
+        if "running 1 test" not in out:
+            return "missing", out  # no such test: a typo would otherwise "pass"
+        return "pass", out
+    if "could not compile" in out or re.search(r"^error(\[E\d+\])?:", out, re.M):
+        if "test result: FAILED" not in out:
+            return "build", out
+    return "fail", out
+
+
+def whole_suite():
+    """Every failing test of the whole suite (for --suite)."""
+    env = dict(os.environ, CARGO_TARGET_DIR=TARGET)
+    r = sh(["cargo", "test", *FEATURES, "--workspace", "--no-fail-fast"], env=env)
+    return re.findall(r"^test (\S+) \.\.\. FAILED", r.stdout, re.M)
+
+
+def first_failure_line(out):
+    for line in out.splitlines():
+        if "panicked at" in line or line.strip().startswith(("assertion", "left:", "thread '")):
+            return line.strip()[:150]
+    return ""
+
+
+def main():
+    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    suite = "--suite" in sys.argv
+    chosen = [m for m in MUTANTS if not args or any(a in m.name for a in args)]
+    if "--list" in sys.argv:
+        for m in chosen:
+            print(f"{m.name:24} {m.promise:30} {m.what}\n{'':24} -> {', '.join(m.tests)}")
+        return 0
+    if not chosen:
+        print("no mutant matches", args)
+        return 2
+    make_scratch()
+    started = time.time()
+
+    tests = sorted({t for m in chosen for t in m.tests})
+    print(f"baseline: {len(tests)} targeted tests on the unmutated copy", flush=True)
+    broken = []
+    for t in tests:
+        res, out = cargo_test(t)
+        if res != "pass":
+            broken.append(t)
+            print(f"  {t}: {res}\n{out[-3000:]}")
+    if broken:
+        print("baseline is not green: fix these before judging mutants:", broken)
+        return 1
+
+    rows, bad = [], 0
+    for m in chosen:
+        path = os.path.join(TREE, m.path)
+        original = open(path).read()
+        if original.count(m.old) != 1:
+            rows.append((m, "CANNOT APPLY (code changed?)", []))
+            bad += 1
+            continue
+        print(f"[{m.name}] {m.what}", flush=True)
+        try:
+            open(path, "w").write(original.replace(m.old, m.new, 1))
+            results = [(t, *cargo_test(t)) for t in m.tests]
+            extra = whole_suite() if suite else []
+        finally:
+            open(path, "w").write(original)
+        if any(r == "build" for _, r, _ in results):
+            verdict = "DOES NOT BUILD"
+        elif all(r in ("fail", "timeout") for _, r, _ in results):
+            verdict = "killed"
+        else:
+            verdict = "SURVIVED"
+        for t, r, out in results:
+            print(f"    {t}: {r} {first_failure_line(out) if r == 'fail' else ''}", flush=True)
+        killers = [t + (" (timeout)" if r == "timeout" else "") for t, r, _ in results
+                   if r in ("fail", "timeout")]
+        if suite:
+            print(f"    whole suite, failing: {', '.join(extra) or 'none'}")
+        rows.append((m, verdict, killers))
+        bad += verdict != "killed"
+
+    print(f"\n| mutant | promise | planted bug | result | killed by |")
+    print(f"|---|---|---|---|---|")
+    for m, verdict, killers in rows:
+        print(f"| {m.name} | {m.promise} | {m.what} | {verdict} | {', '.join(killers) or '-'} |")
+    print(f"\n{len(rows) - bad}/{len(rows)} mutants killed in {time.time() - started:.0f} s; "
+          "the real tree was not modified")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
