@@ -55,7 +55,9 @@ pub struct Config {
     /// across restarts so a restarted replica resumes its own unacknowledged entries).
     #[arg(long, env = "REPLICA_ID", value_name = "REPLICA_ID", value_parser = parse_replica_id)]
     pub replica_id: Option<String>,
-    /// Bearer token for `/admin/*`; unset, the admin endpoints are disabled.
+    /// The organizer's bearer token: creating events, reports, reading any booking and
+    /// `/admin/*` need it. Unset: events and reports are open (as in the old service) and
+    /// `/admin/*` is disabled.
     #[arg(long, env = "ADMIN_TOKEN", value_name = "ADMIN_TOKEN", hide_env_values = true,
           value_parser = parse_ticket_key)]
     pub admin_token: Option<String>,

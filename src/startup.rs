@@ -187,7 +187,7 @@ impl Application {
         };
         let server = HttpServer::new(move || {
             App::new()
-                .wrap(TracingLogger::default())
+                .wrap(TracingLogger::<crate::telemetry::RequestSpan>::new())
                 .app_data(state.clone())
                 .configure(api::configure)
         })
@@ -199,6 +199,12 @@ impl Application {
         .run();
         actix::spawn(give_back_memory(registry_for_trim));
         info!(%addr, port, db = %path.display(), mode, "ticketd listening");
+        if config.admin_token.is_none() {
+            tracing::warn!(
+                "ADMIN_TOKEN is not set: anyone may create events and read reports, as in the \
+                 old service, and the admin endpoints are disabled; set it before going live"
+            );
+        }
         Ok(Application {
             port,
             server,

@@ -1,4 +1,5 @@
-//! Ticket codes: an HMAC-SHA256 over the booking's facts, keyed by a server secret.
+//! Ticket codes and booking secrets: HMAC-SHA256s over the booking's facts, keyed by a server
+//! secret.
 //!
 //! A code is `TK-<booking id>-<26 base32 chars>`: the id says which booking to look up, the MAC
 //! (the first 128 bits of HMAC-SHA256 over booking id, event id, user id and quantity) proves the
@@ -9,10 +10,14 @@
 use hmac::{Hmac, KeyInit, Mac};
 use sha2::Sha256;
 
+use crate::secrets::constant_time_eq;
+
 type HmacSha256 = Hmac<Sha256>;
 
 /// Bytes of the MAC kept in a code (128 bits: forging one is a 2^-128 guess).
 const MAC_BYTES: usize = 16;
+/// Bytes of a booking secret (192 bits; 32 URL-safe characters).
+const SECRET_BYTES: usize = 24;
 
 /// The facts a ticket code vouches for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -21,6 +26,28 @@ pub struct TicketFacts {
     pub event_id: i64,
     pub user_id: i64,
     pub quantity: i64,
+}
+
+impl From<&crate::store::BookingRow> for TicketFacts {
+    fn from(b: &crate::store::BookingRow) -> Self {
+        TicketFacts {
+            booking_id: b.id,
+            event_id: b.event_id,
+            user_id: b.user_id,
+            quantity: b.quantity,
+        }
+    }
+}
+
+impl From<&crate::actors::Booked> for TicketFacts {
+    fn from(b: &crate::actors::Booked) -> Self {
+        TicketFacts {
+            booking_id: b.id,
+            event_id: b.event_id,
+            user_id: b.user_id,
+            quantity: b.quantity,
+        }
+    }
 }
 
 /// Signs and checks ticket codes with the server key.
@@ -47,7 +74,8 @@ impl TicketSigner {
         Ok(data_encoding::HEXLOWER.encode(&buf))
     }
 
-    fn mac(&self, f: &TicketFacts) -> [u8; MAC_BYTES] {
+    /// HMAC-SHA256 of the booking's facts under `label` (which keeps the uses apart).
+    fn hmac(&self, label: &str, f: &TicketFacts) -> [u8; 32] {
         // KeyInit accepts keys of any length for HMAC.
         let mut mac = match HmacSha256::new_from_slice(&self.key) {
             Ok(m) => m,
@@ -55,12 +83,16 @@ impl TicketSigner {
         };
         mac.update(
             format!(
-                "ticketd-v1|{}|{}|{}|{}",
+                "{label}|{}|{}|{}|{}",
                 f.booking_id, f.event_id, f.user_id, f.quantity
             )
             .as_bytes(),
         );
-        let full = mac.finalize().into_bytes();
+        mac.finalize().into_bytes().into()
+    }
+
+    fn mac(&self, f: &TicketFacts) -> [u8; MAC_BYTES] {
+        let full = self.hmac("ticketd-v1", f);
         let mut out = [0u8; MAC_BYTES];
         out.copy_from_slice(&full[..MAC_BYTES]);
         out
@@ -98,13 +130,22 @@ impl TicketSigner {
         let Ok(given) = data_encoding::BASE32_NOPAD.decode(mac.as_bytes()) else {
             return false;
         };
-        let expected = self.mac(f);
-        given.len() == MAC_BYTES
-            && given
-                .iter()
-                .zip(expected.iter())
-                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-                == 0
+        constant_time_eq(&given, &self.mac(f))
+    }
+
+    /// The secret of a booking: what its holder shows to read or cancel it. An HMAC like the
+    /// ticket code, under its own label, so neither can be computed from the other; nothing of
+    /// it is stored. Whoever holds a copy of the bookings table learns no secret: they would need
+    /// the key (`TICKET_KEY`, or the generated one in `ticketd_meta` — set `TICKET_KEY` in the
+    /// environment to keep the key out of the database file altogether). Being a function of the
+    /// booking, an idempotent replay of `POST /book` returns the same secret.
+    pub fn booking_secret(&self, f: &TicketFacts) -> String {
+        data_encoding::BASE64URL_NOPAD.encode(&self.hmac("ticketd-secret-v1", f)[..SECRET_BYTES])
+    }
+
+    /// True if `given` is the secret of this booking (constant time, lengths included).
+    pub fn check_booking_secret(&self, given: &str, f: &TicketFacts) -> bool {
+        constant_time_eq(given.as_bytes(), self.booking_secret(f).as_bytes())
     }
 }
 
@@ -135,6 +176,33 @@ mod tests {
         assert_eq!(TicketSigner::claimed_booking(&code), Some(42));
         assert!(!s.verify(&code, &TicketFacts { quantity: 3, ..F }));
         assert!(!TicketSigner::new(b"another key 12345").verify(&code, &F));
+    }
+
+    #[test]
+    fn booking_secrets_are_long_url_safe_and_bound_to_the_booking() {
+        let s = TicketSigner::new(b"0123456789abcdef");
+        let secret = s.booking_secret(&F);
+        assert_eq!(
+            secret,
+            s.booking_secret(&F),
+            "a replay gets the same secret"
+        );
+        assert_eq!(secret.len(), 32);
+        assert!(secret
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'));
+        assert!(s.check_booking_secret(&secret, &F));
+        assert!(!s.check_booking_secret(&secret[..31], &F));
+        assert!(!s.check_booking_secret("", &F));
+        assert!(!s.check_booking_secret(
+            &secret,
+            &TicketFacts {
+                booking_id: 43,
+                ..F
+            }
+        ));
+        assert!(!TicketSigner::new(b"another key 12345").check_booking_secret(&secret, &F));
+        assert!(!s.sign(&F).contains(&secret), "not the ticket code's MAC");
     }
 
     #[test]

@@ -169,6 +169,8 @@ async fn booking_contract() {
     );
     assert!(created.ends_with('Z'), "UTC: {created}");
     let booking_id = b["id"].as_i64().unwrap();
+    let secret = b["secret"].as_str().unwrap().to_string();
+    assert!(secret.len() >= 22, "at least 128 bits: {secret}");
 
     let r = app
         .post(
@@ -197,11 +199,11 @@ async fn booking_contract() {
         (404, &json!({"detail": "Event not found"}))
     );
 
-    let r = app.get(&format!("/book/{booking_id}")).await;
+    let r = app.get_booking(booking_id, &secret).await;
     assert_eq!(r.status, 200);
     assert_eq!(r.body["id"], booking_id);
     assert!(["PENDING", "FINALIZED"].contains(&r.body["status"].as_str().unwrap()));
-    let r = app.get("/book/424242").await;
+    let r = app.get_booking(424242, &secret).await;
     assert_eq!(
         (r.status.as_u16(), &r.body),
         (404, &json!({"detail": "Booking not found"}))
@@ -408,9 +410,10 @@ async fn tickets_are_issued_with_a_verifiable_code() {
         )
         .await;
     let booking = r.body["id"].as_i64().unwrap();
+    let secret = r.body["secret"].as_str().unwrap().to_string();
     let mut last = Value::Null;
     for _ in 0..200 {
-        last = app.get(&format!("/book/{booking}")).await.body;
+        last = app.get_booking(booking, &secret).await.body;
         if last["status"] == "FINALIZED" {
             break;
         }

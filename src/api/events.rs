@@ -3,7 +3,7 @@
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde::Serialize;
 
-use super::{body, path_id, ApiError, AppState};
+use super::{auth, body, path_id, ApiError, AppState};
 use crate::domain::NewEvent;
 use crate::store::{queries, EventRow};
 
@@ -16,13 +16,14 @@ struct Stats {
     finalized_count: i64,
 }
 
-/// `POST /event {title, capacity}` → `{id, title, capacity, booked_count}`.
+/// `POST /event {title, capacity}` → `{id, title, capacity, booked_count}` (organizer).
 #[tracing::instrument(name = "create_event", skip_all)]
 pub async fn create(
     state: web::Data<AppState>,
     req: HttpRequest,
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
+    auth::require_organizer(&state, &req)?;
     let value = body::json(&req, payload).await?;
     let new = NewEvent::parse(&value).map_err(ApiError::Validation)?;
     let row = state.writer.create_event(new.title, new.capacity).await?;

@@ -2,6 +2,7 @@
 //! One file per resource; errors map to status codes in `errors`.
 
 pub mod admin;
+pub mod auth;
 pub mod body;
 pub mod bookings;
 pub mod errors;
@@ -29,7 +30,7 @@ pub struct AppState {
     pub writer: Writer,
     pub finalize: Finalization,
     pub signer: TicketSigner,
-    /// `/admin/*` is enabled only with a token.
+    /// The organizer token: organizer operations need it when set (`api::auth`).
     pub admin_token: Option<String>,
     /// `"embedded"` or `"cluster"`.
     pub mode: &'static str,

@@ -1,13 +1,18 @@
 //! `GET /report`: totals over all events, from committed rows only, plus the finalizer's dead
 //! letters (null when they cannot be counted right now, e.g. Redis down: the report still works).
 
-use actix_web::{web, HttpResponse};
+use actix_web::{web, HttpRequest, HttpResponse};
 use serde_json::json;
 
-use super::{ApiError, AppState};
+use super::{auth, ApiError, AppState};
 use crate::store::queries;
 
-pub async fn report(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+/// `GET /report` (organizer): the totals of every event.
+pub async fn report(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+) -> Result<HttpResponse, ApiError> {
+    auth::require_organizer(&state, &req)?;
     let r = state.reads.read(queries::report).await?;
     let dead = state.finalize.dead_letters().await.ok();
     Ok(HttpResponse::Ok().json(json!({

@@ -30,13 +30,7 @@ pub async fn verify(
     let Some(b) = state.reads.read(move |c| queries::booking(c, id)).await? else {
         return Ok(refused("Not a genuine ticket"));
     };
-    let facts = TicketFacts {
-        booking_id: b.id,
-        event_id: b.event_id,
-        user_id: b.user_id,
-        quantity: b.quantity,
-    };
-    if !state.signer.verify(&code, &facts) {
+    if !state.signer.verify(&code, &TicketFacts::from(&b)) {
         return Ok(refused("Not a genuine ticket"));
     }
     match b.status.as_str() {

@@ -63,6 +63,31 @@ pub async fn send(req: reqwest::RequestBuilder) -> Resp {
 pub trait Target {
     fn base(&self) -> String;
     fn http(&self) -> &reqwest::Client;
+    /// The organizer token the server was started with, if any: organizer calls send it.
+    fn admin_token(&self) -> Option<&str> {
+        None
+    }
+
+    /// `req` with the organizer token, when the server has one.
+    fn as_organizer(&self, req: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        match self.admin_token() {
+            Some(t) => req.bearer_auth(t),
+            None => req,
+        }
+    }
+    /// A GET as the organizer (`/report`, any booking).
+    async fn admin_get(&self, path: &str) -> Resp {
+        send(self.as_organizer(self.http().get(format!("{}{path}", self.base())))).await
+    }
+    /// A booking read with its secret, as its customer would.
+    async fn get_booking(&self, id: i64, secret: &str) -> Resp {
+        send(
+            self.http()
+                .get(format!("{}/book/{id}", self.base()))
+                .header("x-booking-secret", secret),
+        )
+        .await
+    }
 
     async fn post(&self, path: &str, body: Value) -> Resp {
         send(
@@ -84,12 +109,11 @@ pub trait Target {
         send(self.http().get(format!("{}{path}", self.base()))).await
     }
     async fn create_event(&self, title: &str, capacity: i64) -> i64 {
-        let r = self
-            .post(
-                "/event",
-                serde_json::json!({"title": title, "capacity": capacity}),
-            )
-            .await;
+        let req = self
+            .http()
+            .post(format!("{}/event", self.base()))
+            .json(&serde_json::json!({"title": title, "capacity": capacity}));
+        let r = send(self.as_organizer(req)).await;
         assert_eq!(r.status, 200, "{:?}", r.body);
         r.body["id"].as_i64().expect("id")
     }
@@ -98,6 +122,7 @@ pub trait Target {
 /// The application in this process, in its own actix System on its own thread.
 pub struct TestApp {
     pub port: u16,
+    pub admin: Option<String>,
     pub db_path: PathBuf,
     handle: ServerHandle,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -111,6 +136,9 @@ impl Target for TestApp {
     }
     fn http(&self) -> &reqwest::Client {
         &self.client
+    }
+    fn admin_token(&self) -> Option<&str> {
+        self.admin.as_deref()
     }
 }
 
@@ -139,6 +167,7 @@ impl TestApp {
             ..Tuning::default()
         };
         f(&mut config, &mut tuning);
+        let admin = config.admin_token.clone();
         let (tx, rx) = std::sync::mpsc::channel();
         let thread = std::thread::spawn(move || {
             actix_web::rt::System::new().block_on(async move {
@@ -156,6 +185,7 @@ impl TestApp {
         let (port, handle) = rx.recv().expect("app thread").expect("app builds");
         TestApp {
             port,
+            admin,
             db_path: db.to_path_buf(),
             handle,
             thread: Some(thread),
@@ -197,6 +227,7 @@ pub struct Proc {
     pub child: Child,
     pub port: u16,
     pub client: reqwest::Client,
+    pub admin: Option<String>,
 }
 
 impl Target for Proc {
@@ -205,6 +236,9 @@ impl Target for Proc {
     }
     fn http(&self) -> &reqwest::Client {
         &self.client
+    }
+    fn admin_token(&self) -> Option<&str> {
+        self.admin.as_deref()
     }
 }
 
@@ -219,6 +253,11 @@ pub fn free_port() -> u16 {
 impl Proc {
     /// Starts the binary on `db` and waits until `/health` answers.
     pub async fn start(db: &Path, env: &[(&str, &str)]) -> Self {
+        Self::start_logging(db, env, None).await
+    }
+
+    /// As `start`, with the child's log (its stdout) written to `log`.
+    pub async fn start_logging(db: &Path, env: &[(&str, &str)], log: Option<&Path>) -> Self {
         let port = free_port();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_ticketd"));
         cmd.env_clear()
@@ -226,16 +265,24 @@ impl Proc {
             .env("DATABASE_URL", format!("sqlite://{}", db.display()))
             .env("TICKET_KEY", TEST_KEY)
             .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit());
+            .stderr(Stdio::inherit())
+            .stdout(match log {
+                Some(path) => Stdio::from(std::fs::File::create(path).expect("log file")),
+                None => Stdio::null(),
+            });
         for (k, v) in env {
             cmd.env(k, v);
         }
         let child = cmd.spawn().expect("spawn ticketd");
+        let admin = env
+            .iter()
+            .find(|(k, _)| *k == "ADMIN_TOKEN")
+            .map(|(_, v)| v.to_string());
         let mut p = Proc {
             child,
             port,
             client: client(),
+            admin,
         };
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
