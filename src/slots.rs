@@ -119,9 +119,9 @@ impl<V: Clone> Slots<V> {
 }
 
 /// The sold-out flag of an event, set by its actor once the committed count reaches capacity and
-/// read by routes to answer 409 without a message. Seats never come back, so it is never
-/// cleared; Release/Acquire makes whatever the actor knew when it set it visible to a reader
-/// that sees it.
+/// read by routes to answer 409 without a message. Cleared when a cancellation brings seats back
+/// (by the actor that committed it, or, on other replicas, by the "seats returned" notice).
+/// Release/Acquire makes whatever the actor knew when it set it visible to a reader that sees it.
 #[derive(Debug, Default)]
 pub struct SoldOut(crate::sync::AtomicBool);
 
@@ -132,6 +132,11 @@ impl SoldOut {
 
     pub fn mark(&self) {
         self.0.store(true, Ordering::Release);
+    }
+
+    /// Seats came back: requests go to the actor again.
+    pub fn clear(&self) {
+        self.0.store(false, Ordering::Release);
     }
 
     pub fn is_sold_out(&self) -> bool {

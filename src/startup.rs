@@ -152,12 +152,17 @@ impl Application {
         );
 
         if let Some(link) = &redis {
-            let weak = Arc::downgrade(&registry);
-            actix::spawn(crate::coord::redis::watch_lease_frees(
+            let (free, returned) = (Arc::downgrade(&registry), Arc::downgrade(&registry));
+            actix::spawn(crate::coord::redis::watch_notifications(
                 link.client().clone(),
                 move |event| {
-                    if let Some(r) = weak.upgrade() {
+                    if let Some(r) = free.upgrade() {
                         r.lease_free(event);
+                    }
+                },
+                move |event| {
+                    if let Some(r) = returned.upgrade() {
+                        r.seats_returned(event);
                     }
                 },
             ));
@@ -170,6 +175,7 @@ impl Application {
             finalize: finalization,
             signer,
             admin_token: config.admin_token.clone(),
+            in_flight: Default::default(),
             mode,
             redis,
         });

@@ -28,8 +28,8 @@ pub struct TicketFacts {
     pub quantity: i64,
 }
 
-impl From<&crate::store::BookingRow> for TicketFacts {
-    fn from(b: &crate::store::BookingRow) -> Self {
+impl From<&crate::domain::Booking> for TicketFacts {
+    fn from(b: &crate::domain::Booking) -> Self {
         TicketFacts {
             booking_id: b.id,
             event_id: b.event_id,
@@ -39,8 +39,8 @@ impl From<&crate::store::BookingRow> for TicketFacts {
     }
 }
 
-impl From<&crate::actors::Booked> for TicketFacts {
-    fn from(b: &crate::actors::Booked) -> Self {
+impl From<&crate::domain::Booked> for TicketFacts {
+    fn from(b: &crate::domain::Booked) -> Self {
         TicketFacts {
             booking_id: b.id,
             event_id: b.event_id,

@@ -549,9 +549,13 @@ async fn lease_notifications_survive_keepalives_and_a_redis_restart() {
     let mut redis = RedisProc::start().await;
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let client = redis::Client::open(redis.url()).unwrap();
-    let watcher = tokio::spawn(ticketd::coord::redis::watch_lease_frees(client, move |e| {
-        let _ = tx.send(e);
-    }));
+    let watcher = tokio::spawn(ticketd::coord::redis::watch_notifications(
+        client,
+        move |e| {
+            let _ = tx.send(e);
+        },
+        |_| {},
+    ));
     assert!(
         notified(&redis, &mut rx, 7, Duration::from_secs(5)).await,
         "first notification"

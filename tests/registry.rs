@@ -7,9 +7,9 @@ use std::time::Duration;
 
 use actix::Arbiter;
 use ticketd::actors::event::EventDeps;
+use ticketd::actors::persistence::CreateEvent;
 use ticketd::actors::{PersistenceActor, Registry};
 use ticketd::coord::{Lease, LocalQueue, Outbox};
-use ticketd::domain::{EventId, NewBooking};
 use ticketd::store::{self, ReadPool};
 use ticketd::Tuning;
 
@@ -98,7 +98,17 @@ fn a_booking_queued_in_an_actor_whose_arbiter_stops_is_rerouted() {
         let lease = deps.lease.clone();
         // No arbiters given: actors start on the arbiter of whoever asks first, as in the server.
         let registry = Registry::new(deps, Vec::new());
-        let event = writer.create_event("Rerouted".into(), 10).await.unwrap().id;
+        let event = writer
+            .create_event(CreateEvent {
+                title: "Rerouted".into(),
+                capacity: 10,
+                max_per_user: None,
+                key: None,
+            })
+            .await
+            .unwrap()
+            .unwrap()
+            .id;
         let stranger = 999_999;
         let token = lease.acquire_now(event, stranger, 0).flatten().expect("lease");
 
@@ -111,12 +121,7 @@ fn a_booking_queued_in_an_actor_whose_arbiter_stops_is_rerouted() {
         let first = rx.await.unwrap();
         let r = registry.clone();
         let booking = actix::spawn(async move {
-            r.book(NewBooking {
-                user_id: 7,
-                event_id: EventId(event),
-                quantity: 2,
-            })
-            .await
+            r.book(event, 7, 2, None).await
         });
         // The booking reaches the actor on `worker` and waits in its queue for the lease.
         tokio::time::sleep(Duration::from_millis(200)).await;

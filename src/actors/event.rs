@@ -1,17 +1,33 @@
 //! The event actor: one per event per replica, the only place that allocates its seats.
 //!
-//! Requests queue in the actor; whenever it is not busy it takes the lease (one round trip),
-//! allocates a whole batch in memory, hands the batch to the persistence actor and waits for the
-//! commit, while the next batch piles up behind it. So one event sells at the rate of group
-//! commits times batch size, not one lock round trip per booking (what pretix gave up on).
+//! Requests (bookings and cancellations) queue in the actor; whenever it is idle it takes the
+//! lease (one round trip), allocates a whole batch in memory, hands the batch to the persistence
+//! actor and waits for the commit, while the next batch piles up behind it. So one event sells
+//! at the rate of group commits times batch size, not one lock round trip per booking (what
+//! pretix gave up on).
 //!
-//! The in-memory view (capacity, booked) is loaded once, then kept exact by every commit (the
-//! store returns the count after the update). Another replica may have sold seats while it held
-//! the lease; since seats are only ever taken, such a view can only promise seats that went,
-//! never hide seats that are there. So a batch under a new lease goes ahead on the view, and the
-//! fenced update judges it against the row: a refusal brings the row back and the batch is
-//! allocated again from it. That saves a database read per lease hand-over (every batch, on a
-//! hot event shared by replicas) and costs one extra round only when the view was wrong.
+//! # The cycle
+//! One round is an explicit state machine (`Phase`), and `advance`'s callers are the only
+//! places that change it:
+//!
+//! ```text
+//!   Idle --work queued--> Leasing --token--> [Loading] --> Committing --outcome--> Idle
+//!                           |  \--held elsewhere: retry in 1 ms (or on LeaseFree)--> Idle
+//!                           \--lease unavailable: 503 to the queue--> Idle
+//! ```
+//! `Loading` (a read of the event row) happens when the actor has no view yet, or when a batch
+//! would refuse someone on a view the store has not confirmed under the current lease.
+//!
+//! # The view
+//! The in-memory view (capacity, booked, limit) is loaded once, then kept exact by every commit
+//! (the store returns the count after the update). Another replica may have written while it
+//! held the lease: sold seats (the view then promises seats that went: the fenced update refuses
+//! the batch, the row comes back and the batch is allocated again from it) or freed seats by a
+//! cancellation (the view would refuse seats that are there). So a view is trusted to *refuse*
+//! only if it was confirmed under the current token or the one just before it (a renewal: nobody
+//! else held the lease in between); otherwise the actor reads the row before it refuses anyone.
+//! That keeps hand-overs free of reads (every batch, on a hot event shared by replicas) and
+//! costs a read only where a refusal is at stake.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Weak};
@@ -21,10 +37,11 @@ use actix::prelude::*;
 use tokio::sync::oneshot;
 use tracing::{debug, warn};
 
-use super::persistence::{BatchOutcome, BookError, SeatBatch, SeatRequest, WriteOp, Writer};
+use super::persistence::{BatchOutcome, SeatBatch, WriteOp, Writer};
 use super::registry::Registry;
 use crate::config::Tuning;
 use crate::coord::lease::{Lease, LeaseError, Token};
+use crate::domain::{BookError, CancelRequest, Refused, SeatRequest, Taken, View};
 use crate::slots::SoldOut;
 use crate::store::{queries, EventRow, ReadPool, StoreError};
 
@@ -54,31 +71,22 @@ pub struct LeaseFree;
 #[rtype(result = "()")]
 pub struct Book(pub SeatRequest);
 
-/// The seats of an event as the actor sees them, and the allocation rule.
+/// A cancellation of one of this event's bookings.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Cancel(pub CancelRequest);
+
+/// Where the actor is in its round.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct View {
-    pub capacity: i64,
-    /// Seats committed.
-    pub booked: i64,
-}
-
-impl View {
-    /// Allocation rule, first come first served: a request takes its seats if they are all
-    /// still there after the ones already taken in this batch (`taken`); otherwise it is refused
-    /// with the number left, and a later, smaller request may still fit. No partial fills.
-    pub fn allocate(&self, taken: &mut i64, quantity: i64) -> Result<(), i64> {
-        let remaining = self.capacity - self.booked - *taken;
-        if quantity >= 1 && quantity <= remaining {
-            *taken += quantity;
-            Ok(())
-        } else {
-            Err(remaining.max(0))
-        }
-    }
-
-    pub fn sold_out(&self) -> bool {
-        self.booked >= self.capacity
-    }
+enum Phase {
+    /// Nothing under way; queued work starts a round at once.
+    Idle,
+    /// Waiting for the lease (a Redis round trip).
+    Leasing,
+    /// Reading the event row under the lease just taken.
+    Loading,
+    /// A batch is with the writer.
+    Committing,
 }
 
 pub struct EventActor {
@@ -88,11 +96,13 @@ pub struct EventActor {
     deps: EventDeps,
     sold_out: Arc<SoldOut>,
     view: Option<View>,
+    /// The token under which the store last confirmed the view (a commit or a read).
+    confirmed: Token,
     /// The highest fence the database has shown us for this event.
     floor: Token,
     queue: VecDeque<SeatRequest>,
-    /// A lease request, a reload or a batch is under way.
-    busy: bool,
+    cancels: Vec<CancelRequest>,
+    phase: Phase,
     held: Option<Token>,
     refusals: u32,
     idle_since: Instant,
@@ -113,27 +123,36 @@ impl EventActor {
             deps,
             sold_out,
             view: None,
+            confirmed: 0,
             floor: 0,
             queue: VecDeque::new(),
-            busy: false,
+            cancels: Vec::new(),
+            phase: Phase::Idle,
             held: None,
             refusals: 0,
             idle_since: Instant::now(),
         }
     }
 
+    fn queued(&self) -> usize {
+        self.queue.len() + self.cancels.len()
+    }
+
     fn fail_queue(&mut self, err: BookError) {
         for r in self.queue.drain(..) {
             let _ = r.reply.send(Err(err.clone()));
         }
+        for c in self.cancels.drain(..) {
+            let _ = c.reply.send(Err(err.clone()));
+        }
     }
 
-    /// Starts the next round (lease, maybe reload, batch) if there is work and none under way.
+    /// Idle with work queued: start a round by asking for the lease.
     fn kick(&mut self, ctx: &mut Context<Self>) {
-        if self.busy || self.queue.is_empty() {
+        if self.phase != Phase::Idle || self.queued() == 0 {
             return;
         }
-        self.busy = true;
+        self.phase = Phase::Leasing;
         let (id, owner, floor) = (self.id, self.generation, self.floor);
         if let Some(answer) = self.deps.lease.acquire_now(id, owner, floor) {
             return self.on_lease(Ok(answer), ctx);
@@ -147,14 +166,15 @@ impl EventActor {
     }
 
     fn on_lease(&mut self, res: Result<Option<Token>, LeaseError>, ctx: &mut Context<Self>) {
+        debug_assert_eq!(self.phase, Phase::Leasing);
         match res {
             Err(e) => {
                 warn!(event_id = self.id, error = %e, "no lease: answering 503");
-                self.busy = false;
+                self.phase = Phase::Idle;
                 self.fail_queue(BookError::Unavailable(e.to_string()));
             }
             Ok(None) => {
-                self.busy = false;
+                self.phase = Phase::Idle;
                 ctx.run_later(LEASE_RETRY, |act, ctx| act.kick(ctx));
             }
             Ok(Some(token)) => {
@@ -170,6 +190,7 @@ impl EventActor {
 
     /// Reads the event row under the lease just taken.
     fn reload(&mut self, ctx: &mut Context<Self>) {
+        self.phase = Phase::Loading;
         let id = self.id;
         let fut = self.deps.reads.read(move |c| queries::event(c, id));
         ctx.spawn(
@@ -179,9 +200,12 @@ impl EventActor {
     }
 
     fn on_reload(&mut self, res: Result<Option<EventRow>, StoreError>, ctx: &mut Context<Self>) {
+        debug_assert_eq!(self.phase, Phase::Loading);
         match res {
             Ok(Some(row)) => {
                 self.adopt(&row);
+                // Read under the lease we hold: exact until someone else takes it.
+                self.confirmed = self.held.unwrap_or(self.confirmed);
                 self.run_batch(ctx);
             }
             Ok(None) => {
@@ -191,7 +215,7 @@ impl EventActor {
                 // No such event (yet: ids are handed out later). Stay a moment to answer a
                 // burst for it, then leave: unknown ids must not pile up actors.
                 ctx.run_later(MISSING_LINGER, |act, ctx| {
-                    if act.view.is_none() && !act.busy && act.queue.is_empty() {
+                    if act.view.is_none() && act.phase == Phase::Idle && act.queued() == 0 {
                         act.retire(ctx);
                     }
                 });
@@ -204,47 +228,85 @@ impl EventActor {
         }
     }
 
+    /// Takes the row as the store has it. The customers' counts it had learned may be stale
+    /// too (another replica may have sold or cancelled for them): it forgets them, and the store
+    /// judges those customers until it learns of them again.
     fn adopt(&mut self, row: &EventRow) {
-        self.view = Some(View {
-            capacity: row.capacity,
-            booked: row.booked_count,
-        });
+        self.view = Some(View::new(row.capacity, row.booked_count, row.max_per_user));
         self.floor = self.floor.max(row.fence);
-        if row.booked_count >= row.capacity {
+        self.mark_sold_out();
+    }
+
+    /// Publishes what the view says to the routes' fast path (sold out: 409 without a message).
+    fn mark_sold_out(&mut self) {
+        let Some(view) = &self.view else { return };
+        if view.sold_out() {
             self.sold_out.mark();
+        } else if self.sold_out.is_sold_out() {
+            self.sold_out.clear();
         }
     }
 
-    /// Allocates up to `max_batch` queued requests in memory and hands them to the writer.
+    /// May the view refuse a request under `token`? Only if the store confirmed it under this
+    /// token or the one before (a renewal: nobody else wrote in between).
+    fn trusted(&self, token: Token) -> bool {
+        token == self.confirmed || token == self.confirmed + 1
+    }
+
+    /// Allocates up to `max_batch` queued requests in memory and hands them, with the queued
+    /// cancellations, to the writer.
     fn run_batch(&mut self, ctx: &mut Context<Self>) {
-        let (Some(view), Some(token)) = (self.view, self.held) else {
+        let (Some(view), Some(token)) = (self.view.as_ref(), self.held) else {
             self.finish(ctx);
             return;
         };
-        let mut requests = Vec::new();
-        let mut seats = 0;
-        while requests.len() < self.deps.tuning.max_batch {
+        let trusted = self.trusted(token);
+        let mut judged = Vec::new();
+        let mut taken = Taken::default();
+        while judged.len() < self.deps.tuning.max_batch {
             let Some(req) = self.queue.pop_front() else {
                 break;
             };
             if req.reply.is_closed() {
                 continue; // the client went away before we sold it anything
             }
-            match view.allocate(&mut seats, req.quantity) {
+            let verdict = view.allocate(&mut taken, req.user_id, req.quantity);
+            judged.push((req, verdict));
+        }
+        if !trusted && judged.iter().any(|(_, v)| v.is_err()) {
+            // Someone else held the lease since the view was last confirmed: seats may have come
+            // back. Read the row before refusing anyone, then judge the same requests again, in
+            // the order they came.
+            for (req, _) in judged.into_iter().rev() {
+                self.queue.push_front(req);
+            }
+            return self.reload(ctx);
+        }
+        let mut requests = Vec::with_capacity(judged.len());
+        for (req, verdict) in judged {
+            match verdict {
                 Ok(()) => requests.push(req),
-                Err(remaining) => {
+                Err(Refused::SoldOut { remaining }) => {
                     let _ = req.reply.send(Err(BookError::SoldOut { remaining }));
+                }
+                Err(Refused::Limit { limit, may_take }) => {
+                    let _ = req
+                        .reply
+                        .send(Err(BookError::LimitReached { limit, may_take }));
                 }
             }
         }
-        if requests.is_empty() {
+        let cancels = std::mem::take(&mut self.cancels);
+        if requests.is_empty() && cancels.is_empty() {
             self.finish(ctx);
             return;
         }
+        self.phase = Phase::Committing;
         debug!(
             event_id = self.id,
             size = requests.len(),
-            seats,
+            cancels = cancels.len(),
+            seats = taken.seats,
             token,
             "batch to the writer"
         );
@@ -253,6 +315,7 @@ impl EventActor {
             event_id: self.id,
             token,
             requests,
+            cancels,
             done,
         }));
         ctx.spawn(
@@ -266,23 +329,41 @@ impl EventActor {
     }
 
     fn on_batch(&mut self, outcome: BatchOutcome, token: Token, ctx: &mut Context<Self>) {
+        debug_assert_eq!(self.phase, Phase::Committing);
         match outcome {
-            BatchOutcome::Committed { seats, booked } => {
+            BatchOutcome::Committed {
+                seats,
+                booked,
+                users,
+            } => {
+                let freed = seats < 0;
                 if let Some(v) = self.view.as_mut() {
                     // The count after our update: exact even if an older holder wrote just before.
-                    debug_assert!(booked >= v.booked + seats);
                     v.booked = booked;
+                    if v.max_per_user.is_some() {
+                        v.users.extend(users);
+                    }
                 }
                 self.floor = self.floor.max(token);
+                self.confirmed = token;
                 self.refusals = 0;
+                if freed {
+                    // Tell the other replicas' fast paths that seats came back.
+                    self.announce_seats_returned(ctx);
+                }
                 self.finish(ctx);
             }
             BatchOutcome::Failed => self.finish(ctx),
-            BatchOutcome::Refused { row, requests } => {
+            BatchOutcome::Refused {
+                row,
+                requests,
+                cancels,
+            } => {
                 self.refusals += 1;
                 for r in requests.into_iter().rev() {
                     self.queue.push_front(r);
                 }
+                self.cancels.splice(0..0, cancels);
                 let Some(row) = row else {
                     self.fail_queue(BookError::EventNotFound);
                     self.view = None;
@@ -309,25 +390,29 @@ impl EventActor {
                 } else if row.fence > token {
                     // A newer holder wrote: our lease is gone. Take a new one (above its token).
                     self.held = None;
-                    self.busy = false;
+                    self.phase = Phase::Idle;
                     self.kick(ctx);
                 } else {
                     // Our token is still the newest; the row read inside the refused transaction
                     // is exact, so allocate again from it.
+                    self.confirmed = token;
                     self.run_batch(ctx);
                 }
             }
         }
     }
 
+    fn announce_seats_returned(&mut self, ctx: &mut Context<Self>) {
+        let (lease, id) = (self.deps.lease.clone(), self.id);
+        ctx.spawn(async move { lease.announce_seats_returned(id).await }.into_actor(self));
+    }
+
     /// The round is over: give the lease back if there is nothing left to do, else go again.
     fn finish(&mut self, ctx: &mut Context<Self>) {
-        self.busy = false;
+        self.phase = Phase::Idle;
         self.idle_since = Instant::now();
-        if self.view.is_some_and(|v| v.sold_out()) {
-            self.sold_out.mark();
-        }
-        if self.queue.is_empty() {
+        self.mark_sold_out();
+        if self.queued() == 0 {
             self.release_lease(ctx);
         } else {
             self.kick(ctx);
@@ -361,14 +446,23 @@ impl EventActor {
     }
 
     fn check_idle(&mut self, ctx: &mut Context<Self>) {
-        if !self.busy
-            && self.queue.is_empty()
+        if self.phase == Phase::Idle
+            && self.queued() == 0
             && self.idle_since.elapsed() >= self.deps.tuning.actor_idle
         {
             debug!(event_id = self.id, "idle: passivating");
             self.release_lease(ctx);
             self.retire(ctx);
         }
+    }
+
+    /// Room for one more request, or the 503 it gets.
+    fn admit(&mut self) -> Result<(), BookError> {
+        if self.queued() >= self.deps.tuning.event_queue_limit {
+            return Err(BookError::Overloaded);
+        }
+        self.idle_since = Instant::now();
+        Ok(())
     }
 }
 
@@ -408,6 +502,7 @@ impl Actor for EventActor {
         // tells their routes that nothing was written, and the routes re-route them to a live
         // actor (`Registry::book`) instead of answering 503.
         self.queue.clear();
+        self.cancels.clear();
     }
 }
 
@@ -429,66 +524,24 @@ impl Handler<Book> for EventActor {
             let _ = req.reply.send(Err(BookError::SoldOut { remaining: 0 }));
             return;
         }
-        if self.queue.len() >= self.deps.tuning.event_queue_limit {
-            let _ = req.reply.send(Err(BookError::Overloaded));
+        if let Err(e) = self.admit() {
+            let _ = req.reply.send(Err(e));
             return;
         }
         self.queue.push_back(req);
-        self.idle_since = Instant::now();
         self.kick(ctx);
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::View;
+impl Handler<Cancel> for EventActor {
+    type Result = ();
 
-    #[test]
-    fn allocation_is_first_come_first_served_without_partial_fills() {
-        let v = View {
-            capacity: 10,
-            booked: 4,
-        };
-        let mut taken = 0;
-        assert_eq!(v.allocate(&mut taken, 3), Ok(()));
-        assert_eq!(
-            v.allocate(&mut taken, 4),
-            Err(3),
-            "only 3 left: refused whole"
-        );
-        assert_eq!(
-            v.allocate(&mut taken, 2),
-            Ok(()),
-            "a smaller later request still fits"
-        );
-        assert_eq!(v.allocate(&mut taken, 1), Ok(()));
-        assert_eq!(taken, 6);
-        assert_eq!(v.allocate(&mut taken, 1), Err(0));
-        assert_eq!(
-            v.allocate(&mut taken, 0),
-            Err(0),
-            "never a zero or negative quantity"
-        );
-        assert_eq!(v.allocate(&mut taken, -5), Err(0));
-    }
-
-    #[test]
-    fn sold_out_and_corrupt_views_refuse_everything() {
-        assert!(View {
-            capacity: 5,
-            booked: 5
+    fn handle(&mut self, Cancel(req): Cancel, ctx: &mut Self::Context) {
+        if let Err(e) = self.admit() {
+            let _ = req.reply.send(Err(e));
+            return;
         }
-        .sold_out());
-        let over = View {
-            capacity: 5,
-            booked: 7,
-        };
-        assert!(over.sold_out());
-        assert_eq!(over.allocate(&mut 0, 1), Err(0));
-        assert!(!View {
-            capacity: 5,
-            booked: 4
-        }
-        .sold_out());
+        self.cancels.push(req);
+        self.kick(ctx);
     }
 }

@@ -253,7 +253,7 @@ async fn issue(deps: &FinalizerDeps, booking_id: i64) -> Result<(), StoreError> 
     else {
         return Ok(());
     };
-    if b.status != "PENDING" {
+    if b.status != crate::domain::BookingStatus::Pending {
         return Ok(());
     }
     let code = deps.signer.sign(&TicketFacts {

@@ -6,5 +6,5 @@ pub mod finalizer;
 pub mod persistence;
 pub mod registry;
 
-pub use persistence::{BookError, Booked, PersistenceActor, Writer};
+pub use persistence::{PersistenceActor, Writer};
 pub use registry::Registry;

@@ -18,77 +18,83 @@ use tokio::sync::oneshot;
 use tracing::{debug, error, info_span, warn};
 
 use crate::coord::Outbox;
+use crate::domain::{
+    BookError, Booked, Booking, BookingStatus, CancelRequest, IdempotencyKey, SeatRequest,
+};
 use crate::handoff::{Refused, WriteQueue};
-use crate::store::queries::{self, Refusal};
+use crate::store::queries::{
+    self, BookingOutcome, CancelOutcome, FencedBatch, KeyRecord, NewBookingRow, Refusal,
+};
 use crate::store::wal::WalKeeper;
 use crate::store::{EventRow, StoreError};
 use crate::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-/// A booked seat request waiting for its batch: the client's reply channel travels with it, so
-/// whoever decides the request's fate answers it directly.
-#[derive(Debug)]
-pub struct SeatRequest {
-    pub user_id: i64,
-    pub quantity: i64,
-    pub reply: oneshot::Sender<Result<Booked, BookError>>,
-}
-
-/// A committed booking, as `POST /book` returns it.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-pub struct Booked {
-    pub id: i64,
-    pub event_id: i64,
-    pub user_id: i64,
-    pub quantity: i64,
-    pub status: &'static str,
-    pub created_at: String,
-}
-
-/// Why a booking was not made. The mapping to HTTP lives in `api::errors`.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum BookError {
-    #[error("Event is sold out.")]
-    SoldOut { remaining: i64 },
-    #[error("Event not found")]
-    EventNotFound,
-    #[error("too many requests for this event")]
-    Overloaded,
-    #[error("booking unavailable: {0}")]
-    Unavailable(String),
-}
-
 /// What the writer tells the event actor about its batch.
 #[derive(Debug)]
 pub enum BatchOutcome {
-    /// Committed; the clients have been answered. `booked` is the event's count after it.
-    Committed { seats: i64, booked: i64 },
+    /// Committed; the clients have been answered. `seats` is what the batch took net of what
+    /// its cancellations freed, `booked` the event's count after it, `users` the seats held
+    /// after it by the customers it touched (events with a limit).
+    Committed {
+        seats: i64,
+        booked: i64,
+        users: Vec<(i64, i64)>,
+    },
     /// Refused by the fenced update; nothing written. The requests come back, unanswered, with
     /// the row as the database has it.
     Refused {
         row: Option<EventRow>,
         requests: Vec<SeatRequest>,
+        cancels: Vec<CancelRequest>,
     },
     /// The transaction failed; the clients have been answered with 503.
     Failed,
 }
 
-/// One event actor's batch: all requests allocated under one lease token.
+/// One event actor's batch: all requests allocated under one lease token, and the
+/// cancellations that came with them.
 #[derive(Debug)]
 pub struct SeatBatch {
     pub event_id: i64,
     pub token: i64,
     pub requests: Vec<SeatRequest>,
+    pub cancels: Vec<CancelRequest>,
     pub done: oneshot::Sender<BatchOutcome>,
 }
+
+impl SeatBatch {
+    /// Answers every client of a batch that will not be written (503), and its actor.
+    fn fail(self, why: &StoreError) {
+        for r in self.requests {
+            let _ = r.reply.send(Err(BookError::Unavailable(why.to_string())));
+        }
+        for c in self.cancels {
+            let _ = c.reply.send(Err(BookError::Unavailable(why.to_string())));
+        }
+        let _ = self.done.send(BatchOutcome::Failed);
+    }
+}
+
+/// A new event for the writer.
+#[derive(Debug)]
+pub struct CreateEvent {
+    pub title: String,
+    pub capacity: i64,
+    pub max_per_user: Option<i64>,
+    pub key: Option<IdempotencyKey>,
+}
+
+/// What creating an event came to: the event, or the record of the idempotency key that
+/// already names one.
+pub type Created = Result<EventRow, KeyRecord>;
 
 /// A write for the persistence actor.
 #[derive(Debug)]
 pub enum WriteOp {
     CreateEvent {
-        title: String,
-        capacity: i64,
-        reply: oneshot::Sender<Result<EventRow, StoreError>>,
+        event: CreateEvent,
+        reply: oneshot::Sender<Result<Created, StoreError>>,
     },
     Seats(SeatBatch),
     Finalize {
@@ -100,20 +106,16 @@ pub enum WriteOp {
 
 impl WriteOp {
     /// Answers an op that will never be written (refused at hand-off or failed transaction).
+    /// The error keeps its kind (busy, full, stopped) up to the route that maps it to HTTP.
     fn fail(self, why: &StoreError) {
         match self {
             WriteOp::CreateEvent { reply, .. } => {
-                let _ = reply.send(Err(StoreError::Task(why.to_string())));
+                let _ = reply.send(Err(why.for_reply()));
             }
             WriteOp::Finalize { reply, .. } => {
-                let _ = reply.send(Err(StoreError::Task(why.to_string())));
+                let _ = reply.send(Err(why.for_reply()));
             }
-            WriteOp::Seats(batch) => {
-                for r in batch.requests {
-                    let _ = r.reply.send(Err(BookError::Unavailable(why.to_string())));
-                }
-                let _ = batch.done.send(BatchOutcome::Failed);
-            }
+            WriteOp::Seats(batch) => batch.fail(why),
         }
     }
 }
@@ -156,13 +158,9 @@ impl Writer {
         }
     }
 
-    pub async fn create_event(&self, title: String, capacity: i64) -> Result<EventRow, StoreError> {
+    pub async fn create_event(&self, event: CreateEvent) -> Result<Created, StoreError> {
         let (reply, rx) = oneshot::channel();
-        self.submit(WriteOp::CreateEvent {
-            title,
-            capacity,
-            reply,
-        });
+        self.submit(WriteOp::CreateEvent { event, reply });
         rx.await.map_err(|_| StoreError::WriterClosed)?
     }
 
@@ -264,14 +262,36 @@ fn run(
             None
         }
     };
+    let mut purged = Instant::now();
     while let Some(group) = queue.next_group(max_group) {
         commit_group(&mut conn, group, finalize, refusals);
         if let Some(k) = wal.as_mut() {
             k.after_commit(&conn);
         }
+        if purged.elapsed() >= PURGE_EVERY {
+            purged = Instant::now();
+            purge_expired_keys(&conn);
+        }
     }
     WalKeeper::at_exit(&conn);
     debug!("writer drained and stopped");
+}
+
+/// How long an `Idempotency-Key` answers with its booking.
+pub const KEY_TTL: chrono::TimeDelta = chrono::TimeDelta::hours(24);
+/// How often, and how many at a time, the writer deletes expired keys between groups: small
+/// chunks, so a backlog of expired keys never holds up a group.
+const PURGE_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+const PURGE_CHUNK: usize = 2_000;
+
+/// Deletes one chunk of expired idempotency keys (lookups ignore them anyway).
+fn purge_expired_keys(conn: &Connection) {
+    let before = queries::db_timestamp(chrono::Utc::now() - KEY_TTL);
+    match queries::purge_expired_keys(conn, &before, PURGE_CHUNK) {
+        Ok(0) => {}
+        Ok(n) => debug!(purged = n, "expired idempotency keys deleted"),
+        Err(e) => warn!(error = %e, "could not purge expired idempotency keys"),
+    }
 }
 
 /// Hands committed bookings to the finalizers. A crash right here (the failpoint plays one)
@@ -296,19 +316,63 @@ fn commit(tx: rusqlite::Transaction<'_>) -> rusqlite::Result<()> {
 
 /// An op applied inside the open transaction, waiting for COMMIT before anyone is answered.
 enum Applied {
-    Event(oneshot::Sender<Result<EventRow, StoreError>>, EventRow),
+    Event(oneshot::Sender<Result<Created, StoreError>>, Created),
     Seats {
         batch_done: oneshot::Sender<BatchOutcome>,
-        booked: Vec<(SeatRequest, Booked)>,
+        answers: Vec<(SeatRequest, Result<Booked, BookError>)>,
+        cancelled: Vec<(CancelRequest, Result<Booking, BookError>)>,
+        seats: i64,
         booked_after: i64,
+        users: Vec<(i64, i64)>,
     },
     SeatsRefused {
         done: oneshot::Sender<BatchOutcome>,
         refusal: Refusal,
         requests: Vec<SeatRequest>,
+        cancels: Vec<CancelRequest>,
     },
     Finalized(oneshot::Sender<Result<bool, StoreError>>, bool),
     Error(WriteOp, StoreError),
+}
+
+impl Applied {
+    /// The COMMIT failed: nothing of this op was written, whatever it looked like inside the
+    /// transaction. Every client hears so (503), none a 200.
+    fn fail(self, why: &StoreError) {
+        match self {
+            Applied::Event(reply, _) => drop(reply.send(Err(why.for_reply()))),
+            Applied::Finalized(reply, _) => drop(reply.send(Err(why.for_reply()))),
+            Applied::Seats {
+                batch_done,
+                answers,
+                cancelled,
+                ..
+            } => {
+                for (req, _) in answers {
+                    let _ = req.reply.send(Err(BookError::Unavailable(why.to_string())));
+                }
+                for (c, _) in cancelled {
+                    let _ = c.reply.send(Err(BookError::Unavailable(why.to_string())));
+                }
+                let _ = batch_done.send(BatchOutcome::Failed);
+            }
+            Applied::SeatsRefused {
+                done,
+                requests,
+                cancels,
+                ..
+            } => {
+                for req in requests {
+                    let _ = req.reply.send(Err(BookError::Unavailable(why.to_string())));
+                }
+                for c in cancels {
+                    let _ = c.reply.send(Err(BookError::Unavailable(why.to_string())));
+                }
+                let _ = done.send(BatchOutcome::Failed);
+            }
+            Applied::Error(op, _) => op.fail(why),
+        }
+    }
 }
 
 /// Times BEGIN IMMEDIATE is retried after SQLITE_BUSY (each after the busy timeout).
@@ -328,7 +392,13 @@ fn commit_group(
         duration_us = tracing::field::Empty
     );
     let _enter = span.enter();
-    let now = queries::db_timestamp(chrono::Utc::now());
+    let at = chrono::Utc::now();
+    let now = queries::db_timestamp(at);
+    let keys_live_after = queries::db_timestamp(at - KEY_TTL);
+    let stamps = Stamps {
+        now: &now,
+        keys_live_after: &keys_live_after,
+    };
 
     // Tests pause the writer here (before it takes the write lock) to play a replica that
     // stalls between allocating a batch and writing it, past the end of its lease.
@@ -354,35 +424,13 @@ fn commit_group(
     };
     let mut applied = Vec::with_capacity(group.len());
     for op in group {
-        applied.push(apply(&tx, op, &now));
+        applied.push(apply(&tx, op, &stamps));
     }
     if let Err(e) = commit(tx) {
         error!(error = %e, "group commit failed; every op of the group is answered as failed");
         let why = StoreError::Sqlite(e);
         for a in applied {
-            match a {
-                Applied::Event(reply, _) => {
-                    drop(reply.send(Err(StoreError::Task(why.to_string()))))
-                }
-                Applied::Finalized(reply, _) => {
-                    drop(reply.send(Err(StoreError::Task(why.to_string()))))
-                }
-                Applied::Seats {
-                    batch_done, booked, ..
-                } => {
-                    for (req, _) in booked {
-                        let _ = req.reply.send(Err(BookError::Unavailable(why.to_string())));
-                    }
-                    let _ = batch_done.send(BatchOutcome::Failed);
-                }
-                Applied::SeatsRefused { done, requests, .. } => {
-                    for req in requests {
-                        let _ = req.reply.send(Err(BookError::Unavailable(why.to_string())));
-                    }
-                    let _ = done.send(BatchOutcome::Failed);
-                }
-                Applied::Error(op, _) => op.fail(&why),
-            }
+            a.fail(&why);
         }
         return;
     }
@@ -392,33 +440,41 @@ fn commit_group(
     let mut committed = Vec::new();
     for a in applied {
         match a {
-            Applied::Event(reply, row) => {
-                let _ = reply.send(Ok(row));
+            Applied::Event(reply, created) => {
+                let _ = reply.send(Ok(created));
             }
             Applied::Finalized(reply, changed) => {
                 let _ = reply.send(Ok(changed));
             }
             Applied::Seats {
                 batch_done,
-                booked,
+                answers,
+                cancelled,
+                seats,
                 booked_after,
+                users,
             } => {
-                let mut seats = 0;
-                bookings += booked.len();
-                for (req, b) in booked {
-                    seats += b.quantity;
-                    committed.push(b.id);
-                    let _ = req.reply.send(Ok(b));
+                for (req, answer) in answers {
+                    if let Ok(b) = &answer {
+                        bookings += 1;
+                        committed.push(b.id);
+                    }
+                    let _ = req.reply.send(answer);
+                }
+                for (c, answer) in cancelled {
+                    let _ = c.reply.send(answer);
                 }
                 let _ = batch_done.send(BatchOutcome::Committed {
                     seats,
                     booked: booked_after,
+                    users,
                 });
             }
             Applied::SeatsRefused {
                 done,
                 refusal,
                 requests,
+                cancels,
             } => {
                 refusals.count(&refusal);
                 // The actor retries them after a reload; if it is gone, dropping the replies
@@ -426,6 +482,7 @@ fn commit_group(
                 let _ = done.send(BatchOutcome::Refused {
                     row: refusal.into_row(),
                     requests,
+                    cancels,
                 });
             }
             Applied::Error(op, e) => op.fail(&e),
@@ -438,28 +495,34 @@ fn commit_group(
     debug!(bookings, duration_us = us, "group committed");
 }
 
-fn apply(tx: &rusqlite::Transaction<'_>, op: WriteOp, now: &str) -> Applied {
+/// The timestamps of one group transaction.
+struct Stamps<'a> {
+    now: &'a str,
+    keys_live_after: &'a str,
+}
+
+fn apply(tx: &rusqlite::Transaction<'_>, op: WriteOp, at: &Stamps<'_>) -> Applied {
     match op {
-        WriteOp::CreateEvent {
-            title,
-            capacity,
-            reply,
-        } => match queries::insert_event(tx, &title, capacity) {
-            Ok(row) => Applied::Event(reply, row),
-            Err(e) => Applied::Error(
-                WriteOp::CreateEvent {
-                    title,
-                    capacity,
-                    reply,
-                },
-                e.into(),
-            ),
-        },
+        WriteOp::CreateEvent { event, reply } => {
+            let e = &event;
+            match queries::insert_event(
+                tx,
+                &e.title,
+                e.capacity,
+                e.max_per_user,
+                e.key.as_ref(),
+                at.now,
+                at.keys_live_after,
+            ) {
+                Ok(created) => Applied::Event(reply, created),
+                Err(err) => Applied::Error(WriteOp::CreateEvent { event, reply }, err.into()),
+            }
+        }
         WriteOp::Finalize {
             booking_id,
             code,
             reply,
-        } => match queries::finalize(tx, booking_id, &code, now) {
+        } => match queries::finalize(tx, booking_id, &code, at.now) {
             Ok(changed) => Applied::Finalized(reply, changed),
             Err(e) => Applied::Error(
                 WriteOp::Finalize {
@@ -470,7 +533,7 @@ fn apply(tx: &rusqlite::Transaction<'_>, op: WriteOp, now: &str) -> Applied {
                 e.into(),
             ),
         },
-        WriteOp::Seats(batch) => apply_seats(tx, batch, now),
+        WriteOp::Seats(batch) => apply_seats(tx, batch, at),
     }
 }
 
@@ -481,60 +544,106 @@ fn rollback_savepoint(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<()> {
     Ok(())
 }
 
-fn apply_seats(tx: &rusqlite::Transaction<'_>, batch: SeatBatch, now: &str) -> Applied {
+fn apply_seats(tx: &rusqlite::Transaction<'_>, batch: SeatBatch, at: &Stamps<'_>) -> Applied {
     let _span = info_span!(
         "batch",
         event_id = batch.event_id,
         size = batch.requests.len(),
+        cancels = batch.cancels.len(),
         token = batch.token
     )
     .entered();
-    let wanted: Vec<(i64, i64)> = batch
+    let rows: Vec<NewBookingRow<'_>> = batch
         .requests
         .iter()
-        .map(|r| (r.user_id, r.quantity))
+        .map(|r| NewBookingRow {
+            user_id: r.user_id,
+            quantity: r.quantity,
+            key: r.key.as_ref(),
+        })
         .collect();
+    let cancel_ids: Vec<i64> = batch.cancels.iter().map(|c| c.booking_id).collect();
+    let fenced = FencedBatch {
+        event_id: batch.event_id,
+        token: batch.token,
+        cancels: &cancel_ids,
+        bookings: &rows,
+        now: at.now,
+        keys_live_after: at.keys_live_after,
+    };
     // A savepoint per batch: a refused or failed batch is undone alone.
     let result = tx
         .prepare_cached("SAVEPOINT seats")
         .and_then(|mut st| st.execute([]))
-        .map(|_| ())
-        .map_err(StoreError::from)
-        .and_then(|()| {
-            match queries::apply_fenced_batch(tx, batch.event_id, batch.token, &wanted, now) {
-                Ok(r) => Ok(r),
-                Err(e) => Err(e.into()),
+        .and_then(|_| queries::apply_fenced_batch(tx, &fenced))
+        .and_then(|r| {
+            if r.is_ok() {
+                tx.prepare_cached("RELEASE seats")?.execute([])?;
             }
+            Ok(r)
         });
+    drop(rows);
     match result {
-        Ok(Ok((ids, booked_after))) => {
-            if let Err(e) = tx
-                .prepare_cached("RELEASE seats")
-                .and_then(|mut st| st.execute([]))
-            {
-                return Applied::Error(WriteOp::Seats(batch), e.into());
-            }
-            let created_at = queries::iso_utc(now);
-            let booked = batch
+        Ok(Ok(done)) => {
+            let created_at = queries::iso_utc(at.now);
+            let event_id = batch.event_id;
+            let mut seats = 0;
+            let answers = batch
                 .requests
                 .into_iter()
-                .zip(ids)
-                .map(|(req, id)| {
-                    let b = Booked {
-                        id,
-                        event_id: batch.event_id,
-                        user_id: req.user_id,
-                        quantity: req.quantity,
-                        status: "PENDING",
-                        created_at: created_at.clone(),
+                .zip(done.bookings)
+                .map(|(req, outcome)| {
+                    let answer = match outcome {
+                        BookingOutcome::Booked(id) => {
+                            seats += req.quantity;
+                            Ok(Booked {
+                                id,
+                                event_id,
+                                user_id: req.user_id,
+                                quantity: req.quantity,
+                                status: BookingStatus::Pending,
+                                created_at: created_at.clone(),
+                            })
+                        }
+                        BookingOutcome::Limit { limit, held } => Err(BookError::LimitReached {
+                            limit,
+                            may_take: (limit - held).max(0),
+                        }),
+                        BookingOutcome::KeyUsed {
+                            booking_id,
+                            fingerprint,
+                        } => Err(BookError::KeyUsed {
+                            booking_id,
+                            fingerprint,
+                        }),
                     };
-                    (req, b)
+                    (req, answer)
+                })
+                .collect();
+            let cancelled = batch
+                .cancels
+                .into_iter()
+                .zip(done.cancels)
+                .map(|(c, outcome)| {
+                    let answer = match outcome {
+                        CancelOutcome::Cancelled(b) => {
+                            if b.cancelled_at.as_deref() == Some(created_at.as_str()) {
+                                seats -= b.quantity; // freed by this batch
+                            }
+                            Ok(b)
+                        }
+                        CancelOutcome::NotFound => Err(BookError::BookingNotFound),
+                    };
+                    (c, answer)
                 })
                 .collect();
             Applied::Seats {
                 batch_done: batch.done,
-                booked,
-                booked_after,
+                answers,
+                cancelled,
+                seats,
+                booked_after: done.booked_after,
+                users: done.users,
             }
         }
         Ok(Err(refusal)) => {
@@ -544,12 +653,13 @@ fn apply_seats(tx: &rusqlite::Transaction<'_>, batch: SeatBatch, now: &str) -> A
                 done: batch.done,
                 refusal,
                 requests: batch.requests,
+                cancels: batch.cancels,
             }
         }
         Err(e) => {
             let _ = rollback_savepoint(tx);
             warn!(error = %e, "batch failed");
-            Applied::Error(WriteOp::Seats(batch), e)
+            Applied::Error(WriteOp::Seats(batch), e.into())
         }
     }
 }

@@ -12,9 +12,8 @@ use actix::dev::SendError;
 use actix::prelude::*;
 use tokio::sync::oneshot;
 
-use super::event::{Book, EventActor, EventDeps, LeaseFree};
-use super::persistence::{BookError, Booked, SeatRequest};
-use crate::domain::NewBooking;
+use super::event::{Book, Cancel, EventActor, EventDeps, LeaseFree};
+use crate::domain::{BookError, Booked, Booking, CancelRequest, IdempotencyKey, SeatRequest};
 use crate::slots::{Slots, SoldOut};
 
 /// Times a booking is re-routed when its actor stopped before writing it. Each re-route needs an
@@ -95,6 +94,14 @@ impl Registry {
         }
     }
 
+    /// Another replica gave seats of `event_id` back: let requests through to the actor again
+    /// (it reads the row before refusing anyone on a view it has not confirmed).
+    pub fn seats_returned(&self, event_id: i64) {
+        if let Some(slot) = self.slots.get(event_id) {
+            slot.value.sold_out.clear();
+        }
+    }
+
     /// Live event actors.
     pub fn len(&self) -> usize {
         self.slots.len()
@@ -106,8 +113,13 @@ impl Registry {
 
     /// Books through the event's actor. A request its actor never read (the actor passivated
     /// between lookup and delivery) is provably unwritten and is routed again to a fresh actor.
-    pub async fn book(self: &Arc<Self>, nb: NewBooking) -> Result<Booked, BookError> {
-        let event_id = nb.event_id.0;
+    pub async fn book(
+        self: &Arc<Self>,
+        event_id: i64,
+        user_id: i64,
+        quantity: i64,
+        key: Option<IdempotencyKey>,
+    ) -> Result<Booked, BookError> {
         for _ in 0..MAX_REROUTES {
             let entry = self.get_or_spawn(event_id);
             if entry.sold_out.is_sold_out() {
@@ -115,14 +127,42 @@ impl Registry {
             }
             let (reply, rx) = oneshot::channel();
             let req = SeatRequest {
-                user_id: nb.user_id,
-                quantity: nb.quantity,
+                user_id,
+                quantity,
+                key: key.clone(),
                 reply,
             };
             match entry.addr.try_send(Book(req)) {
                 Ok(()) => match rx.await {
                     Ok(result) => return result,
                     // Dropped unanswered: only ever before the request reached a batch.
+                    Err(_) => continue,
+                },
+                Err(SendError::Full(_)) => return Err(BookError::Overloaded),
+                Err(SendError::Closed(_)) => self.retire(event_id, entry.generation),
+            }
+        }
+        Err(BookError::Unavailable(
+            "the event actor is restarting; retry".into(),
+        ))
+    }
+
+    /// Cancels through the event's actor, so the seats return under its lease and fence; re-routed
+    /// like a booking when the actor went away before reading it.
+    pub async fn cancel(
+        self: &Arc<Self>,
+        event_id: i64,
+        booking_id: i64,
+    ) -> Result<Booking, BookError> {
+        for _ in 0..MAX_REROUTES {
+            let entry = self.get_or_spawn(event_id);
+            let (reply, rx) = oneshot::channel();
+            match entry
+                .addr
+                .try_send(Cancel(CancelRequest { booking_id, reply }))
+            {
+                Ok(()) => match rx.await {
+                    Ok(result) => return result,
                     Err(_) => continue,
                 },
                 Err(SendError::Full(_)) => return Err(BookError::Overloaded),

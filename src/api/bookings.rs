@@ -1,15 +1,15 @@
-//! `/book`: book seats (through the event's actor) and read a booking back.
+//! `/book`: book seats, read a booking back, cancel it — bookings and cancellations both go
+//! through the event's actor and its fenced batch.
 //!
 //! The 200 of `POST /book` carries the booking's `secret`: with it (or the organizer token) the
-//! customer reads and later cancels the booking; without it, a booking is indistinguishable from
-//! one that does not exist.
+//! customer reads and cancels the booking; without it, a booking is indistinguishable from one
+//! that does not exist.
 
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde::Serialize;
 
-use super::{auth, body, path_id, ApiError, AppState};
-use crate::actors::Booked;
-use crate::domain::NewBooking;
+use super::{auth, body, idempotency, path_id, ApiError, AppState};
+use crate::domain::{BookError, Booked, Booking, BookingStatus, IdempotencyKey, NewBooking};
 use crate::store::queries;
 use crate::ticket::TicketFacts;
 
@@ -19,6 +19,11 @@ struct BookingCreated<'a> {
     #[serde(flatten)]
     booked: &'a Booked,
     secret: String,
+}
+
+fn created(state: &AppState, booked: &Booked) -> HttpResponse {
+    let secret = state.signer.booking_secret(&TicketFacts::from(booked));
+    HttpResponse::Ok().json(BookingCreated { booked, secret })
 }
 
 /// `POST /book {user_id, event_id, quantity?}` → 200 only once the booking is committed.
@@ -34,12 +39,75 @@ pub async fn book(
     span.record("event_id", new.event_id.0);
     span.record("user_id", new.user_id);
     span.record("quantity", new.quantity);
-    let booked = state.registry.book(new).await?;
-    let secret = state.signer.booking_secret(&TicketFacts::from(&booked));
-    Ok(HttpResponse::Ok().json(BookingCreated {
-        booked: &booked,
-        secret,
-    }))
+    let key = idempotency::from_request(
+        &req,
+        format!("user:{}", new.user_id),
+        &format!("book|{}|{}|{}", new.event_id.0, new.user_id, new.quantity),
+    )?;
+    let _in_flight = match &key {
+        Some(k) => Some(state.in_flight.claim(k)?),
+        None => None,
+    };
+    let result = state
+        .registry
+        .book(new.event_id.0, new.user_id, new.quantity, key.clone())
+        .await;
+    match (result, key) {
+        (Ok(booked), _) => Ok(created(&state, &booked)),
+        (
+            Err(BookError::KeyUsed {
+                booking_id,
+                fingerprint,
+            }),
+            Some(key),
+        ) => replay(&state, &key, booking_id, &fingerprint).await,
+        // A refusal to a keyed request: a retry whose first attempt did book gets that booking.
+        (Err(e @ (BookError::SoldOut { .. } | BookError::LimitReached { .. })), Some(key)) => {
+            match idempotency::lookup(&state, &key).await? {
+                Some(first) => {
+                    replay(
+                        &state,
+                        &key,
+                        first.booking_id.unwrap_or(0),
+                        &first.fingerprint,
+                    )
+                    .await
+                }
+                None => Err(e.into()),
+            }
+        }
+        (Err(e), _) => Err(e.into()),
+    }
+}
+
+/// Answers a retry with the booking its key names, as it was first answered.
+async fn replay(
+    state: &AppState,
+    key: &IdempotencyKey,
+    booking_id: i64,
+    first: &str,
+) -> Result<HttpResponse, ApiError> {
+    idempotency::same_request(key, first)?;
+    let b = state
+        .reads
+        .read(move |c| queries::booking(c, booking_id))
+        .await?
+        .ok_or_else(|| ApiError::Internal(format!("key names missing booking {booking_id}")))?;
+    Ok(idempotency::replayed(created(
+        state,
+        &Booked::as_first_answered(&b),
+    )))
+}
+
+/// The booking `raw` names, if the request may act on it (its secret or the organizer token);
+/// otherwise the 404 of an unknown id.
+async fn authorized(state: &AppState, req: &HttpRequest, raw: &str) -> Result<Booking, ApiError> {
+    let id = path_id(raw, "id")?;
+    let b = state.reads.read(move |c| queries::booking(c, id)).await?;
+    match b {
+        Some(b) if auth::may_act_on(state, req, &TicketFacts::from(&b)) => Ok(b),
+        _ => Err(ApiError::BookingNotFound),
+    }
 }
 
 /// `GET /book/{id}` with the booking's secret or the organizer token: the booking, its status
@@ -49,12 +117,29 @@ pub async fn get(
     req: HttpRequest,
     id: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    let id = path_id(&id, "id")?;
-    let b = state.reads.read(move |c| queries::booking(c, id)).await?;
-    match b {
-        Some(b) if auth::may_act_on(&state, &req, &TicketFacts::from(&b)) => {
-            Ok(HttpResponse::Ok().json(b))
-        }
-        _ => Err(ApiError::BookingNotFound),
+    Ok(HttpResponse::Ok().json(authorized(&state, &req, &id).await?))
+}
+
+/// `POST /book/{id}/cancel` (its secret or the organizer token): the booking, CANCELLED. Its
+/// seats return to the event through the event's actor and the fenced update; cancelling twice
+/// answers the same. A booking whose ticket is being issued is cancelled all the same and never
+/// becomes FINALIZED; an issued ticket stops verifying.
+#[tracing::instrument(name = "cancel", skip_all, fields(booking_id))]
+pub async fn cancel(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    id: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let b = authorized(&state, &req, &id).await?;
+    tracing::Span::current().record("booking_id", b.id);
+    if b.status == BookingStatus::Cancelled {
+        return Ok(HttpResponse::Ok().json(b));
     }
+    let cancelled = state.registry.cancel(b.event_id, b.id).await?;
+    tracing::info!(
+        booking_id = b.id,
+        event_id = b.event_id,
+        "booking cancelled"
+    );
+    Ok(HttpResponse::Ok().json(cancelled))
 }

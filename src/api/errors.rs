@@ -5,7 +5,7 @@ use actix_web::http::{header, StatusCode};
 use actix_web::{HttpResponse, ResponseError};
 use serde_json::json;
 
-use crate::actors::BookError;
+use crate::domain::BookError;
 use crate::domain::FieldError;
 use crate::store::StoreError;
 
@@ -36,6 +36,8 @@ pub enum ApiError {
     SoldOut(String),
     #[error("Too many requests for this event; retry shortly")]
     Overloaded,
+    #[error("A request with this Idempotency-Key is still being served; retry shortly")]
+    KeyInFlight,
     #[error("Service unavailable: {0}")]
     Unavailable(String),
     #[error("Internal server error")]
@@ -49,7 +51,13 @@ impl From<BookError> for ApiError {
             BookError::SoldOut { remaining } => {
                 ApiError::SoldOut(format!("Not enough seats left: {remaining} remaining."))
             }
+            BookError::LimitReached { limit, may_take } => ApiError::SoldOut(format!(
+                "Limit of {limit} seats per customer reached; you may book {may_take} more."
+            )),
             BookError::EventNotFound => ApiError::EventNotFound,
+            BookError::BookingNotFound => ApiError::BookingNotFound,
+            // The route answers a used key itself (replay or 422); reaching here is a bug.
+            BookError::KeyUsed { .. } => ApiError::Internal("idempotency key not resolved".into()),
             BookError::Overloaded => ApiError::Overloaded,
             BookError::Unavailable(why) => ApiError::Unavailable(why),
         }
@@ -70,6 +78,7 @@ impl From<StoreError> for ApiError {
             {
                 ApiError::Unavailable("database busy".into())
             }
+            StoreError::Busy => ApiError::Unavailable("database busy".into()),
             StoreError::Pool(_) => ApiError::Unavailable("no database connection available".into()),
             other => ApiError::Internal(other.to_string()),
         }
@@ -88,7 +97,7 @@ impl ResponseError for ApiError {
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
-            ApiError::SoldOut(_) => StatusCode::CONFLICT,
+            ApiError::SoldOut(_) | ApiError::KeyInFlight => StatusCode::CONFLICT,
             ApiError::Overloaded | ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -96,7 +105,9 @@ impl ResponseError for ApiError {
 
     fn error_response(&self) -> HttpResponse {
         let mut res = HttpResponse::build(self.status_code());
-        if self.status_code() == StatusCode::SERVICE_UNAVAILABLE {
+        if self.status_code() == StatusCode::SERVICE_UNAVAILABLE
+            || matches!(self, ApiError::KeyInFlight)
+        {
             res.insert_header((header::RETRY_AFTER, RETRY_AFTER_SECS));
         }
         if let ApiError::Unauthorized = self {

@@ -3,7 +3,8 @@
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde::Serialize;
 
-use super::{auth, body, path_id, ApiError, AppState};
+use super::{auth, body, idempotency, path_id, ApiError, AppState};
+use crate::actors::persistence::CreateEvent;
 use crate::domain::NewEvent;
 use crate::store::{queries, EventRow};
 
@@ -16,7 +17,8 @@ struct Stats {
     finalized_count: i64,
 }
 
-/// `POST /event {title, capacity}` → `{id, title, capacity, booked_count}` (organizer).
+/// `POST /event {title, capacity, max_per_user?}` → `{id, title, capacity, booked_count,
+/// max_per_user?}` (organizer; `Idempotency-Key` honoured).
 #[tracing::instrument(name = "create_event", skip_all)]
 pub async fn create(
     state: web::Data<AppState>,
@@ -26,9 +28,39 @@ pub async fn create(
     auth::require_organizer(&state, &req)?;
     let value = body::json(&req, payload).await?;
     let new = NewEvent::parse(&value).map_err(ApiError::Validation)?;
-    let row = state.writer.create_event(new.title, new.capacity).await?;
-    tracing::info!(event_id = row.id, capacity = row.capacity, "event created");
-    Ok(HttpResponse::Ok().json(row))
+    let meaning = serde_json::json!(["event", new.title, new.capacity, new.max_per_user]);
+    let key = idempotency::from_request(&req, "organizer".into(), &meaning.to_string())?;
+    let _in_flight = match &key {
+        Some(k) => Some(state.in_flight.claim(k)?),
+        None => None,
+    };
+    let created = state
+        .writer
+        .create_event(CreateEvent {
+            title: new.title,
+            capacity: new.capacity,
+            max_per_user: new.max_per_user,
+            key: key.clone(),
+        })
+        .await?;
+    match (created, key) {
+        (Ok(row), _) => {
+            tracing::info!(event_id = row.id, capacity = row.capacity, "event created");
+            Ok(HttpResponse::Ok().json(row))
+        }
+        (Err(first), Some(key)) => {
+            idempotency::same_request(&key, &first.fingerprint)?;
+            let id = first.event_id.unwrap_or(0);
+            let mut row = state
+                .reads
+                .read(move |c| queries::event(c, id))
+                .await?
+                .ok_or(ApiError::EventNotFound)?;
+            row.booked_count = 0; // as first answered
+            Ok(idempotency::replayed(HttpResponse::Ok().json(row)))
+        }
+        (Err(_), None) => Err(ApiError::Internal("a key record without a key".into())),
+    }
 }
 
 async fn load(state: &AppState, raw: &str) -> Result<EventRow, ApiError> {

@@ -8,6 +8,7 @@ pub mod bookings;
 pub mod errors;
 pub mod events;
 pub mod health;
+pub mod idempotency;
 pub mod reports;
 pub mod tickets;
 
@@ -32,6 +33,8 @@ pub struct AppState {
     pub signer: TicketSigner,
     /// The organizer token: organizer operations need it when set (`api::auth`).
     pub admin_token: Option<String>,
+    /// Idempotency keys being served in this process.
+    pub in_flight: idempotency::InFlight,
     /// `"embedded"` or `"cluster"`.
     pub mode: &'static str,
     /// Cluster mode's Redis (for `/ready`).
@@ -62,6 +65,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .service(resource("/event/{id}").route(web::get().to(events::get)))
         .service(resource("/event/{id}/stats").route(web::get().to(events::stats)))
         .service(resource("/book/{id}").route(web::get().to(bookings::get)))
+        .service(resource("/book/{id}/cancel").route(web::post().to(bookings::cancel)))
         .service(resource("/report").route(web::get().to(reports::report)))
         .service(resource("/report/event/{id}").route(web::get().to(events::stats)))
         .service(resource("/ticket/verify").route(web::post().to(tickets::verify)))

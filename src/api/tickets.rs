@@ -9,7 +9,7 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use serde_json::json;
 
 use super::{body, ApiError, AppState};
-use crate::domain::parse_ticket_code;
+use crate::domain::{parse_ticket_code, BookingStatus};
 use crate::store::queries;
 use crate::ticket::{TicketFacts, TicketSigner};
 
@@ -33,9 +33,9 @@ pub async fn verify(
     if !state.signer.verify(&code, &TicketFacts::from(&b)) {
         return Ok(refused("Not a genuine ticket"));
     }
-    match b.status.as_str() {
-        "CANCELLED" => return Ok(refused("The booking was cancelled")),
-        "FINALIZED" if b.ticket_code.as_deref() == Some(code.as_str()) => {}
+    match b.status {
+        BookingStatus::Cancelled => return Ok(refused("The booking was cancelled")),
+        BookingStatus::Finalized if b.ticket_code.as_deref() == Some(code.as_str()) => {}
         _ => return Ok(refused("The ticket has not been issued")),
     }
     Ok(HttpResponse::Ok().json(json!({

@@ -162,6 +162,18 @@ impl Lease {
         }
     }
 
+    /// Tells the other replicas that a cancellation gave seats of `event` back, so that their
+    /// sold-out fast path lets requests through again. A hint: a lost message leaves a replica
+    /// answering "sold out" from its flag until its actor for the event passivates (idle) —
+    /// never a wrong sale. Nothing to tell in embedded mode.
+    pub async fn announce_seats_returned(&self, event: i64) {
+        if let Lease::Redis { lease, .. } = self {
+            if let Err(e) = lease.announce_seats_returned(event).await {
+                tracing::debug!(event_id = event, error = %e, "seats-returned notice not sent");
+            }
+        }
+    }
+
     pub async fn release(&self, event: i64, owner: u64, token: Token) -> Result<(), LeaseError> {
         match self {
             Lease::InProcess { .. } => {

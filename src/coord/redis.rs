@@ -71,19 +71,27 @@ return 0
 /// A hint only: a lost message costs the waiter one poll interval, never correctness.
 pub const LEASE_FREE: &str = "ticketd:lease-free";
 
-/// Listens on `LEASE_FREE` for as long as the process runs, reconnecting when Redis goes away,
-/// and calls `on_free` with each event id. Measured without it: a hot event shared by three
+/// Channel on which a replica announces that a cancellation gave seats of an event back
+/// (payload: the event id): the others clear their sold-out flag for it.
+pub const SEATS_RETURNED: &str = "ticketd:seats-returned";
+
+/// Listens on `LEASE_FREE` and `SEATS_RETURNED` for as long as the process runs, reconnecting
+/// when Redis goes away, and calls `on_free` or `on_returned` with each event id. Measured without it: a hot event shared by three
 /// replicas changed hands about 340 times a second and each hand-over waited ~2 ms for the
 /// waiter's next poll (the timer's 1 ms granularity included), more than the batch itself took.
 /// A quiet subscription is pinged now and then: a half-open connection would otherwise go
 /// silent for good (only latency would suffer: the poll stays as the fallback).
-pub async fn watch_lease_frees(client: redis::Client, on_free: impl Fn(i64)) {
+pub async fn watch_notifications(
+    client: redis::Client,
+    on_free: impl Fn(i64),
+    on_returned: impl Fn(i64),
+) {
     use futures_util::StreamExt;
     const KEEPALIVE: Duration = Duration::from_secs(5);
     loop {
         let connected = tokio::time::timeout(CONNECT_TIMEOUT, async {
             let mut pubsub = client.get_async_pubsub().await?;
-            pubsub.subscribe(LEASE_FREE).await?;
+            pubsub.subscribe(&[LEASE_FREE, SEATS_RETURNED]).await?;
             Ok::<_, redis::RedisError>(pubsub)
         })
         .await;
@@ -95,7 +103,11 @@ pub async fn watch_lease_frees(client: redis::Client, on_free: impl Fn(i64)) {
                         msg = messages.next() => match msg {
                             Some(msg) => {
                                 if let Ok(event) = msg.get_payload::<i64>() {
-                                    on_free(event);
+                                    if msg.get_channel_name() == SEATS_RETURNED {
+                                        on_returned(event);
+                                    } else {
+                                        on_free(event);
+                                    }
                                 }
                             }
                             None => break,
@@ -221,6 +233,18 @@ impl RedisLease {
                 Err(e) => return Err(unavailable(e)),
             }
         }
+    }
+
+    /// Publishes on `SEATS_RETURNED`.
+    pub async fn announce_seats_returned(&self, event: i64) -> Result<(), LeaseError> {
+        let mut c = self.link.conn();
+        redis::cmd("PUBLISH")
+            .arg(SEATS_RETURNED)
+            .arg(event)
+            .query_async::<i64>(&mut c)
+            .await
+            .map(|_| ())
+            .map_err(unavailable)
     }
 
     /// Compare-and-delete; idempotent, so retried like `acquire`.

@@ -14,7 +14,7 @@ use std::time::Duration;
 use r2d2_sqlite::SqliteConnectionManager;
 use rusqlite::{Connection, OpenFlags};
 
-pub use queries::{BookingRow, EventRow, Report};
+pub use queries::{EventRow, Report};
 
 /// How long a connection waits on a lock held by another connection before SQLITE_BUSY.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -31,8 +31,25 @@ pub enum StoreError {
     WriterClosed,
     #[error("the writer is overloaded")]
     WriterFull,
+    #[error("the database is busy")]
+    Busy,
     #[error("a blocking task failed: {0}")]
     Task(String),
+}
+
+impl StoreError {
+    /// The same error for another waiter (one failure answers many clients): its kind — busy,
+    /// overloaded, stopped — survives, so the route still maps it to the right status (a busy
+    /// database is a 503 to retry, not a 500).
+    pub fn for_reply(&self) -> StoreError {
+        match self {
+            StoreError::Sqlite(e) if is_busy(e) => StoreError::Busy,
+            StoreError::Busy => StoreError::Busy,
+            StoreError::WriterClosed => StoreError::WriterClosed,
+            StoreError::WriterFull => StoreError::WriterFull,
+            other => StoreError::Task(other.to_string()),
+        }
+    }
 }
 
 /// Opens (creating if needed) and migrates the database file; returns the writer connection.

@@ -3,8 +3,11 @@
 //! The writes are called by the persistence actor inside its group transaction; the reads by
 //! anyone holding a read connection.
 
+use rusqlite::types::{FromSql, FromSqlError, FromSqlResult, ValueRef};
 use rusqlite::{params, Connection, OptionalExtension, Row};
 use serde::Serialize;
+
+use crate::domain::{Booking, BookingStatus, IdempotencyKey};
 
 /// One row of `events`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -13,6 +16,8 @@ pub struct EventRow {
     pub title: String,
     pub capacity: i64,
     pub booked_count: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_per_user: Option<i64>,
     #[serde(skip)]
     pub finalized_count: i64,
     /// The highest lease token that has written to this event.
@@ -20,17 +25,11 @@ pub struct EventRow {
     pub fence: i64,
 }
 
-/// One row of `bookings`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct BookingRow {
-    pub id: i64,
-    pub event_id: i64,
-    pub user_id: i64,
-    pub quantity: i64,
-    pub status: String,
-    pub created_at: String,
-    pub ticket_code: Option<String>,
-    pub finalized_at: Option<String>,
+impl FromSql for BookingStatus {
+    fn column_result(value: ValueRef<'_>) -> FromSqlResult<Self> {
+        let s = value.as_str()?;
+        BookingStatus::parse(s).ok_or_else(|| FromSqlError::Other(format!("status {s:?}").into()))
+    }
 }
 
 /// The totals of `GET /report`.
@@ -42,7 +41,7 @@ pub struct Report {
 }
 
 /// Why a fenced batch was refused: the row as the transaction saw it, so the caller can reload
-/// without another round trip.
+/// without another round trip. Nothing of a refused batch is written.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Refusal {
     /// The event does not exist (any more).
@@ -64,9 +63,73 @@ impl Refusal {
     }
 }
 
-const EVENT_COLS: &str = "id, title, capacity, booked_count, finalized_count, fence";
+/// One booking of a batch, as the writer applies it.
+#[derive(Debug, Clone, Copy)]
+pub struct NewBookingRow<'a> {
+    pub user_id: i64,
+    pub quantity: i64,
+    pub key: Option<&'a IdempotencyKey>,
+}
+
+/// What became of one booking of a committed batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BookingOutcome {
+    /// Written, with this id.
+    Booked(i64),
+    /// The customer holds `held` seats; this booking would pass the limit. Nothing written.
+    Limit { limit: i64, held: i64 },
+    /// The idempotency key already names a live booking. Nothing written.
+    KeyUsed {
+        booking_id: i64,
+        fingerprint: String,
+    },
+}
+
+/// What became of one cancellation of a committed batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CancelOutcome {
+    /// The booking as it is now: CANCELLED (now, or already before).
+    Cancelled(Booking),
+    /// No such booking on this event.
+    NotFound,
+}
+
+/// A batch for the fenced transaction: cancellations first (their seats return), then
+/// bookings, all under one lease token.
+#[derive(Debug)]
+pub struct FencedBatch<'a> {
+    pub event_id: i64,
+    pub token: i64,
+    pub cancels: &'a [i64],
+    pub bookings: &'a [NewBookingRow<'a>],
+    /// The stored-format timestamp of this transaction.
+    pub now: &'a str,
+    /// Idempotency keys created before this (stored format) have expired.
+    pub keys_live_after: &'a str,
+}
+
+/// What a committed batch did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BatchApplied {
+    /// The event's `booked_count` after the update: exact, whoever wrote before.
+    pub booked_after: i64,
+    pub bookings: Vec<BookingOutcome>,
+    pub cancels: Vec<CancelOutcome>,
+    /// Seats held after this batch by each customer it touched (events with a limit only).
+    pub users: Vec<(i64, i64)>,
+}
+
+/// What the store knows of an idempotency key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyRecord {
+    pub fingerprint: String,
+    pub booking_id: Option<i64>,
+    pub event_id: Option<i64>,
+}
+
+const EVENT_COLS: &str = "id, title, capacity, booked_count, finalized_count, fence, max_per_user";
 const BOOKING_COLS: &str =
-    "id, event_id, user_id, quantity, status, created_at, ticket_code, finalized_at";
+    "id, event_id, user_id, quantity, status, created_at, ticket_code, finalized_at, cancelled_at";
 
 fn event_from(r: &Row<'_>) -> rusqlite::Result<EventRow> {
     Ok(EventRow {
@@ -76,11 +139,12 @@ fn event_from(r: &Row<'_>) -> rusqlite::Result<EventRow> {
         booked_count: r.get(3)?,
         finalized_count: r.get(4)?,
         fence: r.get(5)?,
+        max_per_user: r.get(6)?,
     })
 }
 
-fn booking_from(r: &Row<'_>) -> rusqlite::Result<BookingRow> {
-    Ok(BookingRow {
+fn booking_from(r: &Row<'_>) -> rusqlite::Result<Booking> {
+    Ok(Booking {
         id: r.get(0)?,
         event_id: r.get(1)?,
         user_id: r.get(2)?,
@@ -89,6 +153,7 @@ fn booking_from(r: &Row<'_>) -> rusqlite::Result<BookingRow> {
         created_at: iso_utc(&r.get::<_, String>(5)?),
         ticket_code: r.get(6)?,
         finalized_at: r.get::<_, Option<String>>(7)?.map(|s| iso_utc(&s)),
+        cancelled_at: r.get::<_, Option<String>>(8)?.map(|s| iso_utc(&s)),
     })
 }
 
@@ -116,7 +181,7 @@ pub fn event(conn: &Connection, id: i64) -> rusqlite::Result<Option<EventRow>> {
         .optional()
 }
 
-pub fn booking(conn: &Connection, id: i64) -> rusqlite::Result<Option<BookingRow>> {
+pub fn booking(conn: &Connection, id: i64) -> rusqlite::Result<Option<Booking>> {
     conn.prepare_cached(&format!(
         "SELECT {BOOKING_COLS} FROM bookings WHERE id = ?1"
     ))?
@@ -155,62 +220,256 @@ pub fn pending_ids(
     rows.collect()
 }
 
-pub fn insert_event(conn: &Connection, title: &str, capacity: i64) -> rusqlite::Result<EventRow> {
-    conn.prepare_cached("INSERT INTO events (title, capacity, booked_count) VALUES (?1, ?2, 0)")?
-        .execute(params![title, capacity])?;
+/// Creates an event; with an idempotency key that already names a live event, creates nothing
+/// and returns the key's record instead.
+pub fn insert_event(
+    conn: &Connection,
+    title: &str,
+    capacity: i64,
+    max_per_user: Option<i64>,
+    key: Option<&IdempotencyKey>,
+    now: &str,
+    keys_live_after: &str,
+) -> rusqlite::Result<Result<EventRow, KeyRecord>> {
+    if let Some(k) = key {
+        if let Some(used) = live_key(conn, k, keys_live_after)? {
+            return Ok(Err(used));
+        }
+    }
+    conn.prepare_cached(
+        "INSERT INTO events (title, capacity, booked_count, max_per_user) VALUES (?1, ?2, 0, ?3)",
+    )?
+    .execute(params![title, capacity, max_per_user])?;
     let id = conn.last_insert_rowid();
-    Ok(EventRow {
+    if let Some(k) = key {
+        remember_key(conn, k, None, Some(id), now)?;
+    }
+    Ok(Ok(EventRow {
         id,
         title: title.to_string(),
         capacity,
         booked_count: 0,
+        max_per_user,
         finalized_count: 0,
         fence: 0,
-    })
+    }))
 }
 
-/// The fenced, conditional seat update of DESIGN.md and the booking rows it pays for.
-///
-/// The update moves `booked_count` only if no newer lease token has written (`fence <= token`)
-/// and the seats are there (`booked_count + seats <= capacity`); otherwise nothing is written
-/// and the caller learns the current row. This is the last line of defence against oversell:
-/// whatever an actor believes in memory, the database does not sell a seat it does not have.
-///
-/// On success: the new bookings' ids and the event's `booked_count` after the update, so the
-/// caller's view is exact even if an older holder slipped a write in before this one.
+/// The live record of an idempotency key, if any (inside the writer's transaction).
+fn live_key(
+    conn: &Connection,
+    k: &IdempotencyKey,
+    live_after: &str,
+) -> rusqlite::Result<Option<KeyRecord>> {
+    conn.prepare_cached(
+        "SELECT fingerprint, booking_id, event_id FROM idempotency_keys
+         WHERE scope = ?1 AND key = ?2 AND created_at >= ?3",
+    )?
+    .query_row(params![k.scope, k.key, live_after], |r| {
+        Ok(KeyRecord {
+            fingerprint: r.get(0)?,
+            booking_id: r.get(1)?,
+            event_id: r.get(2)?,
+        })
+    })
+    .optional()
+}
+
+/// Records a key for what it names, replacing an expired record of the same key.
+fn remember_key(
+    conn: &Connection,
+    k: &IdempotencyKey,
+    booking_id: Option<i64>,
+    event_id: Option<i64>,
+    now: &str,
+) -> rusqlite::Result<()> {
+    conn.prepare_cached(
+        "INSERT INTO idempotency_keys (scope, key, fingerprint, booking_id, event_id, created_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+         ON CONFLICT (scope, key) DO UPDATE SET fingerprint = excluded.fingerprint,
+             booking_id = excluded.booking_id, event_id = excluded.event_id,
+             created_at = excluded.created_at",
+    )?
+    .execute(params![
+        k.scope,
+        k.key,
+        k.fingerprint,
+        booking_id,
+        event_id,
+        now
+    ])?;
+    Ok(())
+}
+
+/// The live record of an idempotency key, for a route deciding between a replay and a 422.
+pub fn idempotency_key(
+    conn: &Connection,
+    scope: &str,
+    key: &str,
+    live_after: &str,
+) -> rusqlite::Result<Option<KeyRecord>> {
+    let k = IdempotencyKey {
+        scope: scope.to_string(),
+        key: key.to_string(),
+        fingerprint: String::new(),
+    };
+    live_key(conn, &k, live_after)
+}
+
+/// Deletes up to `limit` expired idempotency keys; returns how many went. Small chunks, so the
+/// writer never spends long on it between groups.
+pub fn purge_expired_keys(
+    conn: &Connection,
+    expired_before: &str,
+    limit: usize,
+) -> rusqlite::Result<usize> {
+    conn.prepare_cached(
+        "DELETE FROM idempotency_keys WHERE (scope, key) IN (
+             SELECT scope, key FROM idempotency_keys WHERE created_at < ?1 LIMIT ?2)",
+    )?
+    .execute(params![expired_before, limit as i64])
+}
+
+/// The fenced, conditional batch of DESIGN.md: cancellations, bookings, their customers' counts
+/// and idempotency keys, then one update of the event row that moves `booked_count` only if no
+/// newer lease token has written (`fence <= token`) and the seats are there
+/// (`booked_count + n <= capacity`). If that update refuses, the caller rolls the whole batch
+/// back (a savepoint) and learns the current row. This is the last line of defence against
+/// oversell: whatever an actor believes in memory, the database does not sell a seat it does not
+/// have, nor let a customer pass the limit (the conditional upsert of `customer_seats`).
 pub fn apply_fenced_batch(
     conn: &Connection,
-    event_id: i64,
-    token: i64,
-    bookings: &[(i64, i64)],
-    created_at: &str,
-) -> rusqlite::Result<Result<(Vec<i64>, i64), Refusal>> {
-    let seats: i64 = bookings.iter().map(|(_, q)| q).sum();
+    b: &FencedBatch<'_>,
+) -> rusqlite::Result<Result<BatchApplied, Refusal>> {
+    let Some(row) = event(conn, b.event_id)? else {
+        return Ok(Err(Refusal::NoEvent));
+    };
+    if row.fence > b.token {
+        return Ok(Err(Refusal::Fenced(row)));
+    }
+    let limit = row.max_per_user;
+    let mut users = Vec::new();
+
+    // Cancellations first: the seats they free may be sold again in this very batch.
+    let (mut freed, mut freed_issued) = (0i64, 0i64);
+    let mut cancels = Vec::with_capacity(b.cancels.len());
+    for &id in b.cancels {
+        let found = conn
+            .prepare_cached(&format!(
+                "SELECT {BOOKING_COLS} FROM bookings WHERE id = ?1 AND event_id = ?2"
+            ))?
+            .query_row([id, b.event_id], booking_from)
+            .optional()?;
+        let Some(mut booking) = found else {
+            cancels.push(CancelOutcome::NotFound);
+            continue;
+        };
+        if booking.status != BookingStatus::Cancelled {
+            conn.prepare_cached(
+                "UPDATE bookings SET status = 'CANCELLED', cancelled_at = ?2 WHERE id = ?1",
+            )?
+            .execute(params![id, b.now])?;
+            freed += booking.quantity;
+            if booking.status == BookingStatus::Finalized {
+                freed_issued += booking.quantity;
+            }
+            if limit.is_some() {
+                let left: i64 = conn
+                    .prepare_cached(
+                        "UPDATE customer_seats SET seats = seats - ?3
+                         WHERE event_id = ?1 AND user_id = ?2 RETURNING seats",
+                    )?
+                    .query_row(
+                        params![b.event_id, booking.user_id, booking.quantity],
+                        |r| r.get(0),
+                    )
+                    .optional()?
+                    .unwrap_or(0);
+                users.push((booking.user_id, left));
+            }
+            booking.status = BookingStatus::Cancelled;
+            booking.cancelled_at = Some(iso_utc(b.now));
+        }
+        cancels.push(CancelOutcome::Cancelled(booking));
+    }
+
+    let mut taken = 0i64;
+    let mut bookings = Vec::with_capacity(b.bookings.len());
+    for nb in b.bookings {
+        if let Some(k) = nb.key {
+            if let Some(used) = live_key(conn, k, b.keys_live_after)? {
+                bookings.push(BookingOutcome::KeyUsed {
+                    booking_id: used.booking_id.unwrap_or(0),
+                    fingerprint: used.fingerprint,
+                });
+                continue;
+            }
+        }
+        if let Some(limit) = limit {
+            let held: Option<i64> = conn
+                .prepare_cached(
+                    "INSERT INTO customer_seats (event_id, user_id, seats)
+                     SELECT ?1, ?2, ?3 WHERE ?3 <= ?4
+                     ON CONFLICT (event_id, user_id) DO UPDATE SET seats = seats + excluded.seats
+                     WHERE seats + excluded.seats <= ?4
+                     RETURNING seats",
+                )?
+                .query_row(params![b.event_id, nb.user_id, nb.quantity, limit], |r| {
+                    r.get(0)
+                })
+                .optional()?;
+            let Some(held) = held else {
+                let held: i64 = conn
+                    .prepare_cached(
+                        "SELECT seats FROM customer_seats WHERE event_id = ?1 AND user_id = ?2",
+                    )?
+                    .query_row([b.event_id, nb.user_id], |r| r.get(0))
+                    .optional()?
+                    .unwrap_or(0);
+                users.push((nb.user_id, held));
+                bookings.push(BookingOutcome::Limit { limit, held });
+                continue;
+            };
+            users.push((nb.user_id, held));
+        }
+        conn.prepare_cached(
+            "INSERT INTO bookings (event_id, user_id, quantity, status, created_at)
+             VALUES (?1, ?2, ?3, 'PENDING', ?4)",
+        )?
+        .execute(params![b.event_id, nb.user_id, nb.quantity, b.now])?;
+        let id = conn.last_insert_rowid();
+        if let Some(k) = nb.key {
+            remember_key(conn, k, Some(id), None, b.now)?;
+        }
+        taken += nb.quantity;
+        bookings.push(BookingOutcome::Booked(id));
+    }
+
     let booked_after: Option<i64> = conn
         .prepare_cached(
-            "UPDATE events SET booked_count = booked_count + ?1, fence = ?2
+            "UPDATE events SET booked_count = booked_count + ?1,
+                 finalized_count = finalized_count - ?4, fence = ?2
              WHERE id = ?3 AND fence <= ?2 AND booked_count + ?1 <= capacity
              RETURNING booked_count",
         )?
-        .query_row(params![seats, token, event_id], |r| r.get(0))
+        .query_row(
+            params![taken - freed, b.token, b.event_id, freed_issued],
+            |r| r.get(0),
+        )
         .optional()?;
     let Some(booked_after) = booked_after else {
-        return Ok(Err(match event(conn, event_id)? {
-            Some(row) if row.fence > token => Refusal::Fenced(row),
+        return Ok(Err(match event(conn, b.event_id)? {
+            Some(row) if row.fence > b.token => Refusal::Fenced(row),
             Some(row) => Refusal::NoSeats(row),
             None => Refusal::NoEvent,
         }));
     };
-    let mut insert = conn.prepare_cached(
-        "INSERT INTO bookings (event_id, user_id, quantity, status, created_at)
-         VALUES (?1, ?2, ?3, 'PENDING', ?4)",
-    )?;
-    let mut ids = Vec::with_capacity(bookings.len());
-    for (user_id, quantity) in bookings {
-        insert.execute(params![event_id, user_id, quantity, created_at])?;
-        ids.push(conn.last_insert_rowid());
-    }
-    Ok(Ok((ids, booked_after)))
+    Ok(Ok(BatchApplied {
+        booked_after,
+        bookings,
+        cancels,
+        users,
+    }))
 }
 
 /// Marks a booking FINALIZED with its ticket code, once: a second call (a duplicate delivery)
@@ -258,6 +517,9 @@ pub fn meta_get_or_insert(conn: &Connection, key: &str, default: &str) -> rusqli
 mod tests {
     use super::*;
 
+    const T0: &str = "2024-01-01 00:00:00.000000";
+    const LIVE: &str = "2023-12-31 00:00:00.000000";
+
     fn db() -> Connection {
         let mut c = Connection::open_in_memory().unwrap();
         crate::store::schema::migrations()
@@ -266,46 +528,201 @@ mod tests {
         c
     }
 
+    fn event_with(c: &Connection, capacity: i64, limit: Option<i64>) -> EventRow {
+        insert_event(c, "t", capacity, limit, None, T0, LIVE)
+            .unwrap()
+            .unwrap()
+    }
+
+    fn rows(wanted: &[(i64, i64)]) -> Vec<NewBookingRow<'static>> {
+        wanted
+            .iter()
+            .map(|&(user_id, quantity)| NewBookingRow {
+                user_id,
+                quantity,
+                key: None,
+            })
+            .collect()
+    }
+
+    fn batch<'a>(
+        event_id: i64,
+        token: i64,
+        cancels: &'a [i64],
+        bookings: &'a [NewBookingRow<'a>],
+    ) -> FencedBatch<'a> {
+        FencedBatch {
+            event_id,
+            token,
+            cancels,
+            bookings,
+            now: T0,
+            keys_live_after: LIVE,
+        }
+    }
+
+    fn ids(a: &BatchApplied) -> Vec<i64> {
+        a.bookings
+            .iter()
+            .filter_map(|o| match o {
+                BookingOutcome::Booked(id) => Some(*id),
+                _ => None,
+            })
+            .collect()
+    }
+
     #[test]
     fn fenced_batch_refuses_stale_tokens_and_missing_seats() {
         let c = db();
-        let e = insert_event(&c, "t", 5).unwrap();
-        let (ids, booked) =
-            apply_fenced_batch(&c, e.id, 2, &[(1, 2), (2, 1)], "2024-01-01 00:00:00.000000")
-                .unwrap()
-                .unwrap();
-        assert_eq!((ids.len(), booked), (2, 3));
+        let e = event_with(&c, 5, None);
+        let a = apply_fenced_batch(&c, &batch(e.id, 2, &[], &rows(&[(1, 2), (2, 1)])))
+            .unwrap()
+            .unwrap();
+        assert_eq!((ids(&a).len(), a.booked_after), (2, 3));
         // An older token cannot write any more, though the seats are there.
-        let r = apply_fenced_batch(&c, e.id, 1, &[(3, 1)], "x").unwrap();
+        let r = apply_fenced_batch(&c, &batch(e.id, 1, &[], &rows(&[(3, 1)]))).unwrap();
         assert!(
             matches!(r, Err(Refusal::Fenced(ref row)) if row.fence == 2 && row.booked_count == 3)
         );
         // The same token may write again, but not past capacity.
-        let r = apply_fenced_batch(&c, e.id, 2, &[(3, 3)], "x").unwrap();
+        let r = apply_fenced_batch(&c, &batch(e.id, 2, &[], &rows(&[(3, 3)]))).unwrap();
         assert!(matches!(r, Err(Refusal::NoSeats(ref row)) if row.booked_count == 3));
-        assert!(apply_fenced_batch(&c, e.id, 3, &[(3, 2)], "x")
-            .unwrap()
-            .is_ok());
+        assert!(
+            apply_fenced_batch(&c, &batch(e.id, 3, &[], &rows(&[(3, 2)])))
+                .unwrap()
+                .is_ok()
+        );
         assert_eq!(event(&c, e.id).unwrap().unwrap().booked_count, 5);
         assert_eq!(
-            apply_fenced_batch(&c, 999, 9, &[(1, 1)], "x").unwrap(),
+            apply_fenced_batch(&c, &batch(999, 9, &[], &rows(&[(1, 1)]))).unwrap(),
             Err(Refusal::NoEvent)
         );
     }
 
     #[test]
-    fn finalize_is_idempotent() {
+    fn cancelled_seats_return_and_are_counted_once() {
         let c = db();
-        let e = insert_event(&c, "t", 5).unwrap();
-        let (ids, _) = apply_fenced_batch(&c, e.id, 1, &[(1, 3)], "2024-01-01 00:00:00.000000")
+        let e = event_with(&c, 3, None);
+        let a = apply_fenced_batch(&c, &batch(e.id, 1, &[], &rows(&[(1, 2), (2, 1)])))
             .unwrap()
             .unwrap();
-        assert!(finalize(&c, ids[0], "CODE", "2024-01-01 00:00:05.000000").unwrap());
-        assert!(!finalize(&c, ids[0], "OTHER", "2024-01-01 00:00:06.000000").unwrap());
-        let b = booking(&c, ids[0]).unwrap().unwrap();
+        let first = ids(&a)[0];
+        assert!(finalize(&c, first, "CODE", T0).unwrap());
+        // Sold out; cancelling the issued booking frees its 2 seats, sold again in one batch.
+        let a = apply_fenced_batch(&c, &batch(e.id, 2, &[first], &rows(&[(3, 2)])))
+            .unwrap()
+            .unwrap();
+        assert!(matches!(&a.cancels[0],
+            CancelOutcome::Cancelled(b) if b.status == BookingStatus::Cancelled));
+        assert_eq!((a.booked_after, ids(&a).len()), (3, 1));
+        let row = event(&c, e.id).unwrap().unwrap();
+        assert_eq!((row.booked_count, row.finalized_count), (3, 0));
+        // Twice is the same cancellation: nothing more is freed.
+        let a = apply_fenced_batch(&c, &batch(e.id, 3, &[first, 999], &[]))
+            .unwrap()
+            .unwrap();
+        assert_eq!(a.booked_after, 3);
+        assert_eq!(a.cancels[1], CancelOutcome::NotFound);
+        // A cancelled booking is never issued.
+        assert!(!finalize(&c, first, "OTHER", T0).unwrap());
         assert_eq!(
-            (b.status.as_str(), b.ticket_code.as_deref()),
-            ("FINALIZED", Some("CODE"))
+            booking(&c, first).unwrap().unwrap().ticket_code.as_deref(),
+            Some("CODE")
+        );
+    }
+
+    #[test]
+    fn the_limit_is_enforced_by_the_store() {
+        let c = db();
+        let e = event_with(&c, 100, Some(4));
+        let a = apply_fenced_batch(
+            &c,
+            &batch(e.id, 1, &[], &rows(&[(7, 3), (7, 2), (7, 1), (8, 5)])),
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(
+            a.bookings[1..],
+            [
+                BookingOutcome::Limit { limit: 4, held: 3 },
+                BookingOutcome::Booked(2),
+                BookingOutcome::Limit { limit: 4, held: 0 },
+            ]
+        );
+        assert_eq!(a.booked_after, 4);
+        // A cancellation gives the customer room again.
+        let a = apply_fenced_batch(&c, &batch(e.id, 2, &[1], &rows(&[(7, 3)])))
+            .unwrap()
+            .unwrap();
+        assert!(matches!(a.bookings[0], BookingOutcome::Booked(_)));
+        assert_eq!(a.users.last(), Some(&(7, 4)));
+        // Whoever writes, the file refuses more than the limit.
+        assert!(c
+            .execute(
+                "UPDATE customer_seats SET seats = 5 WHERE event_id = ?1 AND user_id = 7",
+                [e.id]
+            )
+            .is_err());
+    }
+
+    #[test]
+    fn idempotency_keys_name_one_booking_and_expire() {
+        let c = db();
+        let e = event_with(&c, 10, None);
+        let key = IdempotencyKey {
+            scope: "user:1".into(),
+            key: "k1".into(),
+            fingerprint: "f".into(),
+        };
+        let one = [NewBookingRow {
+            user_id: 1,
+            quantity: 1,
+            key: Some(&key),
+        }];
+        let a = apply_fenced_batch(&c, &batch(e.id, 1, &[], &one))
+            .unwrap()
+            .unwrap();
+        let id = ids(&a)[0];
+        let again = apply_fenced_batch(&c, &batch(e.id, 2, &[], &one))
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            again.bookings,
+            vec![BookingOutcome::KeyUsed {
+                booking_id: id,
+                fingerprint: "f".into()
+            }]
+        );
+        assert_eq!(again.booked_after, 1, "nothing booked twice");
+        // Expired (created before the live window): the key may be used again.
+        let later = FencedBatch {
+            keys_live_after: "2024-01-02 00:00:00.000000",
+            now: "2024-01-02 00:00:01.000000",
+            ..batch(e.id, 3, &[], &one)
+        };
+        let a = apply_fenced_batch(&c, &later).unwrap().unwrap();
+        assert!(matches!(a.bookings[0], BookingOutcome::Booked(n) if n != id));
+        assert_eq!(
+            purge_expired_keys(&c, "2024-01-03 00:00:00.000000", 10).unwrap(),
+            1
+        );
+        assert_eq!(idempotency_key(&c, "user:1", "k1", LIVE).unwrap(), None);
+    }
+
+    #[test]
+    fn finalize_is_idempotent() {
+        let c = db();
+        let e = event_with(&c, 5, None);
+        let a = apply_fenced_batch(&c, &batch(e.id, 1, &[], &rows(&[(1, 3)])))
+            .unwrap()
+            .unwrap();
+        let id = ids(&a)[0];
+        assert!(finalize(&c, id, "CODE", "2024-01-01 00:00:05.000000").unwrap());
+        assert!(!finalize(&c, id, "OTHER", "2024-01-01 00:00:06.000000").unwrap());
+        let b = booking(&c, id).unwrap().unwrap();
+        assert_eq!(
+            (b.status, b.ticket_code.as_deref()),
+            (BookingStatus::Finalized, Some("CODE"))
         );
         assert_eq!(b.created_at, "2024-01-01T00:00:00.000000Z");
         assert_eq!(event(&c, e.id).unwrap().unwrap().finalized_count, 3);

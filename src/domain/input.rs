@@ -46,6 +46,8 @@ pub struct BookingId(pub i64);
 pub struct NewEvent {
     pub title: String,
     pub capacity: i64,
+    /// Most seats one customer may hold (1..=capacity), if limited.
+    pub max_per_user: Option<i64>,
 }
 
 /// A validated `POST /book` body.
@@ -185,7 +187,8 @@ fn object(body: &Value) -> Result<&Map<String, Value>, Vec<FieldError>> {
 }
 
 impl NewEvent {
-    /// Parses `{title: 1..200 chars, capacity: >= 1}`; unknown fields are ignored, as before.
+    /// Parses `{title: 1..200 chars, capacity: >= 1, max_per_user?: 1..=capacity}`; unknown
+    /// fields are ignored, as before.
     pub fn parse(body: &Value) -> Result<Self, Vec<FieldError>> {
         let mut f = Fields {
             obj: object(body)?,
@@ -193,9 +196,20 @@ impl NewEvent {
         };
         let title = f.title("title");
         let capacity = f.int("capacity", None, 1, MAX_CAPACITY);
-        match (title, capacity) {
-            (Some(title), Some(capacity)) if f.errors.is_empty() => {
-                Ok(NewEvent { title, capacity })
+        // Optional (null is absent, as pydantic's Optional); at most the capacity.
+        let max_per_user = match f.obj.get("max_per_user") {
+            None | Some(Value::Null) => Some(None),
+            Some(_) => f
+                .int("max_per_user", None, 1, capacity.unwrap_or(MAX_CAPACITY))
+                .map(Some),
+        };
+        match (title, capacity, max_per_user) {
+            (Some(title), Some(capacity), Some(max_per_user)) if f.errors.is_empty() => {
+                Ok(NewEvent {
+                    title,
+                    capacity,
+                    max_per_user,
+                })
             }
             _ => Err(f.errors),
         }
@@ -245,6 +259,29 @@ pub fn parse_ticket_code(body: &Value) -> Result<String, Vec<FieldError>> {
     }
 }
 
+/// Longest `Idempotency-Key`, in characters (Stripe's and the IETF draft's usual bound).
+pub const MAX_KEY_CHARS: usize = 255;
+
+/// Parses an `Idempotency-Key` header value: 1 to 255 printable ASCII characters.
+pub fn parse_idempotency_key(raw: &[u8]) -> Result<String, FieldError> {
+    let loc = ["header", "idempotency-key"];
+    if raw.is_empty() || raw.len() > MAX_KEY_CHARS {
+        return Err(FieldError::new(
+            "string_length",
+            &loc,
+            format!("Idempotency-Key should have 1 to {MAX_KEY_CHARS} characters"),
+        ));
+    }
+    if !raw.iter().all(|b| (0x20..0x7f).contains(b)) {
+        return Err(FieldError::new(
+            "string_pattern_mismatch",
+            &loc,
+            "Idempotency-Key should contain printable ASCII characters only",
+        ));
+    }
+    Ok(String::from_utf8_lossy(raw).into_owned())
+}
+
 /// Parses an id taken from the path (`/event/{id}`): a decimal integer from 1 to i64::MAX.
 pub fn parse_path_id(raw: &str, name: &str) -> Result<i64, FieldError> {
     let loc = ["path", name];
@@ -279,7 +316,8 @@ mod tests {
             e,
             NewEvent {
                 title: "Gig".into(),
-                capacity: 100
+                capacity: 100,
+                max_per_user: None
             }
         );
         let long = "é".repeat(200);
@@ -369,6 +407,50 @@ mod tests {
         for (body, kind, loc) in cases {
             let e = NewEvent::parse(&body).unwrap_err();
             assert_eq!(kinds(&e), vec![(kind, loc.to_string())], "{body}");
+        }
+    }
+
+    #[test]
+    fn the_per_customer_limit_is_optional_and_within_the_capacity() {
+        let e = NewEvent::parse(&json!({"title": "t", "capacity": 10, "max_per_user": 4})).unwrap();
+        assert_eq!(e.max_per_user, Some(4));
+        let e = NewEvent::parse(&json!({"title": "t", "capacity": 10, "max_per_user": null}));
+        assert_eq!(e.unwrap().max_per_user, None);
+        for bad in [
+            json!(0),
+            json!(11),
+            json!(-1),
+            json!("4"),
+            json!(2.5),
+            json!(true),
+        ] {
+            let e = NewEvent::parse(&json!({"title": "t", "capacity": 10, "max_per_user": bad}))
+                .unwrap_err();
+            assert_eq!(
+                e.iter().map(|e| e.loc.join(".")).collect::<Vec<_>>(),
+                vec!["body.max_per_user"],
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn idempotency_keys() {
+        assert_eq!(
+            parse_idempotency_key(b"order-42 retry"),
+            Ok("order-42 retry".into())
+        );
+        assert!(parse_idempotency_key(&[b'k'; 255]).is_ok());
+        for bad in [
+            &b""[..],
+            &[b'k'; 256][..],
+            b"a\nb",
+            b"tab\t",
+            "caf\u{e9}".as_bytes(),
+            b"\x7f",
+        ] {
+            let e = parse_idempotency_key(bad).unwrap_err();
+            assert_eq!(e.loc, vec!["header", "idempotency-key"]);
         }
     }
 

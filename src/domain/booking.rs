@@ -1,0 +1,133 @@
+//! A booking, its status, and what travels between the routes, the event actors and the writer.
+
+use serde::{Serialize, Serializer};
+use tokio::sync::oneshot;
+
+/// Where a booking is in its life. Stored as the old service's strings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum BookingStatus {
+    /// Committed; its ticket is not issued yet.
+    Pending,
+    /// Its ticket is issued (the code is on the row).
+    Finalized,
+    /// Cancelled: its seats went back to the event; it is never issued afterwards.
+    Cancelled,
+}
+
+impl BookingStatus {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            BookingStatus::Pending => "PENDING",
+            BookingStatus::Finalized => "FINALIZED",
+            BookingStatus::Cancelled => "CANCELLED",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "PENDING" => Some(BookingStatus::Pending),
+            "FINALIZED" => Some(BookingStatus::Finalized),
+            "CANCELLED" => Some(BookingStatus::Cancelled),
+            _ => None,
+        }
+    }
+}
+
+impl Serialize for BookingStatus {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+/// A booking as stored, as `GET /book/{id}` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Booking {
+    pub id: i64,
+    pub event_id: i64,
+    pub user_id: i64,
+    pub quantity: i64,
+    pub status: BookingStatus,
+    pub created_at: String,
+    pub ticket_code: Option<String>,
+    pub finalized_at: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cancelled_at: Option<String>,
+}
+
+/// A committed booking, as `POST /book` returns it (with the secret the route adds).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Booked {
+    pub id: i64,
+    pub event_id: i64,
+    pub user_id: i64,
+    pub quantity: i64,
+    pub status: BookingStatus,
+    pub created_at: String,
+}
+
+impl Booked {
+    /// The body `POST /book` answered when this booking was made: what a replay answers again.
+    pub fn as_first_answered(b: &Booking) -> Self {
+        Booked {
+            id: b.id,
+            event_id: b.event_id,
+            user_id: b.user_id,
+            quantity: b.quantity,
+            status: BookingStatus::Pending,
+            created_at: b.created_at.clone(),
+        }
+    }
+}
+
+/// A validated `Idempotency-Key`, scoped to whoever sent it, with the fingerprint of the request
+/// it was first sent with (its meaning, not its bytes: the same booking asked with other
+/// whitespace is the same request).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct IdempotencyKey {
+    /// `user:<id>` for bookings, `organizer` for events.
+    pub scope: String,
+    pub key: String,
+    pub fingerprint: String,
+}
+
+/// A seat request waiting for its batch: the client's reply channel travels with it, so whoever
+/// decides the request's fate answers it directly.
+#[derive(Debug)]
+pub struct SeatRequest {
+    pub user_id: i64,
+    pub quantity: i64,
+    pub key: Option<IdempotencyKey>,
+    pub reply: oneshot::Sender<Result<Booked, BookError>>,
+}
+
+/// A cancellation waiting for its batch. Cancellations go through the event's actor and the
+/// fenced update like bookings, so the seats they free are counted exactly once, everywhere.
+#[derive(Debug)]
+pub struct CancelRequest {
+    pub booking_id: i64,
+    pub reply: oneshot::Sender<Result<Booking, BookError>>,
+}
+
+/// Why a booking (or a cancellation) was not made. The mapping to HTTP lives in `api::errors`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BookError {
+    #[error("Event is sold out.")]
+    SoldOut { remaining: i64 },
+    #[error("Limit of {limit} seats per customer reached")]
+    LimitReached { limit: i64, may_take: i64 },
+    #[error("Event not found")]
+    EventNotFound,
+    #[error("Booking not found")]
+    BookingNotFound,
+    /// The idempotency key already names a committed booking: the route answers with it (or 422
+    /// if it was made with another body).
+    #[error("idempotency key already used")]
+    KeyUsed {
+        booking_id: i64,
+        fingerprint: String,
+    },
+    #[error("too many requests for this event")]
+    Overloaded,
+    #[error("booking unavailable: {0}")]
+    Unavailable(String),
+}
