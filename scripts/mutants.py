@@ -30,9 +30,12 @@ TEST_TIMEOUT = 300  # seconds per test run; a hang counts as a kill, and is repo
 
 
 class Mutant:
-    def __init__(self, name, promise, what, path, old, new, tests):
+    """One planted bug: `path, old, new` replaces one exact, unique piece of code; `more` adds
+    further (path, old, new) edits when the bug spans several places."""
+    def __init__(self, name, promise, what, path, old, new, tests, more=()):
         self.name, self.promise, self.what = name, promise, what
-        self.path, self.old, self.new, self.tests = path, old, new, tests
+        self.edits = [(path, old, new), *more]
+        self.tests = tests
 
 
 MUTANTS = [
@@ -56,7 +59,8 @@ MUTANTS = [
            "WHERE id = ?3 AND fence <= ?2 AND booked_count + ?1 <= capacity",
            "WHERE id = ?3 AND booked_count + ?1 <= capacity",
            ["lib::store::queries::tests::fenced_batch_refuses_stale_tokens_and_missing_seats",
-            "cluster::fencing_refuses_a_holder_whose_lease_expired"]),
+            "cluster::fencing_refuses_a_holder_whose_lease_expired"],
+           more=[("src/store/queries.rs", "    if row.fence > b.token {\n", "    if false {\n")]),
     Mutant("lease-no-incr", "1 never oversell",
            "the Redis lease script hands out the current token instead of INCR-ing it",
            "src/coord/redis.rs",
@@ -66,10 +70,10 @@ MUTANTS = [
             "cluster::fencing_refuses_a_holder_whose_lease_expired"]),
     Mutant("allocate-unchecked", "1 never oversell",
            "the actor's allocation rule takes a request whatever is left",
-           "src/actors/event.rs",
-           "if quantity >= 1 && quantity <= remaining {",
-           "if quantity >= 1 {",
-           ["lib::actors::event::tests::allocation_is_first_come_first_served_without_partial_fills",
+           "src/domain/seats.rs",
+           "if quantity < 1 || quantity > remaining {",
+           "if quantity < 1 {",
+           ["lib::domain::seats::tests::allocation_is_first_come_first_served_without_partial_fills",
             "concurrency::four_hundred_clients_on_a_hundred_seats"]),
     # Promise 2: never lose an acknowledged booking.
     Mutant("reply-before-commit", "2 a 200 means committed",
@@ -77,9 +81,9 @@ MUTANTS = [
            "src/actors/persistence.rs",
            "    if let Err(e) = commit(tx) {",
            """    for a in applied.iter_mut() {
-        if let Applied::Seats { booked, .. } = a {
-            for (req, b) in booked.drain(..) {
-                let _ = req.reply.send(Ok(b));
+        if let Applied::Seats { answers, .. } = a {
+            for (req, answer) in answers.drain(..) {
+                let _ = req.reply.send(answer);
             }
         }
     }
@@ -109,14 +113,14 @@ MUTANTS = [
     Mutant("verify-no-mac", "4 tickets cannot be forged",
            "/ticket/verify skips the MAC check",
            "src/api/tickets.rs",
-           "if !state.signer.verify(&code, &facts) {",
-           "if false && !state.signer.verify(&code, &facts) {",
+           "if !state.signer.verify(&code, &TicketFacts::from(&b)) {",
+           "if false && !state.signer.verify(&code, &TicketFacts::from(&b)) {",
            ["finalizer::ticket_verification"]),
     Mutant("verify-no-stored-code", "4 tickets cannot be forged",
            "/ticket/verify accepts a genuine MAC that is not the issued code",
            "src/api/tickets.rs",
-           '"FINALIZED" if b.ticket_code.as_deref() == Some(code.as_str()) => {}',
-           '"FINALIZED" => {}',
+           "BookingStatus::Finalized if b.ticket_code.as_deref() == Some(code.as_str()) => {}",
+           "BookingStatus::Finalized => {}",
            ["finalizer::ticket_verification"]),
     Mutant("mac-compare-inverted", "4 tickets cannot be forged",
            "the signer's MAC comparison inverted",
@@ -145,10 +149,10 @@ MUTANTS = [
            "(Some(_), Some(_)) => true,",
            ["security::organizer_operations_need_the_token"]),
     Mutant("booking-no-secret", "4 only the holder or the organizer",
-           "GET /book/{id} shown without checking the secret",
+           "GET /book/{id} (and cancel) without checking the secret",
            "src/api/bookings.rs",
-           "Some(b) if auth::may_act_on(&state, &req, &TicketFacts::from(&b)) => {",
-           "Some(b) => {",
+           "Some(b) if auth::may_act_on(state, req, &TicketFacts::from(&b)) => Ok(b),",
+           "Some(b) => Ok(b),",
            ["security::bookings_are_invisible_without_their_secret"]),
     Mutant("secret-is-the-id", "4 only the holder or the organizer",
            "the booking secret derived from public facts only (no key)",
@@ -163,19 +167,95 @@ MUTANTS = [
            "http.target = %request.path(),",
            "http.target = %request.uri(),",
            ["security::secrets_never_reach_the_log"]),
+    # Cancellation: seats come back exactly once, everywhere.
+    Mutant("cancel-frees-nothing", "1 exact seats (cancellation)",
+           "a cancellation does not give its seats back",
+           "src/store/queries.rs",
+           "            freed += booking.quantity;\n",
+           "",
+           ["lib::store::queries::tests::cancelled_seats_return_and_are_counted_once",
+            "lifecycle::cancellation_during_a_flash_sale"]),
+    Mutant("cancel-twice-frees-twice", "1 never oversell",
+           "cancelling a cancelled booking frees its seats again",
+           "src/store/queries.rs",
+           "        if booking.status != BookingStatus::Cancelled {\n",
+           "        if true {\n",
+           ["lib::store::queries::tests::cancelled_seats_return_and_are_counted_once"]),
+    Mutant("sold-out-never-reopens", "1 exact seats (cancellation)",
+           "other replicas ignore the seats-returned notice",
+           "src/actors/registry.rs",
+           "            slot.value.sold_out.clear();",
+           "            let _ = &slot;",
+           ["lifecycle::a_cancellation_reopens_a_sold_out_event_on_every_replica"]),
+    Mutant("stale-view-refuses", "1 exact seats (cancellation)",
+           "the actor refuses on a view nobody confirmed under its lease",
+           "src/actors/event.rs",
+           "token == self.confirmed || token == self.confirmed + 1",
+           "token >= 0",
+           ["lifecycle::a_cancellation_reopens_a_sold_out_event_on_every_replica"]),
+    # Per-customer limit: the store's word is final.
+    Mutant("limit-not-in-store", "1 never pass the limit",
+           "the store's upsert adds seats without checking the limit (the trigger still aborts)",
+           "src/store/queries.rs",
+           "                     WHERE seats + excluded.seats <= ?4\n",
+           "",
+           ["lib::store::queries::tests::the_limit_is_enforced_by_the_store",
+            "lifecycle::the_per_customer_limit_holds_under_concurrency_and_across_replicas"],
+           more=[("src/store/queries.rs", "SELECT ?1, ?2, ?3 WHERE ?3 <= ?4", "SELECT ?1, ?2, ?3 WHERE ?4 > 0")]),
+    Mutant("limit-trigger-off", "1 never pass the limit",
+           "the per-customer triggers never fire",
+           "src/store/schema.rs",
+           "            BEFORE UPDATE OF seats ON customer_seats\n            WHEN NEW.seats > (SELECT max_per_user FROM events WHERE id = NEW.event_id)",
+           "            BEFORE UPDATE OF seats ON customer_seats\n            WHEN 0",
+           ["lib::store::queries::tests::the_limit_is_enforced_by_the_store"]),
+    # Idempotency keys: one booking per key, across crashes and replicas.
+    Mutant("key-not-checked", "2 a retry never books twice",
+           "the writer books a keyed request without looking the key up",
+           "src/store/queries.rs",
+           "            if let Some(used) = live_key(conn, k, b.keys_live_after)? {\n                bookings.push",
+           "            if let Some(used) = None::<KeyRecord> {\n                bookings.push",
+           ["lib::store::queries::tests::idempotency_keys_name_one_booking_and_expire",
+            "lifecycle::one_key_one_booking",
+            "lifecycle::a_retry_after_a_crash_gets_the_original_booking",
+            "lifecycle::a_retry_through_nginx_after_a_replica_died_gets_the_original_booking"]),
+    Mutant("key-any-body", "2 a retry never books twice",
+           "a key reused with another body replays instead of 422",
+           "src/api/idempotency.rs",
+           "    if key.fingerprint == first {",
+           "    if !first.is_empty() {",
+           ["lifecycle::one_key_one_booking"]),
+    # Customer tokens.
+    Mutant("jwt-expired-accepted", "4 only the holder",
+           "customer tokens are accepted after `exp`",
+           "src/api/auth.rs",
+           "        validation.leeway = 5;",
+           "        validation.leeway = 5;\n        validation.validate_exp = false;",
+           ["lifecycle::customer_tokens::bookings_need_the_customers_token_and_it_reads_their_own"]),
+    Mutant("jwt-books-for-anyone", "4 only the holder",
+           "a customer token books for any user_id",
+           "src/api/bookings.rs",
+           "    if customer.is_some_and(|c| c != new.user_id) {",
+           "    if customer.is_some_and(|c| c < 0) {",
+           ["lifecycle::customer_tokens::bookings_need_the_customers_token_and_it_reads_their_own"]),
+    Mutant("jwt-reads-any-booking", "4 only the holder",
+           "any customer token reads any booking",
+           "src/api/auth.rs",
+           "matches!(customer(state, req), Ok(Some(user)) if user == booking.user_id)",
+           "matches!(customer(state, req), Ok(Some(_)))",
+           ["lifecycle::customer_tokens::bookings_need_the_customers_token_and_it_reads_their_own"]),
     # Promise 5: overload is answered at once, queues are bounded.
     Mutant("unbounded-event-queue", "5 bounded queues, quick 503",
            "the event actor's queue has no limit",
            "src/actors/event.rs",
-           "if self.queue.len() >= self.deps.tuning.event_queue_limit {",
-           "if false && self.queue.len() >= self.deps.tuning.event_queue_limit {",
+           "if self.queued() >= self.deps.tuning.event_queue_limit {",
+           "if false && self.queued() >= self.deps.tuning.event_queue_limit {",
            ["concurrency::overload_is_answered_at_once_with_retry_after"]),
     # Promise 6: bad input gets a clear 4xx.
     Mutant("user-id-zero", "6 bad input is a 4xx",
            "validation accepts user_id 0",
-           "src/domain.rs",
-           'let user_id = f.int("user_id", None, 1, i64::MAX);',
-           'let user_id = f.int("user_id", None, 0, i64::MAX);',
+           "src/domain/input.rs",
+           'let user_id = f.int("user_id", customer, 1, i64::MAX);',
+           'let user_id = f.int("user_id", customer, 0, i64::MAX);',
            ["lib::domain::tests::booking_rules", "api::booking_validation_never_500s"]),
 ]
 
@@ -269,19 +349,28 @@ def main():
 
     rows, bad = [], 0
     for m in chosen:
-        path = os.path.join(TREE, m.path)
-        original = open(path).read()
-        if original.count(m.old) != 1:
+        originals = {}
+        for path, _, _ in m.edits:
+            originals.setdefault(path, open(os.path.join(TREE, path)).read())
+        mutated, ok = dict(originals), True
+        for path, old, new in m.edits:
+            if mutated[path].count(old) != 1:
+                ok = False
+                break
+            mutated[path] = mutated[path].replace(old, new, 1)
+        if not ok:
             rows.append((m, "CANNOT APPLY (code changed?)", []))
             bad += 1
             continue
         print(f"[{m.name}] {m.what}", flush=True)
         try:
-            open(path, "w").write(original.replace(m.old, m.new, 1))
+            for path, text in mutated.items():
+                open(os.path.join(TREE, path), "w").write(text)
             results = [(t, *cargo_test(t)) for t in m.tests]
             extra = whole_suite() if suite else []
         finally:
-            open(path, "w").write(original)
+            for path, text in originals.items():
+                open(os.path.join(TREE, path), "w").write(text)
         if any(r == "build" for _, r, _ in results):
             verdict = "DOES NOT BUILD"
         elif all(r in ("fail", "timeout") for _, r, _ in results):

@@ -61,6 +61,12 @@ pub struct Config {
     #[arg(long, env = "ADMIN_TOKEN", value_name = "ADMIN_TOKEN", hide_env_values = true,
           value_parser = parse_ticket_key)]
     pub admin_token: Option<String>,
+    /// Secret of the shop's customer tokens (JWT, HS256, `sub` = the user id, `exp` required).
+    /// Set: `POST /book` needs `Authorization: Bearer <JWT>` and books for its `sub`; the same
+    /// token reads and cancels that customer's bookings. Unset: user ids are taken on trust.
+    #[arg(long, env = "CUSTOMER_JWT_SECRET", value_name = "CUSTOMER_JWT_SECRET",
+          hide_env_values = true, value_parser = parse_ticket_key)]
+    pub customer_jwt_secret: Option<String>,
     /// How often the sweeper looks for PENDING bookings that nobody is issuing.
     #[arg(long, env = "SWEEP_INTERVAL_MS", value_name = "SWEEP_INTERVAL_MS", default_value_t = 10_000,
           value_parser = clap::value_parser!(u64).range(50..=3_600_000))]
@@ -176,6 +182,7 @@ impl Config {
             finalize_max_deliveries: 5,
             replica_id: None,
             admin_token: None,
+            customer_jwt_secret: None,
             finalize_visibility_ms: 30_000,
             sweep_interval_ms: 10_000,
             rust_log: "warn".into(),

@@ -175,6 +175,10 @@ impl Application {
             finalize: finalization,
             signer,
             admin_token: config.admin_token.clone(),
+            customer_tokens: config
+                .customer_jwt_secret
+                .as_deref()
+                .map(api::auth::CustomerTokens::new),
             in_flight: Default::default(),
             mode,
             redis,

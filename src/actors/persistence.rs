@@ -435,6 +435,9 @@ fn commit_group(
         return;
     }
 
+    // Tests kill the process right here (failpoint `writer-after-commit`): committed, nobody
+    // answered — the client's retry with its Idempotency-Key must find the booking.
+    fail::fail_point!("writer-after-commit", |_| std::process::abort());
     // Committed: from here on every answer is a promise kept.
     let mut bookings = 0usize;
     let mut committed = Vec::new();

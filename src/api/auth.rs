@@ -72,11 +72,61 @@ fn presented_secret(req: &HttpRequest) -> Option<String> {
         .and_then(|q| q.into_inner().secret)
 }
 
-/// May this request read or act on the booking with these facts? Its secret, or the organizer
-/// token. Callers answer `ApiError::BookingNotFound` when not, as for an unknown id.
+/// May this request read or act on the booking with these facts? Its secret, the organizer
+/// token, or its customer's token. Callers answer `ApiError::BookingNotFound` when not, as for
+/// an unknown id.
 pub fn may_act_on(state: &AppState, req: &HttpRequest, booking: &TicketFacts) -> bool {
     if is_organizer(state, req) {
         return true;
     }
-    presented_secret(req).is_some_and(|s| state.signer.check_booking_secret(&s, booking))
+    if presented_secret(req).is_some_and(|s| state.signer.check_booking_secret(&s, booking)) {
+        return true;
+    }
+    matches!(customer(state, req), Ok(Some(user)) if user == booking.user_id)
+}
+
+/// Verifies the shop's customer tokens: HS256 only (`alg: none` and every other algorithm are
+/// refused by the validation), `exp` required and checked, `sub` a decimal user id.
+pub struct CustomerTokens {
+    key: jsonwebtoken::DecodingKey,
+    validation: jsonwebtoken::Validation,
+}
+
+#[derive(serde::Deserialize)]
+struct Claims {
+    sub: String,
+}
+
+impl CustomerTokens {
+    pub fn new(secret: &str) -> Self {
+        let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::HS256);
+        validation.set_required_spec_claims(&["exp", "sub"]);
+        validation.leeway = 5;
+        CustomerTokens {
+            key: jsonwebtoken::DecodingKey::from_secret(secret.as_bytes()),
+            validation,
+        }
+    }
+
+    /// The user id a valid token names; `None` for anything else (malformed, forged, expired).
+    fn user(&self, token: &str) -> Option<i64> {
+        let data = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation).ok()?;
+        let sub = data.claims.sub;
+        // Plain decimal digits, as the path ids: no sign, no leading zero.
+        if sub.is_empty() || sub.starts_with('0') || !sub.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        sub.parse().ok()
+    }
+}
+
+/// The customer the request proves with its bearer token. `Ok(None)` when customer tokens are
+/// not in use (`CUSTOMER_JWT_SECRET` unset); `401` when they are and the token is missing,
+/// malformed, expired or forged.
+pub fn customer(state: &AppState, req: &HttpRequest) -> Result<Option<i64>, ApiError> {
+    let Some(tokens) = &state.customer_tokens else {
+        return Ok(None);
+    };
+    let token = bearer(req).ok_or(ApiError::Unauthorized)?;
+    tokens.user(token).map(Some).ok_or(ApiError::Unauthorized)
 }

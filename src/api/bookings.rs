@@ -33,8 +33,15 @@ pub async fn book(
     req: HttpRequest,
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
+    // With customer tokens in use, the token says who books (401 before anything else).
+    let customer = auth::customer(&state, &req)?;
     let value = body::json(&req, payload).await?;
-    let new = NewBooking::parse(&value).map_err(ApiError::Validation)?;
+    let new = NewBooking::parse_for(&value, customer).map_err(ApiError::Validation)?;
+    if customer.is_some_and(|c| c != new.user_id) {
+        return Err(ApiError::Forbidden(
+            "user_id differs from the customer's token".into(),
+        ));
+    }
     let span = tracing::Span::current();
     span.record("event_id", new.event_id.0);
     span.record("user_id", new.user_id);
@@ -99,8 +106,8 @@ async fn replay(
     )))
 }
 
-/// The booking `raw` names, if the request may act on it (its secret or the organizer token);
-/// otherwise the 404 of an unknown id.
+/// The booking `raw` names, if the request may act on it (its secret, the organizer token or
+/// its customer's token); otherwise the 404 of an unknown id.
 async fn authorized(state: &AppState, req: &HttpRequest, raw: &str) -> Result<Booking, ApiError> {
     let id = path_id(raw, "id")?;
     let b = state.reads.read(move |c| queries::booking(c, id)).await?;

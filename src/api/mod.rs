@@ -33,6 +33,8 @@ pub struct AppState {
     pub signer: TicketSigner,
     /// The organizer token: organizer operations need it when set (`api::auth`).
     pub admin_token: Option<String>,
+    /// The shop's customer tokens, when `CUSTOMER_JWT_SECRET` is set.
+    pub customer_tokens: Option<auth::CustomerTokens>,
     /// Idempotency keys being served in this process.
     pub in_flight: idempotency::InFlight,
     /// `"embedded"` or `"cluster"`.

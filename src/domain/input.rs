@@ -219,11 +219,17 @@ impl NewEvent {
 impl NewBooking {
     /// Parses `{user_id: >= 1, event_id: >= 1, quantity?: >= 1}` (quantity defaults to 1).
     pub fn parse(body: &Value) -> Result<Self, Vec<FieldError>> {
+        Self::parse_for(body, None)
+    }
+
+    /// As `parse`, for a customer proven by a token: `user_id` may be left out and defaults to
+    /// theirs (the route refuses a different one with 403).
+    pub fn parse_for(body: &Value, customer: Option<i64>) -> Result<Self, Vec<FieldError>> {
         let mut f = Fields {
             obj: object(body)?,
             errors: Vec::new(),
         };
-        let user_id = f.int("user_id", None, 1, i64::MAX);
+        let user_id = f.int("user_id", customer, 1, i64::MAX);
         let event_id = f.int("event_id", None, 1, i64::MAX);
         let quantity = f.int("quantity", Some(1), 1, MAX_QUANTITY);
         match (user_id, event_id, quantity) {
