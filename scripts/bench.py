@@ -77,8 +77,8 @@ class Ticketd:
                 self.proc.kill()
 
 
-def create_event(url, capacity, title="Bench"):
-    status, body = http("POST", url + "/event", {"title": title, "capacity": capacity})
+def create_event(url, capacity, title="Bench", **extra):
+    status, body = http("POST", url + "/event", {"title": title, "capacity": capacity, **extra})
     assert status == 200, body
     return body["id"]
 
@@ -164,6 +164,19 @@ def main():
             booked, cap, _ = db_counts(db, ev)
             r.update(booked=booked, rows=rows(db, ev)[1], ratio=r["rps"] / ceiling)
             S["2_hot_event"] = r
+
+            print("2b. hot event, Idempotency-Key and max_per_user", flush=True)
+            ev = create_event(one.url, 1_000_000_000, max_per_user=4)
+            r = wrk(one.url, "book_keyed.lua", EVENT_ID=ev)
+            booked, cap, _ = db_counts(db, ev)
+            c = sqlite3.connect(db, timeout=30)
+            keys = c.execute("SELECT COUNT(*) FROM idempotency_keys").fetchone()[0]
+            over = c.execute("SELECT COUNT(*) FROM customer_seats WHERE event_id=? AND seats > 4",
+                             (ev,)).fetchone()[0]
+            c.close()
+            r.update(booked=booked, rows=rows(db, ev)[1], keys=keys, over_limit=over,
+                     ratio=r["rps"] / ceiling, vs_plain=r["rps"] / S["2_hot_event"]["rps"])
+            S["2b_hot_keyed_limited"] = r
 
         if not ONLY or "3" in ONLY:
             print("3. sold-out flood", flush=True)
@@ -330,6 +343,12 @@ def table(res):
         lines.append(f"| 2 hot event: POST /book | {r['rps']:.0f} bookings/s, {r['status_errors']} non-200, "
                      f"{r['errors']} errors; {r['rows']} rows | {100 * r['ratio']:.0f} % | {ms(r['p99_us'])} "
                      f"| ≥ 40 %, p99 ≤ 10 ms, 0 errors |")
+    if "2b_hot_keyed_limited" in S:
+        r = S["2b_hot_keyed_limited"]
+        lines.append(f"| 2b hot event, Idempotency-Key + max_per_user 4 (2 seats each) | {r['rps']:.0f} bookings/s "
+                     f"= {100 * r['vs_plain']:.0f} % of 2, {r['status_errors']} non-200; {r['rows']} rows, "
+                     f"{r['keys']} keys, {r['over_limit']} customers over the limit | {100 * r['ratio']:.0f} % | "
+                     f"{ms(r['p99_us'])} | ≥ 80 % of 2 |")
     if "3_sold_out" in S:
         r = S["3_sold_out"]
         lines.append(f"| 3 sold-out flood (409s) | {r['rps']:.0f} req/s; {r['booked']} seat sold | "

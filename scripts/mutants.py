@@ -256,7 +256,7 @@ MUTANTS = [
            "src/domain/input.rs",
            'let user_id = f.int("user_id", customer, 1, i64::MAX);',
            'let user_id = f.int("user_id", customer, 0, i64::MAX);',
-           ["lib::domain::tests::booking_rules", "api::booking_validation_never_500s"]),
+           ["lib::domain::input::tests::booking_rules", "api::booking_validation_never_500s"]),
 ]
 
 

@@ -111,8 +111,7 @@ impl Registry {
         self.slots.is_empty()
     }
 
-    /// Books through the event's actor. A request its actor never read (the actor passivated
-    /// between lookup and delivery) is provably unwritten and is routed again to a fresh actor.
+    /// Books through the event's actor; a sold-out event is refused here, without a message.
     pub async fn book(
         self: &Arc<Self>,
         event_id: i64,
@@ -120,49 +119,52 @@ impl Registry {
         quantity: i64,
         key: Option<IdempotencyKey>,
     ) -> Result<Booked, BookError> {
-        for _ in 0..MAX_REROUTES {
-            let entry = self.get_or_spawn(event_id);
-            if entry.sold_out.is_sold_out() {
-                return Err(BookError::SoldOut { remaining: 0 });
-            }
-            let (reply, rx) = oneshot::channel();
-            let req = SeatRequest {
+        self.deliver(event_id, true, |reply| {
+            Book(SeatRequest {
                 user_id,
                 quantity,
                 key: key.clone(),
                 reply,
-            };
-            match entry.addr.try_send(Book(req)) {
-                Ok(()) => match rx.await {
-                    Ok(result) => return result,
-                    // Dropped unanswered: only ever before the request reached a batch.
-                    Err(_) => continue,
-                },
-                Err(SendError::Full(_)) => return Err(BookError::Overloaded),
-                Err(SendError::Closed(_)) => self.retire(event_id, entry.generation),
-            }
-        }
-        Err(BookError::Unavailable(
-            "the event actor is restarting; retry".into(),
-        ))
+            })
+        })
+        .await
     }
 
-    /// Cancels through the event's actor, so the seats return under its lease and fence; re-routed
-    /// like a booking when the actor went away before reading it.
+    /// Cancels through the event's actor, so the seats return under its lease and fence.
     pub async fn cancel(
         self: &Arc<Self>,
         event_id: i64,
         booking_id: i64,
     ) -> Result<Booking, BookError> {
+        self.deliver(event_id, false, |reply| {
+            Cancel(CancelRequest { booking_id, reply })
+        })
+        .await
+    }
+
+    /// Delivers a request to the event's actor and awaits its answer. A request its actor never
+    /// read (the actor passivated between lookup and delivery, or its worker stopped) is
+    /// provably unwritten and is routed again to a fresh actor.
+    async fn deliver<T, M>(
+        self: &Arc<Self>,
+        event_id: i64,
+        refuse_if_sold_out: bool,
+        make: impl Fn(oneshot::Sender<Result<T, BookError>>) -> M,
+    ) -> Result<T, BookError>
+    where
+        M: Message<Result = ()> + Send + 'static,
+        EventActor: Handler<M>,
+    {
         for _ in 0..MAX_REROUTES {
             let entry = self.get_or_spawn(event_id);
+            if refuse_if_sold_out && entry.sold_out.is_sold_out() {
+                return Err(BookError::SoldOut { remaining: 0 });
+            }
             let (reply, rx) = oneshot::channel();
-            match entry
-                .addr
-                .try_send(Cancel(CancelRequest { booking_id, reply }))
-            {
+            match entry.addr.try_send(make(reply)) {
                 Ok(()) => match rx.await {
                     Ok(result) => return result,
+                    // Dropped unanswered: only ever before the request reached a batch.
                     Err(_) => continue,
                 },
                 Err(SendError::Full(_)) => return Err(BookError::Overloaded),
