@@ -10,7 +10,9 @@ import json, os, re, shutil, signal, socket, sqlite3, subprocess, sys, tempfile,
 import urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BIN = os.path.join(ROOT, "target", "release", "ticketd")
+# TICKETD_BIN benches another build (an older commit, for a before/after in one sitting).
+BIN = os.environ.get("TICKETD_BIN") or os.path.join(ROOT, "target", "release", "ticketd")
+RESULTS = os.environ.get("BENCH_RESULTS") or os.path.join(ROOT, "bench", "results.json")
 WRK_DIR = os.path.join(ROOT, "bench", "wrk")
 SECONDS = int(os.environ.get("BENCH_SECONDS", "10"))
 CONNS = int(os.environ.get("BENCH_CONNECTIONS", "64"))
@@ -210,8 +212,8 @@ def main():
             if p.poll() is None:
                 p.kill()
         shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(os.path.join(ROOT, "bench"), exist_ok=True)
-    with open(os.path.join(ROOT, "bench", "results.json"), "w") as f:
+    os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
+    with open(RESULTS, "w") as f:
         json.dump(results, f, indent=2)
     print(table(results))
 

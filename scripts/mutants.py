@@ -243,6 +243,12 @@ MUTANTS = [
            "matches!(customer(state, req), Ok(Some(user)) if user == booking.user_id)",
            "matches!(customer(state, req), Ok(Some(_)))",
            ["lifecycle::customer_tokens::bookings_need_the_customers_token_and_it_reads_their_own"]),
+    Mutant("busy-becomes-500", "5 overload is a 503 to retry",
+           "a busy database relayed to waiters as an internal error",
+           "src/store/mod.rs",
+           "            StoreError::Sqlite(e) if is_busy(e) => StoreError::Busy,\n",
+           "",
+           ["lib::api::errors::tests::relayed_store_errors_keep_their_kind"]),
     # Promise 5: overload is answered at once, queues are bounded.
     Mutant("unbounded-event-queue", "5 bounded queues, quick 503",
            "the event actor's queue has no limit",

@@ -159,18 +159,24 @@ async fn cancellation_during_a_flash_sale() {
     assert_eq!(cancelled.len(), 30);
 
     // The seats the cancellations freed are on sale again: late clients take them, and no more.
-    let mut late = 0;
-    for u in 1000.. {
+    let (mut late, mut sold_out) = (0, false);
+    for u in 1000..1100 {
         let r = app
             .post("/book", json!({"user_id": u, "event_id": event}))
             .await;
         match r.status.as_u16() {
             200 => late += 1,
-            409 => break,
+            409 => {
+                sold_out = true;
+                break;
+            }
             other => panic!("unexpected {other}: {:?}", r.body),
         }
     }
-    assert!(late >= 1, "freed seats were sold again");
+    assert!(
+        sold_out && late >= 1,
+        "freed seats were sold again ({late}), and no more"
+    );
     assert!(
         common::eventually(Duration::from_secs(20), || {
             common::count_status(&open_db(&app.db_path), "PENDING") == 0

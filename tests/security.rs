@@ -165,6 +165,21 @@ async fn organizer_operations_need_the_token() {
     )
     .await;
     assert_eq!((r.status.as_u16(), &r.body), (404, &not_found()));
+    // The organizer cancels any booking (a refund); a wrong token is a stranger there too.
+    let cancel = |token: &str| {
+        send(
+            app.client
+                .post(url(&format!("/book/{id}/cancel")))
+                .bearer_auth(token.to_string()),
+        )
+    };
+    let r = cancel("organizer-token-0123456788").await;
+    assert_eq!((r.status.as_u16(), &r.body), (404, &not_found()));
+    let r = cancel(ADMIN).await;
+    assert_eq!(
+        (r.status.as_u16(), &r.body["status"]),
+        (200, &json!("CANCELLED"))
+    );
 
     // Without ADMIN_TOKEN: events and reports open, as in the old service; admin disabled.
     let open = TestApp::spawn();

@@ -127,3 +127,35 @@ impl ResponseError for ApiError {
         res.json(body)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One failed group answers many waiters, each with a copy of the error: the copy keeps the
+    /// kind, so a busy database reaches the client as a 503 to retry, never a 500.
+    #[test]
+    fn relayed_store_errors_keep_their_kind() {
+        let busy = rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_BUSY),
+            Some("database is locked".into()),
+        );
+        for (original, status) in [
+            (StoreError::Sqlite(busy), StatusCode::SERVICE_UNAVAILABLE),
+            (StoreError::WriterFull, StatusCode::SERVICE_UNAVAILABLE),
+            (StoreError::WriterClosed, StatusCode::SERVICE_UNAVAILABLE),
+            (
+                StoreError::Sqlite(rusqlite::Error::InvalidQuery),
+                StatusCode::INTERNAL_SERVER_ERROR,
+            ),
+        ] {
+            let relayed = ApiError::from(original.for_reply());
+            assert_eq!(relayed.status_code(), status, "{original}");
+            let res = relayed.error_response();
+            assert_eq!(
+                res.headers().contains_key(header::RETRY_AFTER),
+                status == StatusCode::SERVICE_UNAVAILABLE
+            );
+        }
+    }
+}
