@@ -43,6 +43,7 @@ use crate::config::Tuning;
 use crate::coord::lease::{Lease, LeaseError, Token};
 use crate::domain::{BookError, CancelRequest, Refused, SeatRequest, Taken, View};
 use crate::slots::SoldOut;
+use crate::store::queries::SeatsSeen;
 use crate::store::{queries, EventRow, ReadPool, StoreError};
 
 /// Times a batch may be refused by the fence in a row before its clients get 503.
@@ -340,8 +341,11 @@ impl EventActor {
                 if let Some(v) = self.view.as_mut() {
                     // The count after our update: exact even if an older holder wrote just before.
                     v.booked = booked;
-                    if v.max_per_user.is_some() {
-                        v.users.extend(users);
+                    for seen in users {
+                        match seen {
+                            SeatsSeen::Holds { user_id, seats } => v.holds(user_id, seats),
+                            SeatsSeen::Took { user_id, seats } => v.took(user_id, seats),
+                        }
                     }
                 }
                 self.floor = self.floor.max(token);

@@ -23,7 +23,7 @@ use crate::domain::{
 };
 use crate::handoff::{Refused, WriteQueue};
 use crate::store::queries::{
-    self, BookingOutcome, CancelOutcome, FencedBatch, KeyRecord, NewBookingRow, Refusal,
+    self, BookingOutcome, CancelOutcome, FencedBatch, KeyRecord, NewBookingRow, Refusal, SeatsSeen,
 };
 use crate::store::wal::WalKeeper;
 use crate::store::{EventRow, StoreError};
@@ -34,12 +34,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 #[derive(Debug)]
 pub enum BatchOutcome {
     /// Committed; the clients have been answered. `seats` is what the batch took net of what
-    /// its cancellations freed, `booked` the event's count after it, `users` the seats held
-    /// after it by the customers it touched (events with a limit).
+    /// its cancellations freed, `booked` the event's count after it, `users` what it taught
+    /// about its customers' seats (events with a limit).
     Committed {
         seats: i64,
         booked: i64,
-        users: Vec<(i64, i64)>,
+        users: Vec<SeatsSeen>,
     },
     /// Refused by the fenced update; nothing written. The requests come back, unanswered, with
     /// the row as the database has it.
@@ -323,7 +323,7 @@ enum Applied {
         cancelled: Vec<(CancelRequest, Result<Booking, BookError>)>,
         seats: i64,
         booked_after: i64,
-        users: Vec<(i64, i64)>,
+        users: Vec<SeatsSeen>,
     },
     SeatsRefused {
         done: oneshot::Sender<BatchOutcome>,

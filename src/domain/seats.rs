@@ -76,6 +76,21 @@ impl View {
         Ok(())
     }
 
+    /// Learns a customer's exact count (read by the store).
+    pub fn holds(&mut self, user_id: i64, seats: i64) {
+        if self.max_per_user.is_some() {
+            self.users.insert(user_id, seats);
+        }
+    }
+
+    /// A customer took `seats` more: known counts follow; unknown ones stay unknown (the actor
+    /// knows only what it took, not what they held before).
+    pub fn took(&mut self, user_id: i64, seats: i64) {
+        if let Some(held) = self.users.get_mut(&user_id) {
+            *held += seats;
+        }
+    }
+
     pub fn sold_out(&self) -> bool {
         self.booked >= self.capacity
     }

@@ -115,8 +115,17 @@ pub struct BatchApplied {
     pub booked_after: i64,
     pub bookings: Vec<BookingOutcome>,
     pub cancels: Vec<CancelOutcome>,
-    /// Seats held after this batch by each customer it touched (events with a limit only).
-    pub users: Vec<(i64, i64)>,
+    /// What the batch taught about its customers' seats, in order (events with a limit only).
+    pub users: Vec<SeatsSeen>,
+}
+
+/// What a batch learned of one customer's seats on a limited event, in the order it happened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SeatsSeen {
+    /// The customer holds exactly this many (read after a cancellation or a refusal).
+    Holds { user_id: i64, seats: i64 },
+    /// The customer took this many more (a booking went through).
+    Took { user_id: i64, seats: i64 },
 }
 
 /// What the store knows of an idempotency key.
@@ -385,7 +394,10 @@ pub fn apply_fenced_batch(
                     )
                     .optional()?
                     .unwrap_or(0);
-                users.push((booking.user_id, left));
+                users.push(SeatsSeen::Holds {
+                    user_id: booking.user_id,
+                    seats: left,
+                });
             }
             booking.status = BookingStatus::Cancelled;
             booking.cancelled_at = Some(iso_utc(b.now));
@@ -406,19 +418,18 @@ pub fn apply_fenced_batch(
             }
         }
         if let Some(limit) = limit {
-            let held: Option<i64> = conn
+            // No RETURNING here: SQLite buffers RETURNING rows in a temporary table, a cost per
+            // booking (profiled); whether a row was written says whether the limit held.
+            let took = conn
                 .prepare_cached(
                     "INSERT INTO customer_seats (event_id, user_id, seats)
                      SELECT ?1, ?2, ?3 WHERE ?3 <= ?4
                      ON CONFLICT (event_id, user_id) DO UPDATE SET seats = seats + excluded.seats
-                     WHERE seats + excluded.seats <= ?4
-                     RETURNING seats",
+                     WHERE seats + excluded.seats <= ?4",
                 )?
-                .query_row(params![b.event_id, nb.user_id, nb.quantity, limit], |r| {
-                    r.get(0)
-                })
-                .optional()?;
-            let Some(held) = held else {
+                .execute(params![b.event_id, nb.user_id, nb.quantity, limit])?
+                == 1;
+            if !took {
                 let held: i64 = conn
                     .prepare_cached(
                         "SELECT seats FROM customer_seats WHERE event_id = ?1 AND user_id = ?2",
@@ -426,11 +437,17 @@ pub fn apply_fenced_batch(
                     .query_row([b.event_id, nb.user_id], |r| r.get(0))
                     .optional()?
                     .unwrap_or(0);
-                users.push((nb.user_id, held));
+                users.push(SeatsSeen::Holds {
+                    user_id: nb.user_id,
+                    seats: held,
+                });
                 bookings.push(BookingOutcome::Limit { limit, held });
                 continue;
-            };
-            users.push((nb.user_id, held));
+            }
+            users.push(SeatsSeen::Took {
+                user_id: nb.user_id,
+                seats: nb.quantity,
+            });
         }
         conn.prepare_cached(
             "INSERT INTO bookings (event_id, user_id, quantity, status, created_at)
@@ -655,7 +672,19 @@ mod tests {
             .unwrap()
             .unwrap();
         assert!(matches!(a.bookings[0], BookingOutcome::Booked(_)));
-        assert_eq!(a.users.last(), Some(&(7, 4)));
+        assert_eq!(
+            a.users,
+            vec![
+                SeatsSeen::Holds {
+                    user_id: 7,
+                    seats: 1
+                },
+                SeatsSeen::Took {
+                    user_id: 7,
+                    seats: 3
+                }
+            ]
+        );
         // Whoever writes, the file refuses more than the limit.
         assert!(c
             .execute(
