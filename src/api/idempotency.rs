@@ -40,9 +40,10 @@ pub fn from_request(
     }))
 }
 
-/// What makes two requests "the same": their validated meaning, hashed (a title may be long).
+/// What makes two requests "the same": their validated meaning, hashed (a title may be long);
+/// 128 bits are plenty to tell one client's requests apart, and keep the key records small.
 fn fingerprint_of(meaning: &str) -> String {
-    data_encoding::HEXLOWER.encode(&Sha256::digest(meaning.as_bytes()))
+    data_encoding::HEXLOWER.encode(&Sha256::digest(meaning.as_bytes())[..16])
 }
 
 /// Keys being served right now in this process: a second request with one of them is `409`.
@@ -79,11 +80,10 @@ impl InFlight {
 /// The live record of `key`, from the read pool.
 pub async fn lookup(state: &AppState, key: &IdempotencyKey) -> Result<Option<KeyRecord>, ApiError> {
     let (scope, k) = (key.scope.clone(), key.key.clone());
-    let live_after =
-        queries::db_timestamp(chrono::Utc::now() - crate::actors::persistence::KEY_TTL);
+    let live_after = (chrono::Utc::now() - crate::actors::persistence::KEY_TTL).timestamp_millis();
     Ok(state
         .reads
-        .read(move |c| queries::idempotency_key(c, &scope, &k, &live_after))
+        .read(move |c| queries::idempotency_key(c, &scope, &k, live_after))
         .await?)
 }
 

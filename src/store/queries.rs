@@ -104,8 +104,10 @@ pub struct FencedBatch<'a> {
     pub bookings: &'a [NewBookingRow<'a>],
     /// The stored-format timestamp of this transaction.
     pub now: &'a str,
-    /// Idempotency keys created before this (stored format) have expired.
-    pub keys_live_after: &'a str,
+    /// The same instant in Unix milliseconds (idempotency keys).
+    pub now_ms: i64,
+    /// Idempotency keys created before this (Unix ms) have expired.
+    pub keys_live_after_ms: i64,
 }
 
 /// What a committed batch did.
@@ -237,12 +239,12 @@ pub fn insert_event(
     capacity: i64,
     max_per_user: Option<i64>,
     key: Option<&IdempotencyKey>,
-    now: &str,
-    keys_live_after: &str,
+    now_ms: i64,
+    keys_live_after_ms: i64,
 ) -> rusqlite::Result<Result<EventRow, KeyRecord>> {
     if let Some(k) = key {
-        if let Some(used) = live_key(conn, k, keys_live_after)? {
-            return Ok(Err(used));
+        if !claim_key(conn, k, now_ms, keys_live_after_ms)? {
+            return Ok(Err(live_key(conn, k)?));
         }
     }
     conn.prepare_cached(
@@ -251,7 +253,10 @@ pub fn insert_event(
     .execute(params![title, capacity, max_per_user])?;
     let id = conn.last_insert_rowid();
     if let Some(k) = key {
-        remember_key(conn, k, None, Some(id), now)?;
+        conn.prepare_cached(
+            "UPDATE idempotency_keys SET event_id = ?3 WHERE scope = ?1 AND key = ?2",
+        )?
+        .execute(params![k.scope, k.key, id])?;
     }
     Ok(Ok(EventRow {
         id,
@@ -264,17 +269,72 @@ pub fn insert_event(
     }))
 }
 
-/// The live record of an idempotency key, if any (inside the writer's transaction).
-fn live_key(
+/// Claims a key for a new request, naming `booking_id` (if known yet): inserts its record, or
+/// takes over an expired one. False if a live record holds the key. One statement, no lookup
+/// before it: on the hot path the key is new.
+fn claim_key(
     conn: &Connection,
     k: &IdempotencyKey,
-    live_after: &str,
+    now_ms: i64,
+    live_after_ms: i64,
+) -> rusqlite::Result<bool> {
+    claim_key_for(conn, k, None, now_ms, live_after_ms)
+}
+
+fn claim_key_for(
+    conn: &Connection,
+    k: &IdempotencyKey,
+    booking_id: Option<i64>,
+    now_ms: i64,
+    live_after_ms: i64,
+) -> rusqlite::Result<bool> {
+    let n = conn
+        .prepare_cached(
+            "INSERT INTO idempotency_keys (scope, key, fingerprint, booking_id, created_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT (scope, key) DO UPDATE SET fingerprint = excluded.fingerprint,
+                 booking_id = excluded.booking_id, event_id = NULL,
+                 created_ms = excluded.created_ms
+             WHERE idempotency_keys.created_ms < ?6",
+        )?
+        .execute(params![
+            k.scope,
+            k.key,
+            k.fingerprint,
+            booking_id,
+            now_ms,
+            live_after_ms
+        ])?;
+    Ok(n == 1)
+}
+
+/// The record that holds a key (after `claim_key` found it live).
+fn live_key(conn: &Connection, k: &IdempotencyKey) -> rusqlite::Result<KeyRecord> {
+    conn.prepare_cached(
+        "SELECT fingerprint, booking_id, event_id FROM idempotency_keys
+         WHERE scope = ?1 AND key = ?2",
+    )?
+    .query_row(params![k.scope, k.key], |r| {
+        Ok(KeyRecord {
+            fingerprint: r.get(0)?,
+            booking_id: r.get(1)?,
+            event_id: r.get(2)?,
+        })
+    })
+}
+
+/// The live record of an idempotency key, for a route deciding between a replay and a 422.
+pub fn idempotency_key(
+    conn: &Connection,
+    scope: &str,
+    key: &str,
+    live_after_ms: i64,
 ) -> rusqlite::Result<Option<KeyRecord>> {
     conn.prepare_cached(
         "SELECT fingerprint, booking_id, event_id FROM idempotency_keys
-         WHERE scope = ?1 AND key = ?2 AND created_at >= ?3",
+         WHERE scope = ?1 AND key = ?2 AND created_ms >= ?3",
     )?
-    .query_row(params![k.scope, k.key, live_after], |r| {
+    .query_row(params![scope, key, live_after_ms], |r| {
         Ok(KeyRecord {
             fingerprint: r.get(0)?,
             booking_id: r.get(1)?,
@@ -284,59 +344,44 @@ fn live_key(
     .optional()
 }
 
-/// Records a key for what it names, replacing an expired record of the same key.
-fn remember_key(
-    conn: &Connection,
-    k: &IdempotencyKey,
-    booking_id: Option<i64>,
-    event_id: Option<i64>,
-    now: &str,
-) -> rusqlite::Result<()> {
-    conn.prepare_cached(
-        "INSERT INTO idempotency_keys (scope, key, fingerprint, booking_id, event_id, created_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-         ON CONFLICT (scope, key) DO UPDATE SET fingerprint = excluded.fingerprint,
-             booking_id = excluded.booking_id, event_id = excluded.event_id,
-             created_at = excluded.created_at",
-    )?
-    .execute(params![
-        k.scope,
-        k.key,
-        k.fingerprint,
-        booking_id,
-        event_id,
-        now
-    ])?;
-    Ok(())
-}
+/// Where the purge of expired keys has got to in its walk over the table (in key order).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct PurgeCursor(Option<(String, String)>);
 
-/// The live record of an idempotency key, for a route deciding between a replay and a 422.
-pub fn idempotency_key(
-    conn: &Connection,
-    scope: &str,
-    key: &str,
-    live_after: &str,
-) -> rusqlite::Result<Option<KeyRecord>> {
-    let k = IdempotencyKey {
-        scope: scope.to_string(),
-        key: key.to_string(),
-        fingerprint: String::new(),
-    };
-    live_key(conn, &k, live_after)
-}
-
-/// Deletes up to `limit` expired idempotency keys; returns how many went. Small chunks, so the
-/// writer never spends long on it between groups.
+/// Walks the next `chunk` keys after the cursor and deletes the expired ones; returns how many
+/// went. The table has no index by age (it would cost every keyed booking a second B-tree
+/// write): the purge walks it in key order instead, a chunk at a time, and starts over at the
+/// end. Expired keys are ignored by every lookup meanwhile, so a slow walk is only space.
 pub fn purge_expired_keys(
     conn: &Connection,
-    expired_before: &str,
-    limit: usize,
+    cursor: &mut PurgeCursor,
+    expired_before_ms: i64,
+    chunk: usize,
 ) -> rusqlite::Result<usize> {
-    conn.prepare_cached(
-        "DELETE FROM idempotency_keys WHERE (scope, key) IN (
-             SELECT scope, key FROM idempotency_keys WHERE created_at < ?1 LIMIT ?2)",
-    )?
-    .execute(params![expired_before, limit as i64])
+    let (after_scope, after_key) = cursor.0.clone().unwrap_or_default();
+    let walked: Vec<(String, String, i64)> = conn
+        .prepare_cached(
+            "SELECT scope, key, created_ms FROM idempotency_keys
+             WHERE (scope, key) > (?1, ?2) ORDER BY scope, key LIMIT ?3",
+        )?
+        .query_map(params![after_scope, after_key, chunk as i64], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        })?
+        .collect::<rusqlite::Result<_>>()?;
+    let mut deleted = 0;
+    let mut delete =
+        conn.prepare_cached("DELETE FROM idempotency_keys WHERE scope = ?1 AND key = ?2")?;
+    for (scope, key, created_ms) in &walked {
+        if *created_ms < expired_before_ms {
+            deleted += delete.execute(params![scope, key])?;
+        }
+    }
+    cursor.0 = if walked.len() < chunk {
+        None // the end: start over
+    } else {
+        walked.last().map(|(s, k, _)| (s.clone(), k.clone()))
+    };
+    Ok(deleted)
 }
 
 /// The fenced, conditional batch of DESIGN.md: cancellations, bookings, their customers' counts
@@ -407,16 +452,33 @@ pub fn apply_fenced_batch(
 
     let mut taken = 0i64;
     let mut bookings = Vec::with_capacity(b.bookings.len());
+    // A keyed booking claims its key before its row exists, naming the id the row will get:
+    // bookings are only ever appended, by this one writer, so ids are handed out in order.
+    let mut last_id: Option<i64> = None;
     for nb in b.bookings {
-        if let Some(k) = nb.key {
-            if let Some(used) = live_key(conn, k, b.keys_live_after)? {
-                bookings.push(BookingOutcome::KeyUsed {
-                    booking_id: used.booking_id.unwrap_or(0),
-                    fingerprint: used.fingerprint,
-                });
-                continue;
+        let id = match nb.key {
+            None => None,
+            Some(k) => {
+                let next = match last_id {
+                    Some(id) => id + 1,
+                    // Bookings are never deleted, so the largest id is the last one handed out.
+                    None => {
+                        conn.prepare_cached("SELECT COALESCE(MAX(id), 0) FROM bookings")?
+                            .query_row([], |r| r.get::<_, i64>(0))?
+                            + 1
+                    }
+                };
+                if !claim_key_for(conn, k, Some(next), b.now_ms, b.keys_live_after_ms)? {
+                    let used = live_key(conn, k)?;
+                    bookings.push(BookingOutcome::KeyUsed {
+                        booking_id: used.booking_id.unwrap_or(0),
+                        fingerprint: used.fingerprint,
+                    });
+                    continue;
+                }
+                Some(next)
             }
-        }
+        };
         if let Some(limit) = limit {
             // No RETURNING here: SQLite buffers RETURNING rows in a temporary table, a cost per
             // booking (profiled); whether a row was written says whether the limit held.
@@ -430,6 +492,13 @@ pub fn apply_fenced_batch(
                 .execute(params![b.event_id, nb.user_id, nb.quantity, limit])?
                 == 1;
             if !took {
+                if let Some(k) = nb.key {
+                    // Refusals are not remembered: the key goes back.
+                    conn.prepare_cached(
+                        "DELETE FROM idempotency_keys WHERE scope = ?1 AND key = ?2",
+                    )?
+                    .execute(params![k.scope, k.key])?;
+                }
                 let held: i64 = conn
                     .prepare_cached(
                         "SELECT seats FROM customer_seats WHERE event_id = ?1 AND user_id = ?2",
@@ -450,14 +519,12 @@ pub fn apply_fenced_batch(
             });
         }
         conn.prepare_cached(
-            "INSERT INTO bookings (event_id, user_id, quantity, status, created_at)
-             VALUES (?1, ?2, ?3, 'PENDING', ?4)",
+            "INSERT INTO bookings (id, event_id, user_id, quantity, status, created_at)
+             VALUES (?1, ?2, ?3, ?4, 'PENDING', ?5)",
         )?
-        .execute(params![b.event_id, nb.user_id, nb.quantity, b.now])?;
+        .execute(params![id, b.event_id, nb.user_id, nb.quantity, b.now])?;
         let id = conn.last_insert_rowid();
-        if let Some(k) = nb.key {
-            remember_key(conn, k, Some(id), None, b.now)?;
-        }
+        last_id = Some(id);
         taken += nb.quantity;
         bookings.push(BookingOutcome::Booked(id));
     }
@@ -535,7 +602,9 @@ mod tests {
     use super::*;
 
     const T0: &str = "2024-01-01 00:00:00.000000";
-    const LIVE: &str = "2023-12-31 00:00:00.000000";
+    /// T0 in Unix ms, and the start of the keys' live window (a day before).
+    const T0_MS: i64 = 1_704_067_200_000;
+    const LIVE_MS: i64 = T0_MS - 86_400_000;
 
     fn db() -> Connection {
         let mut c = Connection::open_in_memory().unwrap();
@@ -546,7 +615,7 @@ mod tests {
     }
 
     fn event_with(c: &Connection, capacity: i64, limit: Option<i64>) -> EventRow {
-        insert_event(c, "t", capacity, limit, None, T0, LIVE)
+        insert_event(c, "t", capacity, limit, None, T0_MS, LIVE_MS)
             .unwrap()
             .unwrap()
     }
@@ -574,7 +643,8 @@ mod tests {
             cancels,
             bookings,
             now: T0,
-            keys_live_after: LIVE,
+            now_ms: T0_MS,
+            keys_live_after_ms: LIVE_MS,
         }
     }
 
@@ -723,19 +793,58 @@ mod tests {
             }]
         );
         assert_eq!(again.booked_after, 1, "nothing booked twice");
-        // Expired (created before the live window): the key may be used again.
+        // A plain booking between keyed ones: the ids a keyed booking claims stay in order.
+        let plain = apply_fenced_batch(&c, &batch(e.id, 3, &[], &rows(&[(2, 1)])))
+            .unwrap()
+            .unwrap();
+        assert_eq!(ids(&plain), vec![id + 1]);
+        // Expired (created before the live window): the key may be used again, and names the
+        // new booking.
         let later = FencedBatch {
-            keys_live_after: "2024-01-02 00:00:00.000000",
-            now: "2024-01-02 00:00:01.000000",
-            ..batch(e.id, 3, &[], &one)
+            keys_live_after_ms: T0_MS + 1,
+            now_ms: T0_MS + 86_400_001,
+            ..batch(e.id, 4, &[], &one)
         };
         let a = apply_fenced_batch(&c, &later).unwrap().unwrap();
-        assert!(matches!(a.bookings[0], BookingOutcome::Booked(n) if n != id));
+        assert_eq!(ids(&a), vec![id + 2]);
+        let rec = idempotency_key(&c, "user:1", "k1", T0_MS + 1)
+            .unwrap()
+            .unwrap();
+        assert_eq!(rec.booking_id, Some(id + 2));
+        // The purge walks the keys in chunks and deletes only the expired ones.
+        let other = IdempotencyKey {
+            scope: "user:0".into(),
+            key: "old".into(),
+            fingerprint: "f".into(),
+        };
+        let old_one = [NewBookingRow {
+            user_id: 0,
+            quantity: 1,
+            key: Some(&other),
+        }];
+        apply_fenced_batch(&c, &batch(e.id, 5, &[], &old_one))
+            .unwrap()
+            .unwrap();
+        let mut cursor = PurgeCursor::default();
         assert_eq!(
-            purge_expired_keys(&c, "2024-01-03 00:00:00.000000", 10).unwrap(),
+            purge_expired_keys(&c, &mut cursor, T0_MS + 1, 1).unwrap(),
             1
         );
-        assert_eq!(idempotency_key(&c, "user:1", "k1", LIVE).unwrap(), None);
+        assert_eq!(
+            purge_expired_keys(&c, &mut cursor, T0_MS + 1, 1).unwrap(),
+            0
+        );
+        assert_eq!(
+            purge_expired_keys(&c, &mut cursor, T0_MS + 1, 1).unwrap(),
+            0
+        );
+        assert_eq!(
+            cursor,
+            PurgeCursor::default(),
+            "the walk starts over at the end"
+        );
+        assert_eq!(idempotency_key(&c, "user:0", "old", 0).unwrap(), None);
+        assert!(idempotency_key(&c, "user:1", "k1", 0).unwrap().is_some());
     }
 
     #[test]
