@@ -89,6 +89,15 @@ async fn cancellation_during_a_flash_sale() {
     // A watcher reads the file all along: never more live seats than the capacity.
     let stop = Arc::new(AtomicBool::new(false));
     let worst = Arc::new(AtomicI64::new(0));
+    // Stops the watcher however the test ends: a failed assertion must fail the test, not
+    // leave the runtime waiting for a blocking loop that never ends.
+    struct StopOnDrop(Arc<AtomicBool>);
+    impl Drop for StopOnDrop {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::Relaxed);
+        }
+    }
+    let _stop_watcher = StopOnDrop(stop.clone());
     let watcher = {
         let (db, stop, worst) = (app.db_path.clone(), stop.clone(), worst.clone());
         tokio::task::spawn_blocking(move || {
