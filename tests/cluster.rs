@@ -10,20 +10,13 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::cluster::{replicas, AnyRedis, Nginx, RedisProc};
+use common::cluster::{replicas, AnyRedis, Nginx, RedisProc, FAST};
 use common::{booking_sums, count_status, event_counts, open_db, Resp, Target};
 use futures::future::join_all;
 use serde_json::{json, Value};
 
 /// These tests start many processes each; one at a time keeps the 2-core machine honest.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-const FAST: &[(&str, &str)] = &[
-    ("FINALIZE_DELAY_MS", "50"),
-    ("LEASE_TTL_MS", "1000"),
-    ("FINALIZE_VISIBILITY_MS", "2000"),
-    ("SWEEP_INTERVAL_MS", "300"),
-];
 
 type Acks = Arc<Mutex<HashMap<i64, Value>>>;
 

@@ -9,20 +9,13 @@ use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::cluster::{replicas, Nginx, RedisProc};
+use common::cluster::{replicas, Nginx, RedisProc, FAST};
 use common::{open_db, send, Proc, Resp, Target, TestApp};
 use futures::future::join_all;
 use serde_json::{json, Value};
 
 /// These tests start processes; one at a time keeps the 2-core machine honest.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-const FAST: &[(&str, &str)] = &[
-    ("FINALIZE_DELAY_MS", "50"),
-    ("LEASE_TTL_MS", "1000"),
-    ("FINALIZE_VISIBILITY_MS", "2000"),
-    ("SWEEP_INTERVAL_MS", "300"),
-];
 
 /// `POST /book` with an optional `Idempotency-Key`.
 async fn book_keyed(t: &impl Target, body: Value, key: Option<&str>) -> (Resp, bool) {

@@ -310,17 +310,7 @@ fn claim_key_for(
 
 /// The record that holds a key (after `claim_key` found it live).
 fn live_key(conn: &Connection, k: &IdempotencyKey) -> rusqlite::Result<KeyRecord> {
-    conn.prepare_cached(
-        "SELECT fingerprint, booking_id, event_id FROM idempotency_keys
-         WHERE scope = ?1 AND key = ?2",
-    )?
-    .query_row(params![k.scope, k.key], |r| {
-        Ok(KeyRecord {
-            fingerprint: r.get(0)?,
-            booking_id: r.get(1)?,
-            event_id: r.get(2)?,
-        })
-    })
+    idempotency_key(conn, &k.scope, &k.key, i64::MIN)?.ok_or(rusqlite::Error::QueryReturnedNoRows)
 }
 
 /// The live record of an idempotency key, for a route deciding between a replay and a 422.

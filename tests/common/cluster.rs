@@ -218,3 +218,11 @@ pub async fn replicas(n: usize, db: &Path, redis_url: &str, env: &[(&str, &str)]
     }
     all
 }
+
+/// Settings that make a replica issue, lose its lease and sweep quickly, for tests.
+pub const FAST: &[(&str, &str)] = &[
+    ("FINALIZE_DELAY_MS", "50"),
+    ("LEASE_TTL_MS", "1000"),
+    ("FINALIZE_VISIBILITY_MS", "2000"),
+    ("SWEEP_INTERVAL_MS", "300"),
+];
