@@ -633,12 +633,7 @@ fn apply_seats(tx: &rusqlite::Transaction<'_>, batch: SeatBatch, at: &Stamps<'_>
                 .zip(done.cancels)
                 .map(|(c, outcome)| {
                     let answer = match outcome {
-                        CancelOutcome::Cancelled(b) => {
-                            if b.cancelled_at.as_deref() == Some(created_at.as_str()) {
-                                seats -= b.quantity; // freed by this batch
-                            }
-                            Ok(b)
-                        }
+                        CancelOutcome::Cancelled(b) => Ok(b),
                         CancelOutcome::NotFound => Err(BookError::BookingNotFound),
                     };
                     (c, answer)
@@ -648,7 +643,7 @@ fn apply_seats(tx: &rusqlite::Transaction<'_>, batch: SeatBatch, at: &Stamps<'_>
                 batch_done: batch.done,
                 answers,
                 cancelled,
-                seats,
+                seats: seats - done.freed,
                 booked_after: done.booked_after,
                 users: done.users,
             }

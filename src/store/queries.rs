@@ -115,6 +115,8 @@ pub struct FencedBatch<'a> {
 pub struct BatchApplied {
     /// The event's `booked_count` after the update: exact, whoever wrote before.
     pub booked_after: i64,
+    /// Seats this batch's cancellations gave back (not those cancelled before it).
+    pub freed: i64,
     pub bookings: Vec<BookingOutcome>,
     pub cancels: Vec<CancelOutcome>,
     /// What the batch taught about its customers' seats, in order (events with a limit only).
@@ -243,7 +245,7 @@ pub fn insert_event(
     keys_live_after_ms: i64,
 ) -> rusqlite::Result<Result<EventRow, KeyRecord>> {
     if let Some(k) = key {
-        if !claim_key(conn, k, now_ms, keys_live_after_ms)? {
+        if !claim_key_for(conn, k, None, now_ms, keys_live_after_ms)? {
             return Ok(Err(live_key(conn, k)?));
         }
     }
@@ -272,15 +274,6 @@ pub fn insert_event(
 /// Claims a key for a new request, naming `booking_id` (if known yet): inserts its record, or
 /// takes over an expired one. False if a live record holds the key. One statement, no lookup
 /// before it: on the hot path the key is new.
-fn claim_key(
-    conn: &Connection,
-    k: &IdempotencyKey,
-    now_ms: i64,
-    live_after_ms: i64,
-) -> rusqlite::Result<bool> {
-    claim_key_for(conn, k, None, now_ms, live_after_ms)
-}
-
 fn claim_key_for(
     conn: &Connection,
     k: &IdempotencyKey,
@@ -308,7 +301,7 @@ fn claim_key_for(
     Ok(n == 1)
 }
 
-/// The record that holds a key (after `claim_key` found it live).
+/// The record that holds a key (after `claim_key_for` found it live).
 fn live_key(conn: &Connection, k: &IdempotencyKey) -> rusqlite::Result<KeyRecord> {
     idempotency_key(conn, &k.scope, &k.key, i64::MIN)?.ok_or(rusqlite::Error::QueryReturnedNoRows)
 }
@@ -540,6 +533,7 @@ pub fn apply_fenced_batch(
     };
     Ok(Ok(BatchApplied {
         booked_after,
+        freed,
         bookings,
         cancels,
         users,
