@@ -83,7 +83,7 @@ pub struct CreateEvent {
     pub title: String,
     pub capacity: i64,
     pub max_per_user: Option<i64>,
-    pub key: Option<IdempotencyKey>,
+    pub key: Option<std::sync::Arc<IdempotencyKey>>,
 }
 
 /// What creating an event came to: the event, or the record of the idempotency key that
@@ -516,7 +516,7 @@ fn apply(tx: &rusqlite::Transaction<'_>, op: WriteOp, at: &Stamps<'_>) -> Applie
                 &e.title,
                 e.capacity,
                 e.max_per_user,
-                e.key.as_ref(),
+                e.key.as_deref(),
                 at.now_ms,
                 at.keys_live_after_ms,
             ) {
@@ -565,7 +565,7 @@ fn apply_seats(tx: &rusqlite::Transaction<'_>, batch: SeatBatch, at: &Stamps<'_>
         .map(|r| NewBookingRow {
             user_id: r.user_id,
             quantity: r.quantity,
-            key: r.key.as_ref(),
+            key: r.key.as_deref(),
         })
         .collect();
     let cancel_ids: Vec<i64> = batch.cancels.iter().map(|c| c.booking_id).collect();

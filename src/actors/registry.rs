@@ -117,7 +117,7 @@ impl Registry {
         event_id: i64,
         user_id: i64,
         quantity: i64,
-        key: Option<IdempotencyKey>,
+        key: Option<Arc<IdempotencyKey>>,
     ) -> Result<Booked, BookError> {
         self.deliver(event_id, true, |reply| {
             Book(SeatRequest {

@@ -15,6 +15,9 @@
 //!   whether the key already names a booking — a retry after a lost 200 gets its booking even
 //!   once the event has sold out.
 
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+
 use actix_web::{HttpRequest, HttpResponse};
 use dashmap::DashMap;
 use sha2::{Digest, Sha256};
@@ -23,21 +26,22 @@ use super::{ApiError, AppState};
 use crate::domain::{parse_idempotency_key, FieldError, IdempotencyKey};
 use crate::store::queries::{self, KeyRecord};
 
-/// The key of the request, if it carries one; `422` naming the header when malformed.
+/// The key of the request, if it carries one; `422` naming the header when malformed. Shared
+/// (an `Arc`) by the route, the in-flight set and the writer's batch, never copied.
 pub fn from_request(
     req: &HttpRequest,
     scope: String,
     fingerprint: &str,
-) -> Result<Option<IdempotencyKey>, ApiError> {
+) -> Result<Option<Arc<IdempotencyKey>>, ApiError> {
     let Some(raw) = req.headers().get("idempotency-key") else {
         return Ok(None);
     };
     let key = parse_idempotency_key(raw.as_bytes()).map_err(|e| ApiError::Validation(vec![e]))?;
-    Ok(Some(IdempotencyKey {
+    Ok(Some(Arc::new(IdempotencyKey {
         scope,
         key,
         fingerprint: fingerprint_of(fingerprint),
-    }))
+    })))
 }
 
 /// What makes two requests "the same": their validated meaning, hashed (a title may be long);
@@ -49,12 +53,30 @@ fn fingerprint_of(meaning: &str) -> String {
 /// Keys being served right now in this process: a second request with one of them is `409`.
 /// Bounded by the requests in flight, which the queues bound.
 #[derive(Default)]
-pub struct InFlight(DashMap<(String, String), ()>);
+pub struct InFlight(DashMap<Scoped, ()>);
+
+/// A key as the in-flight set tells keys apart: by scope and key, whatever the request's body.
+#[derive(Clone)]
+struct Scoped(Arc<IdempotencyKey>);
+
+impl PartialEq for Scoped {
+    fn eq(&self, other: &Self) -> bool {
+        (&self.0.scope, &self.0.key) == (&other.0.scope, &other.0.key)
+    }
+}
+
+impl Eq for Scoped {}
+
+impl Hash for Scoped {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        (&self.0.scope, &self.0.key).hash(state)
+    }
+}
 
 /// A key marked in flight until dropped (the request answered, or its client gone).
 pub struct Claim<'a> {
     map: &'a InFlight,
-    id: (String, String),
+    id: Scoped,
 }
 
 impl Drop for Claim<'_> {
@@ -65,8 +87,8 @@ impl Drop for Claim<'_> {
 
 impl InFlight {
     /// Marks `key` in flight, or answers `409` if it already is.
-    pub fn claim(&self, key: &IdempotencyKey) -> Result<Claim<'_>, ApiError> {
-        let id = (key.scope.clone(), key.key.clone());
+    pub fn claim(&self, key: &Arc<IdempotencyKey>) -> Result<Claim<'_>, ApiError> {
+        let id = Scoped(key.clone());
         match self.0.entry(id.clone()) {
             dashmap::Entry::Occupied(_) => Err(ApiError::KeyInFlight),
             dashmap::Entry::Vacant(v) => {

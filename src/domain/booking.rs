@@ -96,7 +96,7 @@ pub struct IdempotencyKey {
 pub struct SeatRequest {
     pub user_id: i64,
     pub quantity: i64,
-    pub key: Option<IdempotencyKey>,
+    pub key: Option<std::sync::Arc<IdempotencyKey>>,
     pub reply: oneshot::Sender<Result<Booked, BookError>>,
 }
 
