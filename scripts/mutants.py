@@ -283,7 +283,9 @@ def make_scratch():
             continue  # deleted in the working tree
         dst = os.path.join(TREE, f)
         os.makedirs(os.path.dirname(dst), exist_ok=True)
-        shutil.copy2(src, dst)
+        # A fresh mtime, not the original's: a run cut off mid-mutant leaves builds newer than
+        # the real files' mtimes, and cargo would take the planted bug's build for this copy.
+        shutil.copy(src, dst)
     # Seed the scratch build with the real tree's compiled dependencies (a copy: the real
     # target directory is never written), so only ticketd itself is built per mutant.
     seed = os.path.join(ROOT, "target", "debug")

@@ -71,6 +71,25 @@ pub struct Config {
     #[arg(long, env = "SWEEP_INTERVAL_MS", value_name = "SWEEP_INTERVAL_MS", default_value_t = 10_000,
           value_parser = clap::value_parser!(u64).range(50..=3_600_000))]
     pub sweep_interval_ms: u64,
+    /// How long a request's body may take to arrive, in total, from the end of its headers;
+    /// past it the request is answered `408` and its connection closed.
+    #[arg(long, env = "BODY_TIMEOUT_MS", value_name = "BODY_TIMEOUT_MS", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u64).range(100..=600_000))]
+    pub body_timeout_ms: u64,
+    /// How long a new connection may take to send its first request's headers (`408` after).
+    #[arg(long, env = "HEADER_TIMEOUT_MS", value_name = "HEADER_TIMEOUT_MS", default_value_t = 5_000,
+          value_parser = clap::value_parser!(u64).range(100..=600_000))]
+    pub header_timeout_ms: u64,
+    /// How long an idle keep-alive connection stays open between two requests.
+    #[arg(long, env = "KEEP_ALIVE_MS", value_name = "KEEP_ALIVE_MS", default_value_t = 5_000,
+          value_parser = clap::value_parser!(u64).range(0..=600_000))]
+    pub keep_alive_ms: u64,
+    /// Most client connections open at once (all HTTP workers together). Past it, new
+    /// connections wait in the listen backlog until one closes. Lowered at start to what the
+    /// process's file limit allows, with room kept for the database, Redis and the listener.
+    #[arg(long, env = "MAX_CONNECTIONS", value_name = "MAX_CONNECTIONS", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u32).range(16..=1_000_000))]
+    pub max_connections: u32,
     /// Tracing filter (tracing-subscriber's EnvFilter syntax).
     #[arg(
         long,
@@ -185,6 +204,10 @@ impl Config {
             customer_jwt_secret: None,
             finalize_visibility_ms: 30_000,
             sweep_interval_ms: 10_000,
+            body_timeout_ms: 10_000,
+            header_timeout_ms: 5_000,
+            keep_alive_ms: 5_000,
+            max_connections: 10_000,
             rust_log: "warn".into(),
         }
     }
@@ -306,5 +329,7 @@ mod tests {
         assert_eq!(c.database_url.0, PathBuf::from("ticket.db"));
         assert_eq!(c.finalize_delay_ms, 5000);
         assert_eq!(c.finalizer_workers, 4);
+        assert_eq!(c.body_timeout_ms, 10_000);
+        assert_eq!(c.max_connections, 10_000);
     }
 }

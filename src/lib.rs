@@ -23,6 +23,7 @@ pub mod config;
 pub mod coord;
 pub mod domain;
 pub mod handoff;
+pub mod limits;
 pub mod secrets;
 pub mod slots;
 pub mod startup;

@@ -182,6 +182,7 @@ impl Application {
             in_flight: Default::default(),
             mode,
             redis,
+            body_timeout: Duration::from_millis(config.body_timeout_ms),
         });
         let addr = format!("{}:{}", config.host, config.port);
         let listen_err = |source| StartError::Listen {
@@ -195,13 +196,34 @@ impl Application {
         } else {
             tuning.http_workers
         };
+        let file_limit = crate::limits::raise_file_limit();
+        let max_connections = crate::limits::connection_cap(
+            config.max_connections,
+            file_limit,
+            tuning.read_pool_size + 1,
+        );
+        if max_connections < config.max_connections as usize {
+            tracing::warn!(
+                max_connections,
+                file_limit,
+                "MAX_CONNECTIONS lowered to what the file limit allows"
+            );
+        }
         let server = HttpServer::new(move || {
             App::new()
+                .wrap(actix_web::middleware::from_fn(api::body::deadline))
                 .wrap(TracingLogger::<crate::telemetry::RequestSpan>::new())
                 .app_data(state.clone())
                 .configure(api::configure)
         })
         .workers(http_workers)
+        // actix-server counts connections per worker.
+        .max_connections(max_connections.div_ceil(http_workers))
+        .client_request_timeout(Duration::from_millis(config.header_timeout_ms))
+        .keep_alive(match config.keep_alive_ms {
+            0 => actix_web::http::KeepAlive::Disabled,
+            ms => actix_web::http::KeepAlive::Timeout(Duration::from_millis(ms)),
+        })
         .backlog(4096)
         .shutdown_timeout(tuning.shutdown_timeout.as_secs())
         .listen(listener)

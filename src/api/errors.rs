@@ -20,6 +20,8 @@ pub enum ApiError {
     MalformedJson(String),
     #[error("request body larger than {0} bytes")]
     TooLarge(usize),
+    #[error("Request body not received in time")]
+    BodyTimeout,
     #[error("Event not found")]
     EventNotFound,
     #[error("Booking not found")]
@@ -91,6 +93,7 @@ impl ResponseError for ApiError {
             ApiError::Validation(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::MalformedJson(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             ApiError::EventNotFound | ApiError::BookingNotFound | ApiError::NoRoute => {
                 StatusCode::NOT_FOUND
             }
@@ -112,6 +115,10 @@ impl ResponseError for ApiError {
         }
         if let ApiError::Unauthorized = self {
             res.insert_header((header::WWW_AUTHENTICATE, "Bearer"));
+        }
+        if let ApiError::BodyTimeout = self {
+            // The rest of the body may still come: the connection cannot be reused.
+            res.force_close();
         }
         let body = match self {
             ApiError::Validation(errors) => json!({ "detail": errors }),

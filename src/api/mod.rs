@@ -41,6 +41,8 @@ pub struct AppState {
     pub mode: &'static str,
     /// Cluster mode's Redis (for `/ready`).
     pub redis: Option<RedisLink>,
+    /// How long a request's body may take to arrive (`body::deadline`).
+    pub body_timeout: std::time::Duration,
 }
 
 /// Parses an id from the path, answering 422 (naming the parameter) when it is not one.
