@@ -193,6 +193,12 @@ MUTANTS = [
            "token == self.confirmed || token == self.confirmed + 1",
            "token >= 0",
            ["lifecycle::a_cancellation_reopens_a_sold_out_event_on_every_replica"]),
+    Mutant("sold-out-kept-on-cancel", "1 exact seats (cancellation)",
+           "a batch with cancellations leaves the sold-out fast path on until the actor hears of it",
+           "src/actors/event.rs",
+           "            self.sold_out.clear();\n        }\n        self.phase = Phase::Committing;",
+           "        }\n        self.phase = Phase::Committing;",
+           ["lifecycle::a_cancelled_seat_can_be_booked_again_at_once"]),
     # Per-customer limit: the store's word is final.
     Mutant("limit-not-in-store", "1 never pass the limit",
            "the store's upsert adds seats without checking the limit (the trigger still aborts)",

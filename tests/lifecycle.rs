@@ -372,6 +372,32 @@ async fn one_key_one_booking() {
     assert_eq!(send(create("Other")).await.status, 422);
 }
 
+/// A customer who cancels the last seat and books it again at once gets it, even before the
+/// event's actor has heard of the commit (failpoint `writer-before-outcome` holds that news back
+/// 300 ms): the seat must not be refused by the sold-out fast path meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_cancelled_seat_can_be_booked_again_at_once() {
+    let _serial = SERIAL.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let p = Proc::start(
+        &dir.path().join("ticket.db"),
+        &[("FAILPOINTS", "writer-before-outcome=sleep(300)")],
+    )
+    .await;
+    let event = p.create_event("Last seat", 1).await;
+    let (first, _) = book_keyed(&p, json!({"user_id": 1, "event_id": event}), None).await;
+    assert_eq!(first.status, 200);
+    // Sold out, and the actor knows it (its news of the first commit has arrived by now).
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let (refused, _) = book_keyed(&p, json!({"user_id": 2, "event_id": event}), None).await;
+    assert_eq!(refused.status, 409);
+    let id = first.body["id"].as_i64().unwrap();
+    let c = cancel(&p, id, first.body["secret"].as_str().unwrap()).await;
+    assert_eq!(c.status, 200);
+    let (again, _) = book_keyed(&p, json!({"user_id": 2, "event_id": event}), None).await;
+    assert_eq!(again.status, 200, "{:?}", again.body);
+}
+
 /// Promise 2 with retries: the binary dies between COMMIT and the reply (failpoint
 /// `writer-after-commit` aborts it); after a restart, the retry with the same key gets the
 /// original booking, and there is exactly one.

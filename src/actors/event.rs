@@ -302,6 +302,13 @@ impl EventActor {
             self.finish(ctx);
             return;
         }
+        if !cancels.is_empty() {
+            // Seats may come back with this batch. The writer answers the cancelling client
+            // before this actor hears of the commit, and that client may book again at once: it
+            // must not meet the sold-out fast path (here or in the registry) but queue for the
+            // next batch. `finish` marks the event sold out again if nothing came back.
+            self.sold_out.clear();
+        }
         self.phase = Phase::Committing;
         debug!(
             event_id = self.id,

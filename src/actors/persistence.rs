@@ -469,6 +469,9 @@ fn commit_group(
                 for (c, answer) in cancelled {
                     let _ = c.reply.send(answer);
                 }
+                // Tests hold the actor's news of the commit back here: its clients already have
+                // their answers and may act on them before the actor has.
+                fail::fail_point!("writer-before-outcome");
                 let _ = batch_done.send(BatchOutcome::Committed {
                     seats,
                     booked: booked_after,
