@@ -230,6 +230,12 @@ impl Application {
         .map_err(listen_err)?
         .run();
         actix::spawn(give_back_memory(registry_for_trim));
+        actix::spawn(async {
+            loop {
+                tokio::time::sleep(crate::telemetry::WINDOW).await;
+                crate::telemetry::report_held_back();
+            }
+        });
         info!(%addr, port, db = %path.display(), mode, "ticketd listening");
         if config.admin_token.is_none() {
             tracing::warn!(

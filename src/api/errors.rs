@@ -40,7 +40,8 @@ pub enum ApiError {
     Overloaded,
     #[error("A request with this Idempotency-Key is still being served; retry shortly")]
     KeyInFlight,
-    #[error("Service unavailable: {0}")]
+    /// The cause goes to the log, not to the client (it names internals: Redis, the database).
+    #[error("Service temporarily unavailable; retry shortly")]
     Unavailable(String),
     #[error("Internal server error")]
     Internal(String),
@@ -127,6 +128,10 @@ impl ResponseError for ApiError {
             }]}),
             ApiError::Internal(why) => {
                 tracing::error!(error = %why, "internal error");
+                json!({ "detail": self.to_string() })
+            }
+            ApiError::Unavailable(why) => {
+                tracing::warn!(cause = %why, "answered 503");
                 json!({ "detail": self.to_string() })
             }
             _ => json!({ "detail": self.to_string() }),

@@ -14,7 +14,7 @@ pub mod tickets;
 
 use std::sync::Arc;
 
-use actix_web::{web, HttpResponse};
+use actix_web::{guard, web, HttpResponse, Route};
 
 use crate::actors::finalizer::Finalization;
 use crate::actors::{Registry, Writer};
@@ -58,6 +58,12 @@ async fn no_route() -> Result<HttpResponse, ApiError> {
     Err(ApiError::NoRoute)
 }
 
+/// A read: GET, and HEAD for the same handler (load balancers check health with HEAD; actix-http
+/// sends the head of the response without its body).
+fn read() -> Route {
+    web::route().guard(guard::Any(guard::Get()).or(guard::Head()))
+}
+
 /// Mounts every route; unknown paths and methods get JSON errors like the rest.
 pub fn configure(cfg: &mut web::ServiceConfig) {
     let resource =
@@ -66,15 +72,15 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     // goes first so a `POST /book` is not tested against the others.
     cfg.service(resource("/book").route(web::post().to(bookings::book)))
         .service(resource("/event").route(web::post().to(events::create)))
-        .service(resource("/event/{id}").route(web::get().to(events::get)))
-        .service(resource("/event/{id}/stats").route(web::get().to(events::stats)))
-        .service(resource("/book/{id}").route(web::get().to(bookings::get)))
+        .service(resource("/event/{id}").route(read().to(events::get)))
+        .service(resource("/event/{id}/stats").route(read().to(events::stats)))
+        .service(resource("/book/{id}").route(read().to(bookings::get)))
         .service(resource("/book/{id}/cancel").route(web::post().to(bookings::cancel)))
-        .service(resource("/report").route(web::get().to(reports::report)))
-        .service(resource("/report/event/{id}").route(web::get().to(events::stats)))
+        .service(resource("/report").route(read().to(reports::report)))
+        .service(resource("/report/event/{id}").route(read().to(events::stats)))
         .service(resource("/ticket/verify").route(web::post().to(tickets::verify)))
         .service(resource("/admin/finalizer/replay").route(web::post().to(admin::replay)))
-        .service(resource("/health").route(web::get().to(health::health)))
-        .service(resource("/ready").route(web::get().to(health::ready)))
+        .service(resource("/health").route(read().to(health::health)))
+        .service(resource("/ready").route(read().to(health::ready)))
         .default_service(web::to(no_route));
 }

@@ -160,6 +160,13 @@ impl<'a> Fields<'a> {
                         "String should not contain control characters",
                     ));
                     None
+                } else if s.chars().any(invisible) {
+                    self.errors.push(FieldError::new(
+                        "string_invisible_chars",
+                        &loc,
+                        "String should not contain bidirectional-control or zero-width characters",
+                    ));
+                    None
                 } else {
                     Some(s.clone())
                 }
@@ -174,6 +181,20 @@ impl<'a> Fields<'a> {
             }
         }
     }
+}
+
+/// Characters that change how a title *looks* without being seen: bidirectional controls
+/// (`"\u{202e}txt.exe"` shows as `exe.txt`) and zero-width ones (two titles that look the same).
+/// Refused rather than stored escaped: titles are shown on tickets and reports by clients we do
+/// not control, which would render either the trick or the escape. (A joiner inside an emoji
+/// sequence is refused too: titles are plain text.)
+fn invisible(c: char) -> bool {
+    matches!(c,
+        '\u{061C}' | '\u{180E}'
+        | '\u{200B}'..='\u{200F}'
+        | '\u{202A}'..='\u{202E}'
+        | '\u{2060}'..='\u{2069}'
+        | '\u{FEFF}')
 }
 
 fn object(body: &Value) -> Result<&Map<String, Value>, Vec<FieldError>> {
@@ -291,6 +312,15 @@ pub fn parse_idempotency_key(raw: &[u8]) -> Result<String, FieldError> {
 /// Parses an id taken from the path (`/event/{id}`): a decimal integer from 1 to i64::MAX.
 pub fn parse_path_id(raw: &str, name: &str) -> Result<i64, FieldError> {
     let loc = ["path", name];
+    // Plain decimal digits only: Rust's parser also takes `+1` (and `-0`), which would give one
+    // booking several URLs and a misleading "must be at least 1" for a sign.
+    if raw.is_empty() || !raw.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(FieldError::new(
+            "int_parsing",
+            &loc,
+            "Input should be a positive integer written in decimal digits",
+        ));
+    }
     match raw.parse::<i64>() {
         Ok(n) if n >= 1 => Ok(n),
         Ok(_) => Err(FieldError::new(
@@ -352,6 +382,16 @@ mod tests {
             (
                 json!({"title": "a\u{0}b", "capacity": 1}),
                 "string_control_chars",
+                "body.title",
+            ),
+            (
+                json!({"title": "\u{202e}txt.exe", "capacity": 1}),
+                "string_invisible_chars",
+                "body.title",
+            ),
+            (
+                json!({"title": "Gig\u{200b}", "capacity": 1}),
+                "string_invisible_chars",
                 "body.title",
             ),
             (
@@ -498,8 +538,25 @@ mod tests {
     #[test]
     fn path_ids() {
         assert_eq!(parse_path_id("42", "id"), Ok(42));
-        for bad in ["0", "-1", "abc", "1.5", "9223372036854775808", "", " 1"] {
+        for bad in [
+            "0",
+            "-1",
+            "abc",
+            "1.5",
+            "9223372036854775808",
+            "",
+            " 1",
+            "+1",
+            "1_0",
+        ] {
             assert!(parse_path_id(bad, "id").is_err(), "{bad}");
         }
+        // A sign is not a number out of range: the message says what is wrong.
+        let e = parse_path_id("-0", "id").unwrap_err();
+        assert_eq!(e.kind, "int_parsing");
+        assert_eq!(
+            parse_path_id("00", "id").unwrap_err().kind,
+            "greater_than_equal"
+        );
     }
 }
