@@ -24,7 +24,7 @@ use crate::domain::{
 use crate::handoff::{Refused, WriteQueue};
 use crate::store::queries::{
     self, BookingOutcome, CancelOutcome, FencedBatch, KeyRecord, NewBookingRow, PurgeCursor,
-    Refusal, SeatsSeen,
+    Refusal, SeatsSeen, TotalsDelta,
 };
 use crate::store::wal::WalKeeper;
 use crate::store::{EventRow, StoreError};
@@ -324,6 +324,8 @@ enum Applied {
         answers: Vec<(SeatRequest, Result<Booked, BookError>)>,
         cancelled: Vec<(CancelRequest, Result<Booking, BookError>)>,
         seats: i64,
+        /// Seats of issued tickets its cancellations freed.
+        unissued: i64,
         booked_after: i64,
         users: Vec<SeatsSeen>,
     },
@@ -333,11 +335,35 @@ enum Applied {
         requests: Vec<SeatRequest>,
         cancels: Vec<CancelRequest>,
     },
-    Finalized(oneshot::Sender<Result<bool, StoreError>>, bool),
+    /// The seats finalized, if this delivery was the one that finalized them.
+    Finalized(oneshot::Sender<Result<bool, StoreError>>, Option<i64>),
     Error(WriteOp, StoreError),
 }
 
 impl Applied {
+    /// What this op changes in the report's totals.
+    fn totals(&self) -> TotalsDelta {
+        match self {
+            Applied::Event(_, Ok(row)) => TotalsDelta {
+                events: 1,
+                capacity: row.capacity,
+                ..Default::default()
+            },
+            Applied::Seats {
+                seats, unissued, ..
+            } => TotalsDelta {
+                booked: *seats,
+                finalized: -unissued,
+                ..Default::default()
+            },
+            Applied::Finalized(_, Some(seats)) => TotalsDelta {
+                finalized: *seats,
+                ..Default::default()
+            },
+            _ => TotalsDelta::default(),
+        }
+    }
+
     /// The COMMIT failed: nothing of this op was written, whatever it looked like inside the
     /// transaction. Every client hears so (503), none a 200.
     fn fail(self, why: &StoreError) {
@@ -425,10 +451,22 @@ fn commit_group(
         }
     };
     let mut applied = Vec::with_capacity(group.len());
+    let mut totals = TotalsDelta::default();
     for op in group {
-        applied.push(apply(&tx, op, &stamps));
+        let a = apply(&tx, op, &stamps);
+        let t = a.totals();
+        totals.events += t.events;
+        totals.capacity += t.capacity;
+        totals.booked += t.booked;
+        totals.finalized += t.finalized;
+        applied.push(a);
     }
-    if let Err(e) = commit(tx) {
+    // The report's totals move in the same transaction as the rows they sum.
+    let committed = match totals.is_zero() {
+        true => commit(tx),
+        false => queries::add_to_totals(&tx, &totals).and_then(|()| commit(tx)),
+    };
+    if let Err(e) = committed {
         error!(error = %e, "group commit failed; every op of the group is answered as failed");
         let why = StoreError::Sqlite(e);
         for a in applied {
@@ -449,7 +487,7 @@ fn commit_group(
                 let _ = reply.send(Ok(created));
             }
             Applied::Finalized(reply, changed) => {
-                let _ = reply.send(Ok(changed));
+                let _ = reply.send(Ok(changed.is_some()));
             }
             Applied::Seats {
                 batch_done,
@@ -458,6 +496,7 @@ fn commit_group(
                 seats,
                 booked_after,
                 users,
+                ..
             } => {
                 for (req, answer) in answers {
                     if let Ok(b) = &answer {
@@ -647,6 +686,7 @@ fn apply_seats(tx: &rusqlite::Transaction<'_>, batch: SeatBatch, at: &Stamps<'_>
                 answers,
                 cancelled,
                 seats: seats - done.freed,
+                unissued: done.freed_issued,
                 booked_after: done.booked_after,
                 users: done.users,
             }

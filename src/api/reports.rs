@@ -1,8 +1,11 @@
 //! `GET /report`: totals over all events, from committed rows only, plus the finalizer's dead
 //! letters (null when they cannot be counted right now, e.g. Redis down: the report still works).
+//!
+//! The totals are kept by every commit (one row, `queries::report`), not summed per call, and are
+//! 128-bit: exact JSON integers, which a JavaScript client reads exactly only up to 2^53 (the
+//! README says so; each event's own counts are capped far below it).
 
 use actix_web::{web, HttpRequest, HttpResponse};
-use serde_json::json;
 
 use super::{auth, ApiError, AppState};
 use crate::store::queries;
@@ -13,12 +16,43 @@ pub async fn report(
     req: HttpRequest,
 ) -> Result<HttpResponse, ApiError> {
     auth::require_organizer(&state, &req)?;
-    let r = state.reads.read(queries::report).await?;
-    let dead = state.finalize.dead_letters().await.ok();
-    Ok(HttpResponse::Ok().json(json!({
-        "total_capacity": r.total_capacity,
-        "total_reserved": r.total_reserved,
-        "total_finalized": r.total_finalized,
-        "dead_letters": dead,
-    })))
+    let totals = state.reads.read(queries::report).await?;
+    let dead_letters = state.finalize.dead_letters().await.ok();
+    // A struct, not `json!`: serde_json's Value holds no integer past u64 (it would panic),
+    // while its serializer writes an i128 as the exact integer it is.
+    Ok(HttpResponse::Ok().json(ReportBody {
+        events: totals.events,
+        total_capacity: totals.total_capacity,
+        total_reserved: totals.total_reserved,
+        total_finalized: totals.total_finalized,
+        dead_letters,
+    }))
+}
+
+#[derive(serde::Serialize)]
+struct ReportBody {
+    events: i128,
+    total_capacity: i128,
+    total_reserved: i128,
+    total_finalized: i128,
+    dead_letters: Option<u64>,
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn totals_past_u64_serialize_exactly() {
+        let body = super::ReportBody {
+            events: 1,
+            total_capacity: i128::from(u64::MAX) * 3,
+            total_reserved: 0,
+            total_finalized: 0,
+            dead_letters: None,
+        };
+        let text = serde_json::to_string(&body).unwrap();
+        assert!(
+            text.contains("\"total_capacity\":55340232221128654845"),
+            "{text}"
+        );
+    }
 }

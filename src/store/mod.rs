@@ -114,6 +114,9 @@ fn setup_writer(path: &Path) -> Result<Connection, StoreError> {
     // Checkpoints: the writer runs them between groups (`wal::WalKeeper`).
     conn.pragma_update(None, "journal_size_limit", 64 * 1024 * 1024)?;
     schema::migrations().to_latest(&mut conn)?;
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    queries::ensure_totals(&tx)?;
+    tx.commit()?;
     Ok(conn)
 }
 

@@ -32,12 +32,30 @@ impl FromSql for BookingStatus {
     }
 }
 
-/// The totals of `GET /report`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+/// The totals of `GET /report`, over every event: 128-bit, so no number of events of any
+/// capacity overflows them (SQLite's `SUM` did, past i64, and answered 500 from then on).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct Report {
-    pub total_capacity: i64,
-    pub total_reserved: i64,
-    pub total_finalized: i64,
+    pub events: i128,
+    pub total_capacity: i128,
+    pub total_reserved: i128,
+    pub total_finalized: i128,
+}
+
+/// What one group transaction changed in the totals; the writer adds it to the stored totals in
+/// the same transaction (`add_to_totals`), so they are as exact as the rows they sum.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct TotalsDelta {
+    pub events: i64,
+    pub capacity: i64,
+    pub booked: i64,
+    pub finalized: i64,
+}
+
+impl TotalsDelta {
+    pub fn is_zero(&self) -> bool {
+        *self == TotalsDelta::default()
+    }
 }
 
 /// Why a fenced batch was refused: the row as the transaction saw it, so the caller can reload
@@ -117,6 +135,8 @@ pub struct BatchApplied {
     pub booked_after: i64,
     /// Seats this batch's cancellations gave back (not those cancelled before it).
     pub freed: i64,
+    /// Of those, seats whose tickets had been issued (they leave `finalized_count`).
+    pub freed_issued: i64,
     pub bookings: Vec<BookingOutcome>,
     pub cancels: Vec<CancelOutcome>,
     /// What the batch taught about its customers' seats, in order (events with a limit only).
@@ -202,19 +222,77 @@ pub fn booking(conn: &Connection, id: i64) -> rusqlite::Result<Option<Booking>> 
     .optional()
 }
 
+/// The stored totals (one row, kept by every commit): `GET /report` never scans the events.
 pub fn report(conn: &Connection) -> rusqlite::Result<Report> {
-    conn.query_row(
-        "SELECT COALESCE(SUM(capacity), 0), COALESCE(SUM(booked_count), 0),
-                COALESCE(SUM(finalized_count), 0) FROM events",
+    conn.prepare_cached(
+        "SELECT events, capacity, booked, finalized FROM report_totals WHERE id = 1",
+    )?
+    .query_row([], |r| {
+        Ok(Report {
+            events: wide(r, 0)?,
+            total_capacity: wide(r, 1)?,
+            total_reserved: wide(r, 2)?,
+            total_finalized: wide(r, 3)?,
+        })
+    })
+}
+
+/// A 128-bit total, stored as decimal text (SQLite's integers are 64-bit).
+fn wide(r: &Row<'_>, i: usize) -> rusqlite::Result<i128> {
+    let text: String = r.get(i)?;
+    text.parse().map_err(|e| {
+        rusqlite::Error::FromSqlConversionFailure(i, rusqlite::types::Type::Text, Box::new(e))
+    })
+}
+
+/// Adds one group's changes to the stored totals (inside the group's transaction).
+pub fn add_to_totals(conn: &Connection, d: &TotalsDelta) -> rusqlite::Result<()> {
+    let now = report(conn)?;
+    conn.prepare_cached(
+        "UPDATE report_totals SET events = ?1, capacity = ?2, booked = ?3, finalized = ?4
+         WHERE id = 1",
+    )?
+    .execute(params![
+        (now.events + d.events as i128).to_string(),
+        (now.total_capacity + d.capacity as i128).to_string(),
+        (now.total_reserved + d.booked as i128).to_string(),
+        (now.total_finalized + d.finalized as i128).to_string(),
+    ])?;
+    Ok(())
+}
+
+/// Computes the totals from the events, once, if the file has none yet (a new file, or one that
+/// comes from before the totals were kept: the old service's included). Run by the writer at
+/// start, inside a write transaction, so replicas starting together compute them once.
+pub fn ensure_totals(conn: &Connection) -> rusqlite::Result<()> {
+    let kept: bool = conn.query_row(
+        "SELECT EXISTS (SELECT 1 FROM report_totals WHERE id = 1)",
         [],
-        |r| {
-            Ok(Report {
-                total_capacity: r.get(0)?,
-                total_reserved: r.get(1)?,
-                total_finalized: r.get(2)?,
-            })
-        },
-    )
+        |r| r.get(0),
+    )?;
+    if kept {
+        return Ok(());
+    }
+    let mut t = Report::default();
+    let mut rows = conn.prepare("SELECT capacity, booked_count, finalized_count FROM events")?;
+    let mut rows = rows.query([])?;
+    while let Some(r) = rows.next()? {
+        t.events += 1;
+        t.total_capacity += r.get::<_, i64>(0)? as i128;
+        t.total_reserved += r.get::<_, i64>(1)? as i128;
+        t.total_finalized += r.get::<_, i64>(2)? as i128;
+    }
+    conn.execute(
+        "INSERT INTO report_totals (id, events, capacity, booked, finalized)
+         VALUES (1, ?1, ?2, ?3, ?4)",
+        params![
+            t.events.to_string(),
+            t.total_capacity.to_string(),
+            t.total_reserved.to_string(),
+            t.total_finalized.to_string(),
+        ],
+    )?;
+    Ok(())
 }
 
 /// Ids of PENDING bookings after `after`, in id order: the outbox the finalizer sweeps.
@@ -545,6 +623,7 @@ pub fn apply_fenced_batch(
     Ok(Ok(BatchApplied {
         booked_after,
         freed,
+        freed_issued,
         bookings,
         cancels,
         users,
@@ -552,13 +631,14 @@ pub fn apply_fenced_batch(
 }
 
 /// Marks a booking FINALIZED with its ticket code, once: a second call (a duplicate delivery)
-/// changes nothing and returns false, so counters never double and a code never changes.
+/// changes nothing and returns None, so counters never double and a code never changes; the
+/// first returns the seats it finalized.
 pub fn finalize(
     conn: &Connection,
     booking_id: i64,
     code: &str,
     at: &str,
-) -> rusqlite::Result<bool> {
+) -> rusqlite::Result<Option<i64>> {
     // RETURNING hands back what the event counter needs: no second look-up of the booking.
     let changed: Option<(i64, i64)> = conn
         .prepare_cached(
@@ -571,11 +651,11 @@ pub fn finalize(
         })
         .optional()?;
     let Some((event_id, quantity)) = changed else {
-        return Ok(false);
+        return Ok(None);
     };
     conn.prepare_cached("UPDATE events SET finalized_count = finalized_count + ?2 WHERE id = ?1")?
         .execute([event_id, quantity])?;
-    Ok(true)
+    Ok(Some(quantity))
 }
 
 /// The value stored under `key` in `ticketd_meta`, inserting `default` first if there is none
@@ -689,7 +769,7 @@ mod tests {
             .unwrap()
             .unwrap();
         let first = ids(&a)[0];
-        assert!(finalize(&c, first, "CODE", T0).unwrap());
+        assert_eq!(finalize(&c, first, "CODE", T0).unwrap(), Some(2));
         // Sold out; cancelling the issued booking frees its 2 seats, sold again in one batch.
         let a = apply_fenced_batch(&c, &batch(e.id, 2, &[first], &rows(&[(3, 2)])))
             .unwrap()
@@ -706,7 +786,7 @@ mod tests {
         assert_eq!(a.booked_after, 3);
         assert_eq!(a.cancels[1], CancelOutcome::NotFound);
         // A cancelled booking is never issued.
-        assert!(!finalize(&c, first, "OTHER", T0).unwrap());
+        assert_eq!(finalize(&c, first, "OTHER", T0).unwrap(), None);
         assert_eq!(
             booking(&c, first).unwrap().unwrap().ticket_code.as_deref(),
             Some("CODE")
@@ -850,8 +930,12 @@ mod tests {
             .unwrap()
             .unwrap();
         let id = ids(&a)[0];
-        assert!(finalize(&c, id, "CODE", "2024-01-01 00:00:05.000000").unwrap());
-        assert!(!finalize(&c, id, "OTHER", "2024-01-01 00:00:06.000000").unwrap());
+        assert!(finalize(&c, id, "CODE", "2024-01-01 00:00:05.000000")
+            .unwrap()
+            .is_some());
+        assert!(finalize(&c, id, "OTHER", "2024-01-01 00:00:06.000000")
+            .unwrap()
+            .is_none());
         let b = booking(&c, id).unwrap().unwrap();
         assert_eq!(
             (b.status, b.ticket_code.as_deref()),
@@ -859,15 +943,38 @@ mod tests {
         );
         assert_eq!(b.created_at, "2024-01-01T00:00:00.000000Z");
         assert_eq!(event(&c, e.id).unwrap().unwrap().finalized_count, 3);
+        // A file without stored totals gets them from its rows.
+        ensure_totals(&c).unwrap();
         assert_eq!(
             report(&c).unwrap(),
             Report {
+                events: 1,
                 total_capacity: 5,
                 total_reserved: 3,
                 total_finalized: 3
             }
         );
         assert!(pending_ids(&c, 0, None, 10).unwrap().is_empty());
+    }
+
+    #[test]
+    fn totals_do_not_overflow_past_i64() {
+        let c = db();
+        ensure_totals(&c).unwrap();
+        let big = TotalsDelta {
+            events: 4096,
+            capacity: 4096 * 1_000_000_000_000,
+            booked: 7,
+            finalized: 0,
+        };
+        // 3,000 groups of 4,096 events of the largest capacity: 1.2e19 seats, past i64::MAX.
+        for _ in 0..3_000 {
+            add_to_totals(&c, &big).unwrap();
+        }
+        let r = report(&c).unwrap();
+        assert_eq!(r.total_capacity, 3_000 * 4096 * 1_000_000_000_000_i128);
+        assert!(r.total_capacity > i64::MAX as i128);
+        assert_eq!((r.events, r.total_reserved), (3_000 * 4096, 21_000));
     }
 
     #[test]

@@ -108,6 +108,18 @@ pub fn migrations() -> Migrations<'static> {
             DROP TABLE customer_seats;
             ALTER TABLE customer_seats_v5 RENAME TO customer_seats;",
         ),
+        // Totals of GET /report, kept by every commit instead of summed per call (a scan of
+        // every event, and SQLite's SUM overflowed past i64): decimal text, 128-bit in Rust.
+        // Filled from the events by the writer at start (`queries::ensure_totals`).
+        M::up(
+            "CREATE TABLE report_totals (
+                id INTEGER PRIMARY KEY CHECK (id = 1),
+                events TEXT NOT NULL,
+                capacity TEXT NOT NULL,
+                booked TEXT NOT NULL,
+                finalized TEXT NOT NULL
+            );",
+        ),
     ])
 }
 
