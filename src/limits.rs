@@ -7,6 +7,26 @@
 //! for every descriptor that is not a client: the listener, the database (three files per
 //! SQLite connection: the database, its WAL and its shared memory), Redis and the runtime.
 
+/// Binds `addr` and listens with a backlog of `backlog` connections. (actix-web's `backlog`
+/// setting applies only to sockets it binds itself; a listener bound with std's `bind` gets
+/// std's 128, and past the connection cap the 129th waiting client had its handshake dropped.)
+/// The kernel clamps the backlog to `net.core.somaxconn`.
+pub fn listen(addr: &str, backlog: i32) -> std::io::Result<std::net::TcpListener> {
+    use std::net::ToSocketAddrs;
+    let addr = addr.to_socket_addrs()?.next().ok_or_else(|| {
+        std::io::Error::new(std::io::ErrorKind::InvalidInput, "no address to listen on")
+    })?;
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(backlog)?;
+    Ok(socket.into())
+}
+
 /// Descriptors kept free of client connections besides the database's: the listener, Redis
 /// connections, the runtime's event fds and pipes, stdio, and margin for what a test or an
 /// operator's tooling opens.

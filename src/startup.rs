@@ -1,7 +1,6 @@
 //! `Application`: builds every part from a `Config`, listens (port 0 works: tests use it), and
 //! runs until a shutdown signal or handle stops it, then drains in order.
 
-use std::net::TcpListener;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,6 +18,10 @@ use crate::coord::stream::{Consumer, StreamPusher};
 use crate::coord::{Lease, LocalQueue, Outbox, RedisLease, RedisLink};
 use crate::store::{self, queries, ReadPool, StoreError};
 use crate::ticket::TicketSigner;
+
+/// Connections the kernel holds for us past `MAX_CONNECTIONS` (or while the workers are busy)
+/// before it starts dropping handshakes.
+const LISTEN_BACKLOG: i32 = 4096;
 
 /// Bookings waiting in the in-process finalization queue, all lanes together.
 const FINALIZE_QUEUE: usize = 200_000;
@@ -189,7 +192,7 @@ impl Application {
             addr: addr.clone(),
             source,
         };
-        let listener = TcpListener::bind(&addr).map_err(listen_err)?;
+        let listener = crate::limits::listen(&addr, LISTEN_BACKLOG).map_err(listen_err)?;
         let port = listener.local_addr().map_err(listen_err)?.port();
         let http_workers = if tuning.http_workers == 0 {
             cores
@@ -224,7 +227,6 @@ impl Application {
             0 => actix_web::http::KeepAlive::Disabled,
             ms => actix_web::http::KeepAlive::Timeout(Duration::from_millis(ms)),
         })
-        .backlog(4096)
         .shutdown_timeout(tuning.shutdown_timeout.as_secs())
         .listen(listener)
         .map_err(listen_err)?
