@@ -25,6 +25,7 @@ pub mod domain;
 pub mod handoff;
 pub mod limits;
 pub mod secrets;
+pub mod server;
 pub mod slots;
 pub mod startup;
 pub mod store;

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use actix_web::dev::{Server, ServerHandle};
-use actix_web::{web, App, HttpServer};
+use actix_web::{web, App};
 use tracing::info;
 use tracing_actix_web::TracingLogger;
 
@@ -212,23 +212,26 @@ impl Application {
                 "MAX_CONNECTIONS lowered to what the file limit allows"
             );
         }
-        let server = HttpServer::new(move || {
+        let builder = actix_server::Server::build()
+            .workers(http_workers)
+            // actix-server counts connections per worker.
+            .max_concurrent_connections(max_connections.div_ceil(http_workers))
+            .shutdown_timeout(tuning.shutdown_timeout.as_secs());
+        let settings = crate::server::H1Settings {
+            keep_alive: match config.keep_alive_ms {
+                0 => actix_web::http::KeepAlive::Disabled,
+                ms => actix_web::http::KeepAlive::Timeout(Duration::from_millis(ms)),
+            },
+            client_request_timeout: Duration::from_millis(config.header_timeout_ms),
+            ..Default::default()
+        };
+        let server = crate::server::listen(builder, listener, settings, move || {
             App::new()
                 .wrap(actix_web::middleware::from_fn(api::body::deadline))
                 .wrap(TracingLogger::<crate::telemetry::RequestSpan>::new())
                 .app_data(state.clone())
                 .configure(api::configure)
         })
-        .workers(http_workers)
-        // actix-server counts connections per worker.
-        .max_connections(max_connections.div_ceil(http_workers))
-        .client_request_timeout(Duration::from_millis(config.header_timeout_ms))
-        .keep_alive(match config.keep_alive_ms {
-            0 => actix_web::http::KeepAlive::Disabled,
-            ms => actix_web::http::KeepAlive::Timeout(Duration::from_millis(ms)),
-        })
-        .shutdown_timeout(tuning.shutdown_timeout.as_secs())
-        .listen(listener)
         .map_err(listen_err)?
         .run();
         actix::spawn(give_back_memory(registry_for_trim));
@@ -291,20 +294,27 @@ fn random_replica_id() -> String {
     )
 }
 
-/// After many event actors passivate, hands the freed memory back to the system.
+/// After many event actors passivate, or many connections close, hands the freed memory back to
+/// the system.
 ///
 /// glibc's malloc keeps freed memory in its per-thread arenas (measured: RSS stayed at 168 MiB
-/// after 100,000 actors had passivated, for a 174 MiB peak); `malloc_trim` returns it. Checked
-/// every 2 s (a length read), trimming only when the number of live actors fell by at least 1,000
-/// from its highest since the last trim, so a steady service never pays for it. (mimalloc returned the memory by itself but
-/// more than doubled the peak, 397 MiB, in `make bench`.)
+/// after 100,000 actors had passivated, for a 174 MiB peak; and 30 MiB above its start after 50
+/// pipelining connections closed); `malloc_trim` returns it. Checked every 2 s (two reads),
+/// trimming only when the live actors fell by at least 1,000 from their highest since the last
+/// trim, or the open connections by at least 32, so a steady service never pays for it.
+/// (mimalloc returned the memory by itself but more than doubled the peak, 397 MiB, in
+/// `make bench`.)
 async fn give_back_memory(registry: Arc<Registry>) {
     let mut high = registry.len();
     loop {
         tokio::time::sleep(Duration::from_secs(2)).await;
         let now = registry.len();
         high = high.max(now);
-        if now + 1000 <= high {
+        let (connections_high, connections) = (
+            crate::server::take_connection_high(),
+            crate::server::open_connections(),
+        );
+        if now + 1000 <= high || connections + 32 <= connections_high {
             #[cfg(all(target_os = "linux", target_env = "gnu"))]
             // SAFETY: malloc_trim only walks glibc's own arenas; it has no preconditions.
             unsafe {
