@@ -1235,6 +1235,7 @@ async fn pipelining_without_reading_holds_bounded_memory() {
             .into_bytes(),
     );
     let until = tokio::time::Instant::now() + attack;
+    let cpu_at_start = cpu_ticks(pid);
     let attackers = (0..ATTACKERS).map(|_| {
         let burst = burst.clone();
         tokio::spawn(async move {
@@ -1261,6 +1262,7 @@ async fn pipelining_without_reading_holds_bounded_memory() {
     let peak = *during.iter().max().unwrap();
     let closed = Instant::now();
     let cpu_at_close = cpu_ticks(pid);
+    let cpu_during = cpu_at_close.saturating_sub(cpu_at_start);
     let mut after = rss_bytes(pid);
     while after > baseline + 30 * MIB && closed.elapsed() < Duration::from_secs(10) {
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -1273,8 +1275,8 @@ async fn pipelining_without_reading_holds_bounded_memory() {
     let (p95, max, max_connect) = latency_summary("while pipelining attackers never read", &probes);
     eprintln!(
         "pipelining: {} MiB written by {ATTACKERS} attackers in {attack:?}; RSS {} MiB before, \
-         {} MiB at most, {} MiB {:?} after they closed (CPU since the close: {cpu_after_close} \
-         ticks); /health p95 {p95:?} max {max:?} (its connect {max_connect:?}); /health after: {alive:?}",
+         {} MiB at most, {} MiB {:?} after they closed (CPU during the attack: {cpu_during} ticks, \
+         since the close: {cpu_after_close}); /health p95 {p95:?} max {max:?} (its connect {max_connect:?}); /health after: {alive:?}",
         written as u64 / MIB,
         baseline / MIB,
         peak / MIB,
