@@ -90,6 +90,11 @@ pub struct Config {
     #[arg(long, env = "MAX_CONNECTIONS", value_name = "MAX_CONNECTIONS", default_value_t = 10_000,
           value_parser = clap::value_parser!(u32).range(16..=1_000_000))]
     pub max_connections: u32,
+    /// Browser origins allowed to call the API (CORS), comma-separated (`https://shop.example`),
+    /// or `*` for any, as the old service allowed.
+    #[arg(long, env = "CORS_ORIGINS", value_name = "CORS_ORIGINS", default_value = "*",
+          value_parser = parse_cors_origins)]
+    pub cors_origins: CorsOrigins,
     /// Tracing filter (tracing-subscriber's EnvFilter syntax).
     #[arg(
         long,
@@ -127,6 +132,39 @@ fn parse_database_url(s: &str) -> Result<DatabaseUrl, String> {
         return Err("an in-memory database would lose every booking on exit; give a file".into());
     }
     Ok(DatabaseUrl(PathBuf::from(path)))
+}
+
+/// Who may call the API from a browser.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CorsOrigins {
+    Any,
+    Only(Vec<String>),
+}
+
+fn parse_cors_origins(s: &str) -> Result<CorsOrigins, String> {
+    if s.trim() == "*" {
+        return Ok(CorsOrigins::Any);
+    }
+    let origins: Vec<String> = s
+        .split(',')
+        .map(|o| o.trim().trim_end_matches('/').to_string())
+        .filter(|o| !o.is_empty())
+        .collect();
+    if origins.is_empty() {
+        return Err("expected `*` or a comma-separated list of origins".into());
+    }
+    for o in &origins {
+        let rest = o
+            .strip_prefix("https://")
+            .or_else(|| o.strip_prefix("http://"))
+            .ok_or_else(|| format!("{o}: an origin is scheme://host[:port]"))?;
+        if rest.is_empty() || rest.contains('/') || rest.contains('*') {
+            return Err(format!(
+                "{o}: an origin is scheme://host[:port], without a path"
+            ));
+        }
+    }
+    Ok(CorsOrigins::Only(origins))
 }
 
 fn parse_redis_url(s: &str) -> Result<String, String> {
@@ -208,6 +246,7 @@ impl Config {
             header_timeout_ms: 5_000,
             keep_alive_ms: 5_000,
             max_connections: 10_000,
+            cors_origins: CorsOrigins::Any,
             rust_log: "warn".into(),
         }
     }
@@ -331,5 +370,25 @@ mod tests {
         assert_eq!(c.finalizer_workers, 4);
         assert_eq!(c.body_timeout_ms, 10_000);
         assert_eq!(c.max_connections, 10_000);
+        assert_eq!(c.cors_origins, CorsOrigins::Any);
+    }
+
+    #[test]
+    fn cors_origins() {
+        assert_eq!(
+            parse_cors_origins("https://shop.example, http://localhost:3000/").unwrap(),
+            CorsOrigins::Only(vec![
+                "https://shop.example".into(),
+                "http://localhost:3000".into()
+            ])
+        );
+        for bad in [
+            "",
+            "shop.example",
+            "https://shop.example/path",
+            "https://*.example",
+        ] {
+            assert!(parse_cors_origins(bad).is_err(), "{bad}");
+        }
     }
 }

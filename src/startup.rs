@@ -225,9 +225,11 @@ impl Application {
             client_request_timeout: Duration::from_millis(config.header_timeout_ms),
             ..Default::default()
         };
+        let cors_origins = config.cors_origins.clone();
         let server = crate::server::listen(builder, listener, settings, move || {
             App::new()
                 .wrap(actix_web::middleware::from_fn(api::body::deadline))
+                .wrap(api::cors(&cors_origins))
                 .wrap(TracingLogger::<crate::telemetry::RequestSpan>::new())
                 .app_data(state.clone())
                 .configure(api::configure)

@@ -432,3 +432,68 @@ async fn tickets_are_issued_with_a_verifiable_code() {
     let stats = app.get(&format!("/event/{id}/stats")).await.body;
     assert_eq!(stats["finalized_count"], 2);
 }
+
+/// A browser preflight with the given origin: `OPTIONS /event` asking to POST JSON with a key.
+async fn preflight(app: &TestApp, origin: &str) -> reqwest::Response {
+    app.http()
+        .request(reqwest::Method::OPTIONS, format!("{}/event", app.base()))
+        .header("Origin", origin)
+        .header("Access-Control-Request-Method", "POST")
+        .header(
+            "Access-Control-Request-Headers",
+            "content-type, idempotency-key, authorization",
+        )
+        .send()
+        .await
+        .expect("preflight")
+}
+
+fn allowed_origin(r: &reqwest::Response) -> Option<String> {
+    r.headers()
+        .get("access-control-allow-origin")
+        .map(|v| v.to_str().unwrap().to_string())
+}
+
+/// CORS as the old service had it (any origin): a web front end's preflight is answered for
+/// the methods and headers the API uses, and its calls carry `Access-Control-Allow-Origin`
+/// (with `Retry-After` readable); `CORS_ORIGINS` narrows it to the origins it names.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cors_like_the_old_service_and_narrowed_by_setting() {
+    let app = TestApp::spawn();
+    let r = preflight(&app, "https://any.example").await;
+    assert_eq!(r.status(), 200);
+    assert!(allowed_origin(&r).is_some(), "{:?}", r.headers());
+    let methods = r.headers()["access-control-allow-methods"]
+        .to_str()
+        .unwrap();
+    assert!(methods.contains("POST"), "{methods}");
+    let r = app
+        .http()
+        .get(format!("{}/health", app.base()))
+        .header("Origin", "https://any.example")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(allowed_origin(&r).is_some());
+    let exposed = r.headers()["access-control-expose-headers"]
+        .to_str()
+        .unwrap()
+        .to_ascii_lowercase();
+    assert!(exposed.contains("retry-after"), "{exposed}");
+
+    let app = TestApp::spawn_with(|c, _| {
+        c.cors_origins =
+            ticketd::config::CorsOrigins::Only(vec!["https://shop.example".to_string()])
+    });
+    let r = preflight(&app, "https://shop.example").await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(allowed_origin(&r).as_deref(), Some("https://shop.example"));
+    let r = preflight(&app, "https://evil.example").await;
+    assert_ne!(
+        r.status(),
+        200,
+        "a preflight from another origin is refused"
+    );
+    assert_eq!(allowed_origin(&r), None);
+}

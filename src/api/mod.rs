@@ -58,6 +58,33 @@ async fn no_route() -> Result<HttpResponse, ApiError> {
     Err(ApiError::NoRoute)
 }
 
+/// CORS as the old service had it (`CORSMiddleware(allow_origins=["*"])`): browsers on any
+/// origin may call the API, unless `CORS_ORIGINS` names the ones that may. Preflights are
+/// answered for the methods and headers the API uses; the headers a client must read (the
+/// retry hints) are exposed. No credentials: tokens travel in `Authorization`, never cookies.
+pub fn cors(origins: &crate::config::CorsOrigins) -> actix_cors::Cors {
+    use actix_web::http::header;
+    let cors = actix_cors::Cors::default()
+        .allowed_methods(["GET", "HEAD", "POST", "OPTIONS"])
+        .allowed_headers([
+            header::AUTHORIZATION,
+            header::CONTENT_TYPE,
+            header::HeaderName::from_static("idempotency-key"),
+            header::HeaderName::from_static("x-booking-secret"),
+        ])
+        .expose_headers([
+            header::RETRY_AFTER,
+            header::HeaderName::from_static("idempotent-replayed"),
+        ])
+        .max_age(600);
+    match origins {
+        crate::config::CorsOrigins::Any => cors.allow_any_origin(),
+        crate::config::CorsOrigins::Only(list) => list
+            .iter()
+            .fold(cors, |cors, origin| cors.allowed_origin(origin)),
+    }
+}
+
 /// A read: GET, and HEAD for the same handler (load balancers check health with HEAD; actix-http
 /// sends the head of the response without its body).
 fn read() -> Route {
