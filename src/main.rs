@@ -21,6 +21,7 @@ fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
+        actix_web::rt::spawn(ticketd::startup::stop_on_signals(app.handle()));
         match app.run_until_stopped().await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

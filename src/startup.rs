@@ -216,7 +216,10 @@ impl Application {
             .workers(http_workers)
             // actix-server counts connections per worker.
             .max_concurrent_connections(max_connections.div_ceil(http_workers))
-            .shutdown_timeout(tuning.shutdown_timeout.as_secs());
+            .shutdown_timeout(tuning.shutdown_timeout.as_secs())
+            // actix-server stops *forcibly* on SIGINT (cutting accepted requests whose bookings
+            // may be committed); the binary handles the signals itself (`stop_on_signals`).
+            .disable_signals();
         let settings = crate::server::H1Settings {
             keep_alive: match config.keep_alive_ms {
                 0 => actix_web::http::KeepAlive::Disabled,
@@ -282,6 +285,39 @@ impl Application {
         info!("ticketd stopped");
         served
     }
+}
+
+/// SIGTERM and SIGINT (Ctrl-C) both stop gracefully: stop accepting, answer every accepted
+/// request, commit what was handed to the writer (`run_until_stopped`). A second signal forces
+/// the stop (accepted requests are then cut). Installed by the binary, not by in-process tests.
+pub async fn stop_on_signals(server: ServerHandle) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot listen for SIGTERM/SIGINT: stop the service with SIGKILL");
+        return;
+    };
+    let first = tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    };
+    info!(
+        signal = first,
+        "stopping: answering every accepted request (a second signal forces)"
+    );
+    // Sends the command now; the future only waits for the stop to complete.
+    drop(server.stop(true));
+    let second = tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    };
+    tracing::warn!(
+        signal = second,
+        "second signal: stopping now, accepted requests are cut"
+    );
+    drop(server.stop(false));
 }
 
 /// A name unique to this process: the replica id when none is configured, and the nonce that

@@ -188,6 +188,18 @@ async fn sigkill_mid_sale_loses_no_acknowledged_booking() {
 /// re-routed to a live one, never refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigterm_during_a_burst_commits_every_acknowledged_booking() {
+    graceful_stop_during_a_burst(libc::SIGTERM).await;
+}
+
+/// The same for SIGINT (Ctrl-C on `make run`): actix-server treats it as a *forced* stop, which
+/// cut accepted requests whose bookings were committed without their 200; ticketd handles the
+/// signal itself, as gracefully as SIGTERM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigint_during_a_burst_commits_every_acknowledged_booking() {
+    graceful_stop_during_a_burst(libc::SIGINT).await;
+}
+
+async fn graceful_stop_during_a_burst(signal: i32) {
     let dir = tempfile::tempdir().unwrap();
     let db_path = dir.path().join("ticket.db");
     let p = Proc::start(&db_path, &[("FINALIZE_DELAY_MS", "1000")]).await;
@@ -201,7 +213,7 @@ async fn sigterm_during_a_burst_commits_every_acknowledged_booking() {
     let stop = Arc::new(AtomicBool::new(false));
     let (acks, unavailable, tasks) = hammer(&p, &events, 64, stop.clone());
     wait_for_acks(&acks, 200).await;
-    p.signal(libc::SIGTERM);
+    p.signal(signal);
     for t in tasks {
         t.await.unwrap();
     }
