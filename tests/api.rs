@@ -497,3 +497,55 @@ async fn cors_like_the_old_service_and_narrowed_by_setting() {
     );
     assert_eq!(allowed_origin(&r), None);
 }
+
+/// `GET /event` lists what is on sale, a page at a time: keyset pagination by id with a `next`
+/// cursor (null on the last page), a bounded `limit`, 422 naming a bad query parameter.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_are_listed_a_page_at_a_time() {
+    let app = TestApp::spawn();
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        let r = app
+            .post(
+                "/event",
+                json!({"title": format!("Gig {i}"), "capacity": 10 + i}),
+            )
+            .await;
+        ids.push(r.body["id"].as_i64().unwrap());
+    }
+    let mut seen = Vec::new();
+    let mut path = "/event?limit=2".to_string();
+    let mut pages = 0;
+    loop {
+        let r = app.get(&path).await;
+        assert_eq!(r.status, 200, "{:?}", r.body);
+        let events = r.body["events"].as_array().unwrap();
+        assert!(events.len() <= 2);
+        for e in events {
+            seen.push(e["id"].as_i64().unwrap());
+            assert!(e["title"].as_str().unwrap().starts_with("Gig "));
+            assert!(e.get("capacity").is_some() && e.get("booked_count").is_some());
+        }
+        pages += 1;
+        match r.body["next"].as_i64() {
+            Some(next) => path = format!("/event?limit=2&after={next}"),
+            None => break,
+        }
+    }
+    assert_eq!(seen, ids, "every event once, in id order");
+    assert_eq!(pages, 3);
+    // The default page holds them all.
+    let r = app.get("/event").await;
+    assert_eq!(r.body["events"].as_array().unwrap().len(), 5);
+    assert_eq!(r.body["next"], Value::Null);
+    for (query, loc) in [
+        ("limit=0", "limit"),
+        ("limit=201", "limit"),
+        ("limit=abc", "limit"),
+        ("after=-1", "after"),
+    ] {
+        let r = app.get(&format!("/event?{query}")).await;
+        assert_eq!(r.status, 422, "{query}");
+        assert_eq!(r.body["detail"][0]["loc"], json!(["query", loc]), "{query}");
+    }
+}

@@ -8,6 +8,36 @@ use crate::actors::persistence::CreateEvent;
 use crate::domain::NewEvent;
 use crate::store::{queries, EventRow};
 
+/// `GET /event?limit=&after=`: one page of events, and where the next one starts.
+#[derive(Serialize)]
+struct Listing {
+    events: Vec<EventRow>,
+    /// The `after` of the next page; null on the last one.
+    next: Option<i64>,
+}
+
+/// `GET /event?limit=1..200&after=<id>` (public: what is on sale is public information).
+pub async fn list(state: web::Data<AppState>, req: HttpRequest) -> Result<HttpResponse, ApiError> {
+    let query =
+        web::Query::<Vec<(String, String)>>::from_query(req.query_string()).map_err(|_| {
+            ApiError::Validation(vec![crate::domain::FieldError::new(
+                "query_invalid",
+                &["query"],
+                "The query string could not be read",
+            )])
+        })?;
+    let page = crate::domain::Page::parse(&query).map_err(ApiError::Validation)?;
+    let events = state
+        .reads
+        .read(move |c| queries::events_after(c, page.after, page.limit))
+        .await?;
+    let next = match events.last() {
+        Some(last) if events.len() as i64 == page.limit => Some(last.id),
+        _ => None,
+    };
+    Ok(HttpResponse::Ok().json(Listing { events, next }))
+}
+
 /// `GET /event/{id}/stats` and `GET /report/event/{id}` (the old service's shape).
 #[derive(Serialize)]
 struct Stats {

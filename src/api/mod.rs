@@ -98,7 +98,11 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     // Resources are tried in order and the dynamic ones match by regex: the flash-sale route
     // goes first so a `POST /book` is not tested against the others.
     cfg.service(resource("/book").route(web::post().to(bookings::book)))
-        .service(resource("/event").route(web::post().to(events::create)))
+        .service(
+            resource("/event")
+                .route(web::post().to(events::create))
+                .route(read().to(events::list)),
+        )
         .service(resource("/event/{id}").route(read().to(events::get)))
         .service(resource("/event/{id}/stats").route(read().to(events::stats)))
         .service(resource("/book/{id}").route(read().to(bookings::get)))

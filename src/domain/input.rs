@@ -336,6 +336,63 @@ pub fn parse_path_id(raw: &str, name: &str) -> Result<i64, FieldError> {
     }
 }
 
+/// Most events one page of `GET /event` lists, and how many when the client does not say.
+pub const MAX_PAGE: i64 = 200;
+pub const DEFAULT_PAGE: i64 = 50;
+
+/// A page of a listing by id (keyset pagination): the ids after `after`, at most `limit`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Page {
+    pub after: i64,
+    pub limit: i64,
+}
+
+impl Page {
+    /// From the query's `limit` (1..=`MAX_PAGE`) and `after` (an id, or 0: from the start);
+    /// other parameters are ignored, as FastAPI did. Plain decimal digits only.
+    pub fn parse(query: &[(String, String)]) -> Result<Page, Vec<FieldError>> {
+        let value = |name: &str| query.iter().rev().find(|(k, _)| k == name).map(|(_, v)| v);
+        let mut errors = Vec::new();
+        let mut number = |name: &str, min: i64, max: i64, default: i64| -> i64 {
+            let Some(raw) = value(name) else {
+                return default;
+            };
+            let loc = ["query", name];
+            let n = (!raw.is_empty() && raw.bytes().all(|b| b.is_ascii_digit()))
+                .then(|| raw.parse::<i64>().ok())
+                .flatten();
+            match n {
+                Some(n) if (min..=max).contains(&n) => n,
+                Some(_) => {
+                    errors.push(FieldError::new(
+                        "out_of_range",
+                        &loc,
+                        format!("Input should be between {min} and {max}"),
+                    ));
+                    default
+                }
+                None => {
+                    errors.push(FieldError::new(
+                        "int_parsing",
+                        &loc,
+                        "Input should be a non-negative integer written in decimal digits",
+                    ));
+                    default
+                }
+            }
+        };
+        let page = Page {
+            limit: number("limit", 1, MAX_PAGE, DEFAULT_PAGE),
+            after: number("after", 0, i64::MAX, 0),
+        };
+        if errors.is_empty() {
+            Ok(page)
+        } else {
+            Err(errors)
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -533,6 +590,35 @@ mod tests {
         }
         let max = NewBooking::parse(&json!({"user_id": i64::MAX, "event_id": i64::MAX})).unwrap();
         assert_eq!(max.event_id, EventId(i64::MAX));
+    }
+
+    #[test]
+    fn pages() {
+        let q = |s: &[(&str, &str)]| -> Vec<(String, String)> {
+            s.iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        assert_eq!(
+            Page::parse(&q(&[])),
+            Ok(Page {
+                after: 0,
+                limit: DEFAULT_PAGE
+            })
+        );
+        assert_eq!(
+            Page::parse(&q(&[("limit", "2"), ("after", "7"), ("x", "y")])),
+            Ok(Page { after: 7, limit: 2 })
+        );
+        for bad in [
+            ("limit", "0"),
+            ("limit", "201"),
+            ("limit", "+5"),
+            ("after", "-1"),
+        ] {
+            let e = Page::parse(&q(&[bad])).unwrap_err();
+            assert_eq!(e[0].loc.join("."), format!("query.{}", bad.0), "{bad:?}");
+        }
     }
 
     #[test]

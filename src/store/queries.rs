@@ -214,6 +214,16 @@ pub fn event(conn: &Connection, id: i64) -> rusqlite::Result<Option<EventRow>> {
         .optional()
 }
 
+/// Up to `limit` events with ids above `after`, in id order (keyset pagination: a page costs
+/// the same wherever it starts, and events created meanwhile never shift a page).
+pub fn events_after(conn: &Connection, after: i64, limit: i64) -> rusqlite::Result<Vec<EventRow>> {
+    conn.prepare_cached(&format!(
+        "SELECT {EVENT_COLS} FROM events WHERE id > ?1 ORDER BY id LIMIT ?2"
+    ))?
+    .query_map([after, limit], event_from)?
+    .collect()
+}
+
 pub fn booking(conn: &Connection, id: i64) -> rusqlite::Result<Option<Booking>> {
     conn.prepare_cached(&format!(
         "SELECT {BOOKING_COLS} FROM bookings WHERE id = ?1"
