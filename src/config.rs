@@ -95,6 +95,14 @@ pub struct Config {
     #[arg(long, env = "CORS_ORIGINS", value_name = "CORS_ORIGINS", default_value = "*",
           value_parser = parse_cors_origins)]
     pub cors_origins: CorsOrigins,
+    /// Log lines as compact text (`text`) or one JSON object per line (`json`, for log shippers).
+    #[arg(
+        long,
+        env = "LOG_FORMAT",
+        value_name = "LOG_FORMAT",
+        default_value = "text"
+    )]
+    pub log_format: LogFormat,
     /// Tracing filter (tracing-subscriber's EnvFilter syntax).
     #[arg(
         long,
@@ -132,6 +140,19 @@ fn parse_database_url(s: &str) -> Result<DatabaseUrl, String> {
         return Err("an in-memory database would lose every booking on exit; give a file".into());
     }
     Ok(DatabaseUrl(PathBuf::from(path)))
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+impl LogFormat {
+    pub fn is_json(self) -> bool {
+        self == LogFormat::Json
+    }
 }
 
 /// Who may call the API from a browser.
@@ -247,6 +268,7 @@ impl Config {
             keep_alive_ms: 5_000,
             max_connections: 10_000,
             cors_origins: CorsOrigins::Any,
+            log_format: LogFormat::Text,
             rust_log: "warn".into(),
         }
     }

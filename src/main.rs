@@ -9,7 +9,7 @@ fn main() -> ExitCode {
     // Test builds only (`--features failpoints`): failpoints configured by the FAILPOINTS env.
     #[cfg(feature = "failpoints")]
     let _failpoints = fail::FailScenario::setup();
-    if let Err(e) = telemetry::init(&config.rust_log) {
+    if let Err(e) = telemetry::init(&config.rust_log, config.log_format.is_json()) {
         eprintln!("ticketd: configuration error: {e}");
         return ExitCode::from(2);
     }

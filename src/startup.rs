@@ -83,6 +83,7 @@ impl Application {
             "embedded"
         };
         let replica = config.replica_id.clone().unwrap_or_else(random_replica_id);
+        crate::telemetry::set_replica(&replica);
 
         let workers = usize::from(config.finalizer_workers);
         let max_deliveries = usize::from(config.finalize_max_deliveries);
@@ -234,6 +235,7 @@ impl Application {
                 .wrap(actix_web::middleware::from_fn(api::body::deadline))
                 .wrap(api::cors(&cors_origins))
                 .wrap(TracingLogger::<crate::telemetry::RequestSpan>::new())
+                .wrap(actix_web::middleware::from_fn(crate::telemetry::access_log))
                 .app_data(state.clone())
                 .configure(api::configure)
         })

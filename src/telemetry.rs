@@ -57,18 +57,24 @@ impl RootSpanBuilder for RequestSpan {
 /// unless `RUST_LOG` names actix_http itself.
 const QUIET_DISPATCHER: &str = "actix_http::h1::dispatcher=off";
 
-/// Installs the global subscriber. Returns an error naming `RUST_LOG` when the filter does not
-/// parse; a second call (tests start many apps in one process) is a no-op.
-pub fn init(filter: &str) -> Result<(), String> {
+/// Installs the global subscriber: compact text, or one JSON object per line (`json`, for log
+/// shippers). Returns an error naming `RUST_LOG` when the filter does not parse; a second call
+/// (tests start many apps in one process) is a no-op.
+pub fn init(filter: &str, json: bool) -> Result<(), String> {
     let mut env_filter = EnvFilter::try_new(filter).map_err(|e| format!("RUST_LOG: {e}"))?;
     if !filter.contains("actix_http") {
         env_filter =
             env_filter.add_directive(QUIET_DISPATCHER.parse().map_err(|e| format!("{e}"))?);
     }
-    let fmt = fmt::layer()
-        .with_target(false)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
-        .compact();
+    let fmt: Box<dyn Layer<_> + Send + Sync> = if json {
+        fmt::layer().json().flatten_event(true).boxed()
+    } else {
+        fmt::layer()
+            .with_target(false)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
+            .compact()
+            .boxed()
+    };
     let throttled = Throttled::new(fmt, BURST, WINDOW);
     let held_back = throttled.held_back();
     if tracing_subscriber::registry()
@@ -80,6 +86,39 @@ pub fn init(filter: &str) -> Result<(), String> {
         let _ = HELD_BACK.set(held_back);
     }
     Ok(())
+}
+
+/// This process's replica id, for the access log (set once at start).
+static REPLICA: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+pub fn set_replica(id: &str) {
+    let _ = REPLICA.set(id.to_string());
+}
+
+/// Middleware: one `info` line per request, written when its response is ready: method, path
+/// (never the query string, where a booking's `?secret=` travels), status, latency and replica,
+/// so lines from several replicas can be told apart. `RUST_LOG=warn` turns it off.
+pub async fn access_log(
+    req: ServiceRequest,
+    next: actix_web::middleware::Next<impl MessageBody + 'static>,
+) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
+    if !tracing::enabled!(target: "access", Level::INFO) {
+        return next.call(req).await;
+    }
+    let started = Instant::now();
+    let method = req.method().clone();
+    let path = req.path().to_string();
+    let res = next.call(req).await?;
+    tracing::info!(
+        target: "access",
+        method = %method,
+        path = %path,
+        status = res.status().as_u16(),
+        latency_us = started.elapsed().as_micros() as u64,
+        replica = REPLICA.get().map(String::as_str).unwrap_or(""),
+        "request"
+    );
+    Ok(res)
 }
 
 /// Writes how many warnings the installed subscriber held back since the last call (the service

@@ -234,3 +234,64 @@ async fn secrets_never_reach_the_log() {
     }
     assert!(!text.contains(ADMIN), "the organizer token is in the log");
 }
+
+/// The access log: one `info` line per request (method, path without its query, status,
+/// latency, replica), as JSON with `LOG_FORMAT=json`, so a log shipper can tell replicas apart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_access_line_per_request_without_the_query() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("ticketd.log");
+    let p = Proc::start_logging(
+        &dir.path().join("ticket.db"),
+        &[
+            ("RUST_LOG", "info"),
+            ("LOG_FORMAT", "json"),
+            ("REPLICA_ID", "replica-a"),
+        ],
+        Some(&log),
+    )
+    .await;
+    let event = p.create_event("Access", 10).await;
+    assert_eq!(p.get("/health").await.status, 200);
+    assert_eq!(p.get("/book/99?secret=not-for-the-log").await.status, 404);
+    p.signal(libc::SIGTERM);
+    assert_eq!(p.wait().await, Some(0));
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        !text.contains("not-for-the-log"),
+        "a query string is in the log"
+    );
+    let lines: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .filter(|v: &Value| v["target"] == "access")
+        .collect();
+    let seen: Vec<(String, String, u64)> = lines
+        .iter()
+        .map(|v| {
+            assert_eq!(v["replica"], "replica-a", "{v}");
+            assert_eq!(v["level"], "INFO", "{v}");
+            assert!(v["latency_us"].is_u64(), "{v}");
+            (
+                v["method"].as_str().unwrap().to_string(),
+                v["path"].as_str().unwrap().to_string(),
+                v["status"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    // Proc::start polls /health until it answers: those lines come first.
+    let ours: Vec<_> = seen
+        .iter()
+        .skip_while(|(m, path, _)| m == "GET" && path == "/health")
+        .cloned()
+        .collect();
+    assert_eq!(
+        ours,
+        vec![
+            ("POST".to_string(), "/event".to_string(), 200),
+            ("GET".to_string(), "/health".to_string(), 200),
+            ("GET".to_string(), "/book/99".to_string(), 404),
+        ],
+        "event {event}: {text}"
+    );
+}

@@ -158,8 +158,10 @@ impl TestApp {
 
     /// Spawns on an existing database file (a restart).
     pub fn spawn_on(db: &Path, f: impl FnOnce(&mut Config, &mut Tuning)) -> Self {
-        let _ =
-            ticketd::telemetry::init(&std::env::var("TEST_LOG").unwrap_or_else(|_| "error".into()));
+        let _ = ticketd::telemetry::init(
+            &std::env::var("TEST_LOG").unwrap_or_else(|_| "error".into()),
+            false,
+        );
         let mut config = Config::for_tests(db);
         config.ticket_key = Some(TEST_KEY.into());
         let mut tuning = Tuning {
