@@ -230,12 +230,18 @@ impl Application {
             ..Default::default()
         };
         let cors_origins = config.cors_origins.clone();
+        // Decided once: with the access log filtered out (`RUST_LOG=warn`) its middleware is not
+        // mounted at all (the filter cannot change while the process runs).
+        let access_log = tracing::enabled!(target: "access", tracing::Level::INFO);
         let server = crate::server::listen(builder, listener, settings, move || {
             App::new()
                 .wrap(actix_web::middleware::from_fn(api::body::deadline))
                 .wrap(api::cors(&cors_origins))
                 .wrap(TracingLogger::<crate::telemetry::RequestSpan>::new())
-                .wrap(actix_web::middleware::from_fn(crate::telemetry::access_log))
+                .wrap(actix_web::middleware::Condition::new(
+                    access_log,
+                    actix_web::middleware::from_fn(crate::telemetry::access_log),
+                ))
                 .app_data(state.clone())
                 .configure(api::configure)
         })

@@ -102,9 +102,6 @@ pub async fn access_log(
     req: ServiceRequest,
     next: actix_web::middleware::Next<impl MessageBody + 'static>,
 ) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
-    if !tracing::enabled!(target: "access", Level::INFO) {
-        return next.call(req).await;
-    }
     let started = Instant::now();
     let method = req.method().clone();
     let path = req.path().to_string();
