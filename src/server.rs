@@ -251,8 +251,6 @@ pub struct H1Settings {
     pub client_request_timeout: Duration,
     /// `HttpServer` uses 1 s; `HttpService::build()` alone would use 0 (no linger).
     pub client_disconnect_timeout: Duration,
-    /// `HttpServer::server_hostname`; default: the listener's address.
-    pub host: Option<String>,
     /// Bytes read per dispatcher poll while no request is in the service, and the slack beyond a
     /// request's `Content-Length`. Bounds the pipelined requests decoded at once.
     pub read_chunk: usize,
@@ -266,7 +264,6 @@ impl Default for H1Settings {
             keep_alive: KeepAlive::Timeout(Duration::from_secs(5)),
             client_request_timeout: Duration::from_secs(5),
             client_disconnect_timeout: Duration::from_secs(1),
-            host: None,
             read_chunk: 4096,
             write_stall_timeout: Some(Duration::from_secs(30)),
         }
@@ -297,7 +294,7 @@ where
     builder.listen(format!("actix-web-service-{addr}"), lst, move || {
         let s = settings.clone();
         let (host, shutdown) = (
-            s.host.clone().unwrap_or_else(|| addr.to_string()),
+            addr.to_string(), // what `HttpServer` reports without `server_hostname`
             shutdown.clone(),
         );
         // `AppConfig::new` is pub(crate); `__priv_test_new` is its doc(hidden) public twin (used by

@@ -454,11 +454,7 @@ fn commit_group(
     let mut totals = TotalsDelta::default();
     for op in group {
         let a = apply(&tx, op, &stamps);
-        let t = a.totals();
-        totals.events += t.events;
-        totals.capacity += t.capacity;
-        totals.booked += t.booked;
-        totals.finalized += t.finalized;
+        totals += a.totals();
         applied.push(a);
     }
     // The report's totals move in the same transaction as the rows they sum.

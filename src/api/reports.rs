@@ -46,7 +46,7 @@ mod tests {
             total_finalized: 0,
             dead_letters: None,
         };
-        let text = serde_json::to_string(&body).unwrap();
+        let text = serde_json::to_string(&body).expect("a report serializes");
         assert!(
             text.contains("\"total_capacity\":55340232221128654845"),
             "{text}"

@@ -310,11 +310,16 @@ pub fn parse_idempotency_key(raw: &[u8]) -> Result<String, FieldError> {
 }
 
 /// Parses an id taken from the path (`/event/{id}`): a decimal integer from 1 to i64::MAX.
+/// Numbers in paths and queries are plain decimal digits: Rust's parser also takes `+1` (and
+/// `-0`), which would give one booking several URLs and a misleading "must be at least 1" for a
+/// sign.
+fn plain_digits(raw: &str) -> bool {
+    !raw.is_empty() && raw.bytes().all(|b| b.is_ascii_digit())
+}
+
 pub fn parse_path_id(raw: &str, name: &str) -> Result<i64, FieldError> {
     let loc = ["path", name];
-    // Plain decimal digits only: Rust's parser also takes `+1` (and `-0`), which would give one
-    // booking several URLs and a misleading "must be at least 1" for a sign.
-    if raw.is_empty() || !raw.bytes().all(|b| b.is_ascii_digit()) {
+    if !plain_digits(raw) {
         return Err(FieldError::new(
             "int_parsing",
             &loc,
@@ -358,9 +363,7 @@ impl Page {
                 return default;
             };
             let loc = ["query", name];
-            let n = (!raw.is_empty() && raw.bytes().all(|b| b.is_ascii_digit()))
-                .then(|| raw.parse::<i64>().ok())
-                .flatten();
+            let n = plain_digits(raw).then(|| raw.parse::<i64>().ok()).flatten();
             match n {
                 Some(n) if (min..=max).contains(&n) => n,
                 Some(_) => {

@@ -58,6 +58,15 @@ impl TotalsDelta {
     }
 }
 
+impl std::ops::AddAssign for TotalsDelta {
+    fn add_assign(&mut self, d: TotalsDelta) {
+        self.events += d.events;
+        self.capacity += d.capacity;
+        self.booked += d.booked;
+        self.finalized += d.finalized;
+    }
+}
+
 /// Why a fenced batch was refused: the row as the transaction saw it, so the caller can reload
 /// without another round trip. Nothing of a refused batch is written.
 #[derive(Debug, Clone, PartialEq, Eq)]
