@@ -20,7 +20,7 @@ use super::errors::{
     TooLarge413, Unauthorized401, Unavailable503,
 };
 use super::{admin, bookings, docs, events, health, reports, tickets};
-use crate::domain::{FieldError, MAX_TICKET_CODE, MAX_TITLE_CHARS};
+use crate::domain::{MAX_TICKET_CODE, MAX_TITLE_CHARS};
 use crate::domain::{DEFAULT_PAGE, MAX_CAPACITY, MAX_KEY_CHARS, MAX_PAGE, MAX_QUANTITY};
 
 #[derive(OpenApi)]
@@ -53,7 +53,7 @@ use crate::domain::{DEFAULT_PAGE, MAX_CAPACITY, MAX_KEY_CHARS, MAX_PAGE, MAX_QUA
         docs::redoc,
         docs::redoc_script,
     ),
-    components(schemas(Detail, Invalid, FieldError), responses(
+    components(schemas(Detail, Invalid), responses(
         Invalid422,
         NotFound404,
         Unauthorized401,
