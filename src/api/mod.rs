@@ -9,6 +9,7 @@ pub mod errors;
 pub mod events;
 pub mod health;
 pub mod idempotency;
+pub mod metrics;
 pub mod reports;
 pub mod tickets;
 
@@ -113,5 +114,6 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .service(resource("/admin/finalizer/replay").route(web::post().to(admin::replay)))
         .service(resource("/health").route(read().to(health::health)))
         .service(resource("/ready").route(read().to(health::ready)))
+        .service(resource("/metrics").route(read().to(metrics::metrics)))
         .default_service(web::to(no_route));
 }
