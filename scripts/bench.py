@@ -18,7 +18,8 @@ SECONDS = int(os.environ.get("BENCH_SECONDS", "10"))
 CONNS = int(os.environ.get("BENCH_CONNECTIONS", "64"))
 THREADS = 2
 ONLY = set(filter(None, os.environ.get("BENCH_ONLY", "").split(",")))
-# Scenario 2m: the hot event while a scraper reads /metrics every one of these intervals (ms).
+# Scenario 2m: the hot event while a scraper reads /metrics every one of these intervals (ms);
+# 0 runs the same row without a scraper (a control in the same position, e.g. "0,100,0,1000").
 SCRAPE_MS = [int(x) for x in os.environ.get("BENCH_SCRAPE_MS", "100,1000").split(",") if x]
 
 procs = []
@@ -170,14 +171,14 @@ def main():
             S["2_hot_event"] = r
 
         if not ONLY or "2m" in ONLY:
-            for every_ms in SCRAPE_MS:
-                print(f"2m. hot event, /metrics scraped every {every_ms} ms", flush=True)
+            for i, every_ms in enumerate(SCRAPE_MS):
+                print(f"2m. hot event, /metrics scraped every {every_ms} ms (0: not scraped)", flush=True)
                 ev = create_event(one.url, 1_000_000_000)
                 with Scraper(one.url + "/metrics", every_ms / 1000.0) as scraper:
                     r = wrk(one.url, "book.lua", EVENT_ID=ev)
                 r.update(ratio=r["rps"] / ceiling, every_ms=every_ms, **scraper.summary(),
                          vs_plain=r["rps"] / S.get("2_hot_event", {}).get("rps", r["rps"]))
-                S[f"2m_hot_scraped_{every_ms}ms"] = r
+                S[f"2m_hot_scraped_{i}_{every_ms}ms"] = r
 
         if not ONLY or "2b" in ONLY:
             print("2b. hot event, Idempotency-Key and max_per_user", flush=True)
@@ -243,7 +244,7 @@ class Scraper:
         self.durations, self.sizes, self.failures = [], [], 0
 
     def run(self):
-        while not self.stop.is_set():
+        while self.every > 0 and not self.stop.is_set():
             t0 = time.time()
             try:
                 with urllib.request.urlopen(self.url, timeout=10) as r:
@@ -397,7 +398,8 @@ def table(res):
                      f"| ≥ 40 %, p99 ≤ 10 ms, 0 errors |")
     for key in sorted(k for k in S if k.startswith("2m_hot_scraped_")):
         r = S[key]
-        lines.append(f"| 2m hot event, /metrics scraped every {r['every_ms']} ms | {r['rps']:.0f} bookings/s "
+        every = f"scraped every {r['every_ms']} ms" if r["every_ms"] else "not scraped (control)"
+        lines.append(f"| 2m hot event, /metrics {every} | {r['rps']:.0f} bookings/s "
                      f"= {100 * r['vs_plain']:.0f} % of 2, {r['status_errors']} non-200; {r['scrapes']} scrapes "
                      f"({r['scrape_failures']} failed, p99 {r['scrape_p99_ms']:.1f} ms, {r['scrape_bytes']} bytes) | "
                      f"{100 * r['ratio']:.0f} % | {ms(r['p99_us'])} | within noise of 2 |")
