@@ -50,20 +50,15 @@ impl Scrape {
 }
 
 async fn scrape(target: &impl Target) -> Scrape {
-    let r = target
-        .as_organizer(target.http().get(format!("{}/metrics", target.base())))
-        .send()
-        .await
-        .expect("scrape");
-    assert_eq!(r.status(), 200);
-    let ct = r
-        .headers()
-        .get("content-type")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default()
-        .to_string();
-    assert!(ct.starts_with("text/plain; version=0.0.4"), "{ct}");
-    Scrape::parse(&r.text().await.expect("body"))
+    let url = format!("{}/metrics", target.base());
+    let r = common::send(target.as_organizer(target.http().get(url))).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert!(
+        r.content_type.starts_with("text/plain; version=0.0.4"),
+        "{}",
+        r.content_type
+    );
+    Scrape::parse(r.body.as_str().expect("the text format, not JSON"))
 }
 
 fn http(route: &str, method: &str, status: u16) -> String {
