@@ -18,6 +18,9 @@ SECONDS = int(os.environ.get("BENCH_SECONDS", "10"))
 CONNS = int(os.environ.get("BENCH_CONNECTIONS", "64"))
 THREADS = 2
 ONLY = set(filter(None, os.environ.get("BENCH_ONLY", "").split(",")))
+# Scenario 2m: the hot event while a scraper reads /metrics every one of these intervals (ms);
+# 0 runs the same row without a scraper (a control in the same position, e.g. "0,100,0,1000").
+SCRAPE_MS = [int(x) for x in os.environ.get("BENCH_SCRAPE_MS", "100,1000").split(",") if x]
 
 procs = []
 
@@ -167,6 +170,16 @@ def main():
             r.update(booked=booked, rows=rows(db, ev)[1], ratio=r["rps"] / ceiling)
             S["2_hot_event"] = r
 
+        if not ONLY or "2m" in ONLY:
+            for i, every_ms in enumerate(SCRAPE_MS):
+                print(f"2m. hot event, /metrics scraped every {every_ms} ms (0: not scraped)", flush=True)
+                ev = create_event(one.url, 1_000_000_000)
+                with Scraper(one.url + "/metrics", every_ms / 1000.0) as scraper:
+                    r = wrk(one.url, "book.lua", EVENT_ID=ev)
+                r.update(ratio=r["rps"] / ceiling, every_ms=every_ms, **scraper.summary(),
+                         vs_plain=r["rps"] / S.get("2_hot_event", {}).get("rps", r["rps"]))
+                S[f"2m_hot_scraped_{i}_{every_ms}ms"] = r
+
         if not ONLY or "2b" in ONLY:
             print("2b. hot event, Idempotency-Key and max_per_user", flush=True)
             ev = create_event(one.url, 1_000_000_000, max_per_user=4)
@@ -218,6 +231,42 @@ def main():
     with open(RESULTS, "w") as f:
         json.dump(results, f, indent=2)
     print(table(results))
+
+
+class Scraper:
+    """A Prometheus stand-in: GETs /metrics every `every` seconds on a thread while the block
+    runs, and keeps each scrape's duration and size (a failed scrape is counted, not raised)."""
+    def __init__(self, url, every):
+        import threading
+        self.url, self.every = url, every
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.durations, self.sizes, self.failures = [], [], 0
+
+    def run(self):
+        while self.every > 0 and not self.stop.is_set():
+            t0 = time.time()
+            try:
+                with urllib.request.urlopen(self.url, timeout=10) as r:
+                    self.sizes.append(len(r.read()))
+                self.durations.append(time.time() - t0)
+            except Exception:
+                self.failures += 1
+            self.stop.wait(max(0.0, self.every - (time.time() - t0)))
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+
+    def summary(self):
+        d = sorted(self.durations) or [0.0]
+        return {"scrapes": len(self.durations), "scrape_failures": self.failures,
+                "scrape_p99_ms": 1000 * d[min(len(d) - 1, int(0.99 * len(d)))],
+                "scrape_bytes": max(self.sizes or [0])}
 
 
 def create_events_fast(url, n, capacity):
@@ -347,6 +396,13 @@ def table(res):
         lines.append(f"| 2 hot event: POST /book | {r['rps']:.0f} bookings/s, {r['status_errors']} non-200, "
                      f"{r['errors']} errors; {r['rows']} rows | {100 * r['ratio']:.0f} % | {ms(r['p99_us'])} "
                      f"| ≥ 40 %, p99 ≤ 10 ms, 0 errors |")
+    for key in sorted(k for k in S if k.startswith("2m_hot_scraped_")):
+        r = S[key]
+        every = f"scraped every {r['every_ms']} ms" if r["every_ms"] else "not scraped (control)"
+        lines.append(f"| 2m hot event, /metrics {every} | {r['rps']:.0f} bookings/s "
+                     f"= {100 * r['vs_plain']:.0f} % of 2, {r['status_errors']} non-200; {r['scrapes']} scrapes "
+                     f"({r['scrape_failures']} failed, p99 {r['scrape_p99_ms']:.1f} ms, {r['scrape_bytes']} bytes) | "
+                     f"{100 * r['ratio']:.0f} % | {ms(r['p99_us'])} | within noise of 2 |")
     if "2b_hot_keyed_limited" in S:
         r = S["2b_hot_keyed_limited"]
         lines.append(f"| 2b hot event, Idempotency-Key + max_per_user 4 (2 seats each) | {r['rps']:.0f} bookings/s "

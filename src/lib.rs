@@ -24,6 +24,7 @@ pub mod coord;
 pub mod domain;
 pub mod handoff;
 pub mod limits;
+pub mod metrics;
 pub mod secrets;
 pub mod server;
 pub mod slots;

@@ -52,6 +52,9 @@ impl Application {
     /// Must run inside an actix `System`.
     pub async fn build(config: Config, tuning: Tuning) -> Result<Self, StartError> {
         config.validate().map_err(StartError::Config)?;
+        // Before anything counts (a handle taken before the recorder exists counts into
+        // nothing); and every series is scraped from the start, at 0, not from its first event.
+        crate::metrics::handles();
         let path = config.database_url.0.clone();
         let store_err = |source| StartError::Store {
             path: path.display().to_string(),
@@ -242,6 +245,7 @@ impl Application {
                     access_log,
                     actix_web::middleware::from_fn(crate::telemetry::access_log),
                 ))
+                .wrap(actix_web::middleware::from_fn(crate::metrics::http_metrics))
                 .app_data(state.clone())
                 .configure(api::configure)
         })

@@ -168,17 +168,22 @@ impl EventActor {
 
     fn on_lease(&mut self, res: Result<Option<Token>, LeaseError>, ctx: &mut Context<Self>) {
         debug_assert_eq!(self.phase, Phase::Leasing);
+        // Every answer of the lease, in-process or Redis, comes through here: counted once.
+        let m = crate::metrics::handles();
         match res {
             Err(e) => {
+                m.lease_unavailable.increment(1);
                 warn!(event_id = self.id, error = %e, "no lease: answering 503");
                 self.phase = Phase::Idle;
                 self.fail_queue(BookError::Unavailable(e.to_string()));
             }
             Ok(None) => {
+                m.lease_waits.increment(1);
                 self.phase = Phase::Idle;
                 ctx.run_later(LEASE_RETRY, |act, ctx| act.kick(ctx));
             }
             Ok(Some(token)) => {
+                m.lease_acquired.increment(1);
                 self.held = Some(token);
                 if self.view.is_some() {
                     self.run_batch(ctx);
@@ -310,6 +315,9 @@ impl EventActor {
             self.sold_out.clear();
         }
         self.phase = Phase::Committing;
+        crate::metrics::handles()
+            .batch_requests
+            .record(requests.len() as f64);
         debug!(
             event_id = self.id,
             size = requests.len(),

@@ -71,6 +71,17 @@ impl Finalization {
         }
     }
 
+    /// Issuances waiting or under way: this replica's (embedded), or the entries of the shared
+    /// stream, queued or delivered and not yet acknowledged (cluster).
+    pub async fn queue_depth(&self) -> Result<u64, String> {
+        match self {
+            Finalization::Local(q) => Ok(q.in_flight() as u64),
+            Finalization::Stream(link) => {
+                stream::depth(&link.conn()).await.map_err(|e| e.to_string())
+            }
+        }
+    }
+
     /// Issuances queued or under way in this replica (embedded mode; the stream keeps its own).
     pub fn in_flight(&self) -> Option<usize> {
         match self {
@@ -169,6 +180,9 @@ async fn run_stream(deps: FinalizerDeps, mut consumer: Consumer) {
                     after = last.id.clone();
                 }
                 info!(consumer = %consumer.name, n = entries.len(), "resuming own pending entries");
+                crate::metrics::handles()
+                    .finalize_retries
+                    .increment(entries.len() as u64);
                 spawn_all(entries);
             }
             Err(e) => {
@@ -191,7 +205,12 @@ async fn run_stream(deps: FinalizerDeps, mut consumer: Consumer) {
             )
             .await
             {
-                Ok(entries) => spawn_all(entries),
+                Ok(entries) => {
+                    crate::metrics::handles()
+                        .finalize_retries
+                        .increment(entries.len() as u64);
+                    spawn_all(entries)
+                }
                 Err(e) => warn!(error = %e, "reclaim failed"),
             }
         }
@@ -243,18 +262,37 @@ async fn handle_entry(deps: &FinalizerDeps, link: &RedisLink, entry: Entry) {
     }
 }
 
-/// Issues one ticket: sign, deliver (the simulated delay), then mark FINALIZED with the code.
-/// A booking that is missing or no longer PENDING needs nothing (a duplicate delivery).
+/// Issues one ticket (`try_issue`) and counts what came of it: a ticket issued when this
+/// delivery is the one that finalized the booking (a duplicate delivery changes nothing and is
+/// not counted), a failure when it failed (the booking is delivered again).
 async fn issue(deps: &FinalizerDeps, booking_id: i64) -> Result<(), StoreError> {
+    let m = crate::metrics::handles();
+    match try_issue(deps, booking_id).await {
+        Ok(true) => {
+            m.tickets_issued.increment(1);
+            Ok(())
+        }
+        Ok(false) => Ok(()),
+        Err(e) => {
+            m.finalize_failures.increment(1);
+            Err(e)
+        }
+    }
+}
+
+/// Issues one ticket: sign, deliver (the simulated delay), then mark FINALIZED with the code;
+/// true if this call finalized it. A booking that is missing or no longer PENDING needs nothing
+/// (a duplicate delivery).
+async fn try_issue(deps: &FinalizerDeps, booking_id: i64) -> Result<bool, StoreError> {
     let Some(b) = deps
         .reads
         .read(move |c| queries::booking(c, booking_id))
         .await?
     else {
-        return Ok(());
+        return Ok(false);
     };
     if b.status != crate::domain::BookingStatus::Pending {
-        return Ok(());
+        return Ok(false);
     }
     let code = deps.signer.sign(&TicketFacts {
         booking_id: b.id,
@@ -268,7 +306,7 @@ async fn issue(deps: &FinalizerDeps, booking_id: i64) -> Result<(), StoreError> 
     )));
     let changed = deps.writer.finalize(booking_id, code).await?;
     debug!(booking_id, changed, "ticket issued");
-    Ok(())
+    Ok(changed)
 }
 
 /// The running pool.
@@ -299,7 +337,12 @@ impl FinalizerPool {
             loop {
                 match sweep(&deps, &queue).await {
                     Ok(0) => {}
-                    Ok(n) => info!(requeued = n, "sweeper re-queued PENDING bookings"),
+                    Ok(n) => {
+                        crate::metrics::handles()
+                            .finalize_retries
+                            .increment(n as u64);
+                        info!(requeued = n, "sweeper re-queued PENDING bookings")
+                    }
                     Err(e) => warn!(error = %e, "sweep failed"),
                 }
                 tokio::time::sleep(sweep_every).await;

@@ -132,10 +132,18 @@ pub struct Refusals {
 }
 
 impl Refusals {
+    /// Counts a refusal for `/ready` and for `/metrics` (`ticketd_batch_refusals_total`).
     fn count(&self, refusal: &Refusal) {
+        let m = crate::metrics::handles();
         match refusal {
-            Refusal::Fenced(_) => self.fenced.fetch_add(1, Ordering::Relaxed),
-            Refusal::NoSeats(_) | Refusal::NoEvent => self.no_seats.fetch_add(1, Ordering::Relaxed),
+            Refusal::Fenced(_) => {
+                self.fenced.fetch_add(1, Ordering::Relaxed);
+                m.fence_refusals.increment(1);
+            }
+            Refusal::NoSeats(_) | Refusal::NoEvent => {
+                self.no_seats.fetch_add(1, Ordering::Relaxed);
+                m.seat_refusals.increment(1);
+            }
         };
     }
 }
@@ -324,6 +332,9 @@ enum Applied {
         answers: Vec<(SeatRequest, Result<Booked, BookError>)>,
         cancelled: Vec<(CancelRequest, Result<Booking, BookError>)>,
         seats: i64,
+        /// Bookings its cancellations moved to CANCELLED, and the seats they gave back.
+        cancellations: i64,
+        returned: i64,
         /// Seats of issued tickets its cancellations freed.
         unissued: i64,
         booked_after: i64,
@@ -444,6 +455,7 @@ fn commit_group(
             }
             Err(e) => {
                 warn!(error = %e, "could not begin the group transaction");
+                crate::metrics::handles().group_failures.increment(1);
                 let why = StoreError::Sqlite(e);
                 group.into_iter().for_each(|op| op.fail(&why));
                 return;
@@ -464,6 +476,7 @@ fn commit_group(
     };
     if let Err(e) = committed {
         error!(error = %e, "group commit failed; every op of the group is answered as failed");
+        crate::metrics::handles().group_failures.increment(1);
         let why = StoreError::Sqlite(e);
         for a in applied {
             a.fail(&why);
@@ -475,7 +488,9 @@ fn commit_group(
     // answered — the client's retry with its Idempotency-Key must find the booking.
     fail::fail_point!("writer-after-commit", |_| std::process::abort());
     // Committed: from here on every answer is a promise kept.
+    let ops = applied.len();
     let mut bookings = 0usize;
+    let (mut sold, mut cancellations, mut returned) = (0i64, 0i64, 0i64);
     let mut committed = Vec::new();
     for a in applied {
         match a {
@@ -492,11 +507,16 @@ fn commit_group(
                 seats,
                 booked_after,
                 users,
+                cancellations: cancels_done,
+                returned: seats_back,
                 ..
             } => {
+                cancellations += cancels_done;
+                returned += seats_back;
                 for (req, answer) in answers {
                     if let Ok(b) = &answer {
                         bookings += 1;
+                        sold += b.quantity;
                         committed.push(b.id);
                     }
                     let _ = req.reply.send(answer);
@@ -532,7 +552,16 @@ fn commit_group(
         }
     }
     push_committed(finalize, &committed);
-    let us = started.elapsed().as_micros() as u64;
+    let elapsed = started.elapsed();
+    // Per group, never per booking: one atomic add each.
+    let m = crate::metrics::handles();
+    m.bookings_committed.increment(bookings as u64);
+    m.seats_sold.increment(sold.unsigned_abs());
+    m.cancellations.increment(cancellations.unsigned_abs());
+    m.seats_returned.increment(returned.unsigned_abs());
+    m.group_ops.record(ops as f64);
+    m.group_duration.record(elapsed.as_secs_f64());
+    let us = elapsed.as_micros() as u64;
     span.record("bookings", bookings);
     span.record("duration_us", us);
     debug!(bookings, duration_us = us, "group committed");
@@ -682,6 +711,8 @@ fn apply_seats(tx: &rusqlite::Transaction<'_>, batch: SeatBatch, at: &Stamps<'_>
                 answers,
                 cancelled,
                 seats: seats - done.freed,
+                cancellations: done.cancelled,
+                returned: done.freed,
                 unissued: done.freed_issued,
                 booked_after: done.booked_after,
                 users: done.users,

@@ -67,6 +67,7 @@ impl Registry {
                 ctx.set_mailbox_capacity(cap);
                 EventActor::new(event_id, generation, weak, deps, flag)
             };
+            crate::metrics::handles().actors_started.increment(1);
             let addr = if self.arbiters.is_empty() {
                 EventActor::create(make)
             } else {
@@ -112,6 +113,8 @@ impl Registry {
     }
 
     /// Books through the event's actor; a sold-out event is refused here, without a message.
+    /// Every booking's verdict passes here, wherever it was decided (the fast path, the actor's
+    /// view, the store, a full queue), so refusals are counted here, once each.
     pub async fn book(
         self: &Arc<Self>,
         event_id: i64,
@@ -119,15 +122,20 @@ impl Registry {
         quantity: i64,
         key: Option<Arc<IdempotencyKey>>,
     ) -> Result<Booked, BookError> {
-        self.deliver(event_id, true, |reply| {
-            Book(SeatRequest {
-                user_id,
-                quantity,
-                key: key.clone(),
-                reply,
+        let result = self
+            .deliver(event_id, true, |reply| {
+                Book(SeatRequest {
+                    user_id,
+                    quantity,
+                    key: key.clone(),
+                    reply,
+                })
             })
-        })
-        .await
+            .await;
+        if let Err(e) = &result {
+            count_refusal(e);
+        }
+        result
     }
 
     /// Cancels through the event's actor, so the seats return under its lease and fence.
@@ -175,4 +183,19 @@ impl Registry {
             "the event actor is restarting; retry".into(),
         ))
     }
+}
+
+/// Counts a refused booking by its reason (`ticketd_booking_refusals_total`). A used idempotency
+/// key is no refusal: the route answers it with the booking the key names.
+fn count_refusal(e: &BookError) {
+    let m = crate::metrics::handles();
+    let counter = match e {
+        BookError::SoldOut { .. } => &m.refused_sold_out,
+        BookError::LimitReached { .. } => &m.refused_limit,
+        BookError::Overloaded => &m.refused_overloaded,
+        BookError::Unavailable(_) => &m.refused_unavailable,
+        BookError::EventNotFound => &m.refused_unknown_event,
+        BookError::BookingNotFound | BookError::KeyUsed { .. } => return,
+    };
+    counter.increment(1);
 }

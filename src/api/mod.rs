@@ -10,6 +10,7 @@ pub mod errors;
 pub mod events;
 pub mod health;
 pub mod idempotency;
+pub mod metrics;
 pub mod openapi;
 pub mod reports;
 pub mod tickets;
@@ -131,6 +132,7 @@ pub fn endpoints() -> Vec<Endpoint> {
         endpoint("/admin/finalizer/replay", M::POST, admin::replay),
         endpoint("/health", M::GET, health::health),
         endpoint("/ready", M::GET, health::ready),
+        endpoint("/metrics", M::GET, metrics::metrics),
         endpoint("/openapi.json", M::GET, docs::openapi_json),
         endpoint("/docs", M::GET, docs::swagger_ui),
         endpoint("/docs/", M::GET, docs::swagger_ui_page),

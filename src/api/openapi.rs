@@ -19,7 +19,7 @@ use super::errors::{
     BodyTimeout408, Conflict409, Detail, Forbidden403, Invalid, Invalid422, NotFound404,
     TooLarge413, Unauthorized401, Unavailable503,
 };
-use super::{admin, bookings, docs, events, health, reports, tickets};
+use super::{admin, bookings, docs, events, health, metrics, reports, tickets};
 use crate::domain::{DEFAULT_PAGE, MAX_CAPACITY, MAX_KEY_CHARS, MAX_PAGE, MAX_QUANTITY};
 use crate::domain::{MAX_TICKET_CODE, MAX_TITLE_CHARS};
 
@@ -46,6 +46,7 @@ use crate::domain::{MAX_TICKET_CODE, MAX_TITLE_CHARS};
         admin::replay,
         health::health,
         health::ready,
+        metrics::metrics,
         docs::openapi_json,
         docs::swagger_ui,
         docs::swagger_ui_page,

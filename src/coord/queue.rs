@@ -96,6 +96,7 @@ impl LocalQueue {
         };
         if n >= self.max_deliveries {
             warn!(booking_id, deliveries = n, "booking dead-lettered");
+            crate::metrics::handles().dead_lettered.increment(1);
             self.failures.remove(&booking_id);
             self.dead.insert(booking_id);
         }

@@ -301,7 +301,16 @@ async fn park(
     if let Some(b) = entry.booking {
         pipe.cmd("SADD").arg(DEAD_IDS).arg(b).ignore();
     }
-    pipe.query_async::<()>(&mut c).await
+    pipe.query_async::<()>(&mut c).await?;
+    crate::metrics::handles().dead_lettered.increment(1);
+    Ok(())
+}
+
+/// Entries in the stream: queued, or delivered and not yet acknowledged (acknowledged entries
+/// are deleted).
+pub async fn depth(conn: &ConnectionManager) -> redis::RedisResult<u64> {
+    let mut c = conn.clone();
+    redis::cmd("XLEN").arg(STREAM).query_async(&mut c).await
 }
 
 /// Entries in the dead-letter stream.

@@ -145,6 +145,8 @@ pub struct FencedBatch<'a> {
 pub struct BatchApplied {
     /// The event's `booked_count` after the update: exact, whoever wrote before.
     pub booked_after: i64,
+    /// Bookings this batch's cancellations moved to CANCELLED (not those cancelled before it).
+    pub cancelled: i64,
     /// Seats this batch's cancellations gave back (not those cancelled before it).
     pub freed: i64,
     /// Of those, seats whose tickets had been issued (they leave `finalized_count`).
@@ -488,7 +490,7 @@ pub fn apply_fenced_batch(
     let mut users = Vec::new();
 
     // Cancellations first: the seats they free may be sold again in this very batch.
-    let (mut freed, mut freed_issued) = (0i64, 0i64);
+    let (mut cancelled, mut freed, mut freed_issued) = (0i64, 0i64, 0i64);
     let mut cancels = Vec::with_capacity(b.cancels.len());
     for &id in b.cancels {
         let found = conn
@@ -506,6 +508,7 @@ pub fn apply_fenced_batch(
                 "UPDATE bookings SET status = 'CANCELLED', cancelled_at = ?2 WHERE id = ?1",
             )?
             .execute(params![id, b.now])?;
+            cancelled += 1;
             freed += booking.quantity;
             if booking.status == BookingStatus::Finalized {
                 freed_issued += booking.quantity;
@@ -644,6 +647,7 @@ pub fn apply_fenced_batch(
     };
     Ok(Ok(BatchApplied {
         booked_after,
+        cancelled,
         freed,
         freed_issued,
         bookings,

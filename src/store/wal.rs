@@ -74,16 +74,17 @@ impl WalKeeper {
             }
             return;
         }
-        let mode = if pages >= CHECKPOINT_PAGES * FORCE_FACTOR {
-            "RESTART"
+        let (mode, label) = if pages >= CHECKPOINT_PAGES * FORCE_FACTOR {
+            ("RESTART", "restart")
         } else {
-            "PASSIVE"
+            ("PASSIVE", "passive")
         };
         let span = info_span!("checkpoint", pages, mode);
         let _enter = span.enter();
         match checkpoint(conn, mode) {
             Ok((busy, log, copied)) if !busy && log == copied => {
                 debug!(log, "checkpoint complete; the log starts over");
+                crate::metrics::wal_checkpoint(label, "complete");
                 self.next_at = CHECKPOINT_PAGES;
                 // The hook reports again only on the next commit that writes; a group that
                 // writes nothing must not see the old count and checkpoint again.
@@ -92,10 +93,12 @@ impl WalKeeper {
             Ok((busy, log, copied)) => {
                 // Someone wrote or read beside us: try again after more growth.
                 debug!(busy, log, copied, "checkpoint incomplete");
+                crate::metrics::wal_checkpoint(label, "incomplete");
                 self.next_at = pages + CHECKPOINT_PAGES;
             }
             Err(e) => {
                 warn!(error = %e, "checkpoint failed");
+                crate::metrics::wal_checkpoint(label, "failed");
                 self.next_at = pages + CHECKPOINT_PAGES;
             }
         }
@@ -149,6 +152,8 @@ mod tests {
         conn.pragma_update(None, "journal_mode", "WAL").unwrap();
         conn.execute("CREATE TABLE t (v TEXT)", []).unwrap();
         let mut keeper = WalKeeper::install(&conn).unwrap();
+        let complete = "ticketd_wal_checkpoints_total{mode=\"passive\",outcome=\"complete\"}";
+        let checkpoints = crate::metrics::sample(complete);
         let mut highest = 0;
         for _ in 0..20 {
             grow(&conn, 200);
@@ -162,6 +167,10 @@ mod tests {
         assert!(
             highest < CHECKPOINT_PAGES + 300,
             "the log was reused, not extended: {highest} pages at most"
+        );
+        assert!(
+            crate::metrics::sample(complete) > checkpoints,
+            "every checkpoint is counted, with its mode and outcome"
         );
         let wal = std::fs::metadata(dir.path().join("w.db-wal"))
             .unwrap()
