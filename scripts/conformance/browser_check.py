@@ -1,0 +1,172 @@
+"""Issue 13, item 7: /docs and /redoc work in a real browser, with no internet.
+
+Starts its own ticketd and a headless Debian chromium (fresh profile), then:
+  1. /docs (Swagger UI) renders one operation block per operation of /openapi.json;
+  2. GET /health, expanded, "Try it out", "Execute": the page shows 200 and the body
+     the service returns;
+  3. /redoc (ReDoc) renders every operation too;
+  4. every request either page made went to the service itself (127.0.0.1:<port>):
+     the UI assets are compiled into the binary, as the service must work offline;
+     no page request failed and no script threw.
+Screenshots of each page (and of the failure, if any) are kept in the test's temp dir
+and their paths printed. Every wait has a time-out.
+"""
+
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from cdp import Browser, CdpError
+from service import Service, get_json, stop_on_signals
+
+HTTP_METHODS = ("get", "put", "post", "delete", "options", "head", "patch", "trace")
+
+
+class CheckFailed(Exception):
+    pass
+
+
+def spec_operations(spec):
+    """{(METHOD, path)} of every operation the spec describes."""
+    return {(m.upper(), path) for path, item in spec.get("paths", {}).items()
+            for m in item if m in HTTP_METHODS}
+
+
+def check_same_origin(page, base, what):
+    """Every request went to the service itself; nothing failed to load."""
+    foreign = [u for u in page.requests()
+               if not u.startswith(base + "/") and not u.startswith(("data:", "blob:", "about:"))]
+    if foreign:
+        raise CheckFailed(f"{what} requested resources off the service (must work offline): {foreign}")
+    # Browsers ask for /favicon.ico on their own; the service need not have one.
+    failed = [(u, s) for u, s in page.failed_responses() if not u.endswith("/favicon.ico")]
+    if failed:
+        raise CheckFailed(f"{what}: requests failed: {failed}")
+    thrown = [e["params"]["exceptionDetails"] for e in page.browser.events
+              if e["method"] == "Runtime.exceptionThrown" and e.get("sessionId") == page.session]
+    if thrown:
+        texts = [d.get("exception", {}).get("description") or d.get("text") for d in thrown]
+        raise CheckFailed(f"{what}: uncaught JavaScript errors: {texts}")
+
+
+def check_swagger_ui(page, base, ops, health):
+    page.goto(base + "/docs")
+    # Operations render once Swagger UI has fetched and parsed /openapi.json.
+    page.wait_for("document.querySelectorAll('.opblock').length > 0",
+                  "Swagger UI to render operation blocks (.opblock)", timeout=30)
+    # Tags may start collapsed (docExpansion 'none'): open each one so that all operations render.
+    page.eval("""document.querySelectorAll('.opblock-tag-section:not(.is-open) .opblock-tag')
+                   .forEach(t => t.click())""")
+    want = len(ops)
+    page.wait_for(f"document.querySelectorAll('.opblock').length >= {want}",
+                  f"{want} operation blocks", timeout=10)
+    rendered = page.eval("""Array.from(document.querySelectorAll('.opblock')).map(b => [
+        b.querySelector('.opblock-summary-method').textContent.trim().toUpperCase(),
+        b.querySelector('.opblock-summary-path').getAttribute('data-path')])""")
+    rendered = {tuple(r) for r in rendered}
+    if rendered != ops:
+        raise CheckFailed(f"Swagger UI operations differ from /openapi.json: "
+                          f"missing {sorted(ops - rendered)}, extra {sorted(rendered - ops)}")
+    errors = page.eval("""(() => { const e = document.querySelector('.swagger-ui .errors-wrapper');
+                                   return e ? e.innerText : null })()""")
+    if errors:
+        raise CheckFailed(f"Swagger UI shows errors about the spec: {errors}")
+    print(f"  /docs: {len(rendered)} operations rendered, as in /openapi.json")
+
+    block = "document.querySelector('.opblock-get .opblock-summary-path[data-path=\"/health\"]').closest('.opblock')"
+    if not page.eval(f"!!document.querySelector('.opblock-get .opblock-summary-path[data-path=\"/health\"]')"):
+        raise CheckFailed("Swagger UI has no GET /health block")
+    page.click(f"{block}.querySelector('.opblock-summary-path')", "the GET /health summary")
+    page.wait_for(f"!!{block}.querySelector('.try-out__btn')", "the 'Try it out' button of GET /health")
+    page.click(f"{block}.querySelector('.try-out__btn')", "'Try it out'")
+    page.wait_for(f"!!{block}.querySelector('button.execute')", "the 'Execute' button of GET /health")
+    page.click(f"{block}.querySelector('button.execute')", "'Execute'")
+    status = page.wait_for(
+        f"""(() => {{ const c = {block}.querySelector('.live-responses-table .response .response-col_status');
+                      return c ? c.textContent.trim() : null }})()""",
+        "the live response of GET /health", timeout=15)
+    body = page.eval(f"""(() => {{
+        const h = Array.from({block}.querySelectorAll('.live-responses-table h5'))
+                       .find(h => h.textContent.trim() === 'Response body');
+        const p = h && h.parentElement.querySelector('pre');
+        return p ? p.textContent : null }})()""")
+    if not status.startswith("200"):
+        raise CheckFailed(f"'Try it out' of GET /health shows status {status!r}, not 200 (body {body!r})")
+    try:
+        shown = json.loads(body or "")
+    except ValueError:
+        raise CheckFailed(f"'Try it out' of GET /health shows a body that is not JSON: {body!r}") from None
+    if shown != health:
+        raise CheckFailed(f"'Try it out' of GET /health shows {shown!r}, the service answers {health!r}")
+    print(f"  /docs: GET /health 'Try it out' -> Execute shows {status} {json.dumps(shown)}")
+
+
+def check_redoc(page, base, spec):
+    page.goto(base + "/redoc")
+    # ReDoc gives each operation's section a data-section-id "[tag/<tag>/]operation/<operationId>"
+    # (an operation under two tags, or none, appears once per place): the set of operationIds.
+    rendered = """Array.from(new Set(Array.from(document.querySelectorAll('[data-section-id*="operation/"]'))
+                      .map(e => e.getAttribute('data-section-id').split('operation/').pop())))"""
+    want = {op.get("operationId") for item in spec.get("paths", {}).values()
+            for m, op in item.items() if m in HTTP_METHODS}
+    try:
+        page.wait_for(f"{rendered}.length >= {len(want)}", f"ReDoc to render {len(want)} operations",
+                      timeout=30)
+    except CdpError as e:
+        text = page.eval("document.body ? document.body.innerText.slice(0, 500) : ''")
+        raise CheckFailed(f"{e}; the page says: {text!r}") from None
+    got = set(page.eval(rendered))
+    if got != want:
+        raise CheckFailed(f"ReDoc operations differ from /openapi.json: "
+                          f"missing {sorted(map(str, want - got))}, extra {sorted(got - want)}")
+    print(f"  /redoc: {len(got)} operations rendered, as in /openapi.json")
+
+
+def main():
+    stop_on_signals()
+    started = time.monotonic()
+    tmp = Path(tempfile.mkdtemp(prefix="ticketd-browser-"))
+    (tmp / "service").mkdir()
+    failed = False
+    try:
+        with Service(tmp / "service") as svc, Browser(tmp / "profile") as browser:
+            spec = get_json(svc.base + "/openapi.json")
+            ops = spec_operations(spec)
+            health = get_json(svc.base + "/health")
+            page = browser.new_page()
+            step = "docs"
+            try:
+                check_swagger_ui(page, svc.base, ops, health)
+                check_same_origin(page, svc.base, "/docs")
+                print(f"  screenshot: {page.screenshot(tmp / 'docs.png')}")
+                step = "redoc"
+                page = browser.new_page()
+                check_redoc(page, svc.base, spec)
+                check_same_origin(page, svc.base, "/redoc")
+                print(f"  screenshot: {page.screenshot(tmp / 'redoc.png')}")
+            except (CheckFailed, CdpError) as e:
+                failed = True
+                print(f"FAILED ({step}): {e}", file=sys.stderr)
+                try:
+                    print(f"  screenshot of the failure: {page.screenshot(tmp / f'failure-{step}.png')}",
+                          file=sys.stderr)
+                except Exception as shot_error:  # the browser itself may be what failed
+                    print(f"  (no screenshot: {shot_error})", file=sys.stderr)
+    except (CdpError, RuntimeError, OSError) as e:  # the service, the browser, the spec
+        failed = True
+        print(f"FAILED (setup): {e}", file=sys.stderr)
+    finally:
+        # Keep the screenshots (and logs on failure); the profile and database are noise.
+        shutil.rmtree(tmp / "profile", ignore_errors=True)
+        if not failed:
+            shutil.rmtree(tmp / "service", ignore_errors=True)
+    took = time.monotonic() - started
+    print(f"browser: {'FAILED' if failed else 'ok'} in {took:.1f}s (files in {tmp})")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
