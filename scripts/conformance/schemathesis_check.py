@@ -1,0 +1,66 @@
+"""Issue 13, item 6: schemathesis runs every operation of /openapi.json against ticketd.
+
+Starts a private ticketd (embedded mode, temp SQLite file, free port, organizer token
+set), runs the schemathesis CLI from the Makefile's virtualenv against its
+/openapi.json with schemathesis.toml beside this file, and fails if schemathesis
+fails or if the service panicked or died meanwhile. The service is stopped on exit,
+whatever happens. Extra CLI arguments: SCHEMATHESIS_ARGS (e.g. "--seed 7 -n 200").
+"""
+
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from service import ADMIN_TOKEN, Service, stop_on_signals
+
+HERE = Path(__file__).resolve().parent
+
+
+def main():
+    stop_on_signals()
+    started = time.monotonic()
+    tmp = Path(tempfile.mkdtemp(prefix="ticketd-schemathesis-"))
+    ok = False
+    try:
+        with Service(tmp) as svc:
+            cmd = [
+                str(Path(sys.executable).parent / "schemathesis"),
+                "--config-file", str(HERE / "schemathesis.toml"),
+                "run", svc.base + "/openapi.json",
+                # The organizer token on every request: the organizer's operations are
+                # exercised, and the booking operations accept it as well.
+                "--header", f"Authorization: Bearer {ADMIN_TOKEN}",
+                *shlex.split(os.environ.get("SCHEMATHESIS_ARGS", "")),
+            ]
+            # Our own 127.0.0.1 service: never through a proxy the environment may name.
+            env = {**os.environ, "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost"}
+            rc = subprocess.call(cmd, cwd=tmp, env=env)
+            alive = svc.proc.poll() is None
+            log = svc.log_path.read_text(errors="replace")
+            panics = [line for line in log.splitlines() if "panicked" in line]
+            if not alive:
+                print(f"FAILED: ticketd died during the run ({svc.proc.returncode}):\n{svc.log()}",
+                      file=sys.stderr)
+            if panics:
+                print("FAILED: ticketd panicked:\n  " + "\n  ".join(panics[:20]), file=sys.stderr)
+            if rc != 0:
+                print(f"FAILED: schemathesis exited {rc} (its report above)", file=sys.stderr)
+            ok = rc == 0 and alive and not panics
+    except RuntimeError as e:
+        print(f"FAILED (setup): {e}", file=sys.stderr)
+    finally:
+        if ok:
+            shutil.rmtree(tmp, ignore_errors=True)
+    took = time.monotonic() - started
+    print(f"schemathesis: {'ok' if ok else 'FAILED'} in {took:.1f}s"
+          + ("" if ok else f" (service log in {tmp / 'ticketd.log'})"))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
