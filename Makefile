@@ -12,7 +12,7 @@ VENV ?= .venv
 TICKETD_BIN ?= $(or $(CARGO_TARGET_DIR),target)/debug/ticketd
 
 .PHONY: run test bench unit loom loom-mutants mutants deps fmt-check compose-check cluster test-docker clean-test \
-	conformance schemathesis browser debug-bin
+	conformance schemathesis browser debug-bin venv
 
 ## run: the service in embedded mode on :8000 with ./ticket.db (no Redis needed)
 run:
@@ -28,20 +28,25 @@ unit:
 conformance: schemathesis browser
 
 ## schemathesis: every operation of /openapi.json, generated and hostile inputs: no 5xx, as specified
-schemathesis: deps $(VENV)/.installed debug-bin
+schemathesis: deps venv debug-bin
 	TICKETD_BIN=$(TICKETD_BIN) $(VENV)/bin/python scripts/conformance/schemathesis_check.py
 
 ## browser: /docs renders every operation and "Try it out" of GET /health works; /redoc renders; offline
-browser: deps $(VENV)/.installed debug-bin
+browser: deps venv debug-bin
 	TICKETD_BIN=$(TICKETD_BIN) $(VENV)/bin/python scripts/conformance/browser_check.py
 
 # The binary the checks start: the unit tests' build (same features: after `unit`, nothing to do).
 debug-bin:
 	$(CARGO) test $(UNIT_ARGS) --no-run -q
 
-# A file target: made once, again only when the pinned requirements change.
+# The virtualenv is a file target, made once and again only when the pinned requirements
+# change, or when its interpreter no longer runs (a .venv made elsewhere: another machine, a container).
+venv:
+	@$(VENV)/bin/python -c '' 2>/dev/null || rm -f $(VENV)/.installed
+	@$(MAKE) -s --no-print-directory $(VENV)/.installed
+
 $(VENV)/.installed: scripts/conformance/requirements.txt
-	$(PYTHON) -m venv $(VENV)
+	$(PYTHON) -m venv --clear $(VENV)
 	$(VENV)/bin/pip install -q -r scripts/conformance/requirements.txt
 	touch $@
 
