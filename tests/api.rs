@@ -549,3 +549,75 @@ async fn events_are_listed_a_page_at_a_time() {
         assert_eq!(r.body["detail"][0]["loc"], json!(["query", loc]), "{query}");
     }
 }
+
+/// `/openapi.json`, Swagger UI and ReDoc are served by the binary itself (no CDN): the pages,
+/// their files, and a policy that keeps the browser from loading anything from elsewhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_description_and_its_viewers_are_served() {
+    let app = TestApp::spawn();
+    let spec = app.get("/openapi.json").await;
+    assert_eq!(spec.status, 200);
+    assert!(spec.content_type.starts_with("application/json"));
+    assert_eq!(spec.body["openapi"], "3.1.0");
+    for (path, method) in [
+        ("/book", "post"),
+        ("/book/{id}", "get"),
+        ("/book/{id}/cancel", "post"),
+        ("/event", "get"),
+        ("/event", "post"),
+        ("/report", "get"),
+        ("/ticket/verify", "post"),
+    ] {
+        assert!(
+            spec.body["paths"][path][method].is_object(),
+            "{method} {path} described"
+        );
+    }
+
+    let raw = |path: &str| {
+        let url = format!("{}{path}", app.base());
+        let client = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .expect("a client");
+        async move { client.get(url).send().await.expect("an answer") }
+    };
+    let r = raw("/docs").await;
+    assert_eq!(r.status(), 308);
+    assert_eq!(r.headers()["location"], "/docs/");
+    for (page, needle) in [("/docs/", "swagger-ui"), ("/redoc", "<redoc spec-url")] {
+        let r = raw(page).await;
+        assert_eq!(r.status(), 200, "{page}");
+        let csp = r.headers()["content-security-policy"]
+            .to_str()
+            .expect("ascii")
+            .to_string();
+        assert!(csp.contains("default-src 'self'"), "{page}: {csp}");
+        assert!(csp.contains("connect-src 'self'"), "{page}: {csp}");
+        let html = r.text().await.expect("a page");
+        assert!(html.contains(needle), "{page}: {html}");
+        assert!(
+            !html.contains("https://"),
+            "{page} loads nothing from elsewhere"
+        );
+    }
+    for (file, kind) in [
+        ("/docs/swagger-ui-bundle.js", "javascript"),
+        ("/docs/swagger-ui.css", "text/css"),
+        ("/redoc/redoc.standalone.js", "javascript"),
+    ] {
+        let r = raw(file).await;
+        assert_eq!(r.status(), 200, "{file}");
+        let ct = r.headers()["content-type"].to_str().expect("ascii");
+        assert!(ct.contains(kind), "{file}: {ct}");
+    }
+    // Swagger UI reads this service's description, and asks no outside validator.
+    let init = raw("/docs/swagger-initializer.js")
+        .await
+        .text()
+        .await
+        .expect("a file");
+    assert!(init.contains("\"url\": \"/openapi.json\""), "{init}");
+    assert!(init.contains("\"validatorUrl\": \"none\""), "{init}");
+    assert_eq!(raw("/docs/nothing.js").await.status(), 404);
+}

@@ -8,16 +8,25 @@
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde::Serialize;
 
+use super::errors::{
+    BodyTimeout408, Conflict409, Forbidden403, Invalid422, NotFound404, TooLarge413,
+    Unauthorized401, Unavailable503,
+};
+use super::openapi::{IdempotencyHeader, NewBookingBody};
 use super::{auth, body, idempotency, path_id, ApiError, AppState};
 use crate::domain::{BookError, Booked, Booking, BookingStatus, IdempotencyKey, NewBooking};
 use crate::store::queries;
 use crate::ticket::TicketFacts;
 
 /// The body of a successful `POST /book`: the booking and its secret.
-#[derive(Serialize)]
-struct BookingCreated<'a> {
+#[derive(Serialize, utoipa::ToSchema)]
+#[schema(as = BookingCreated)]
+pub struct BookingCreated<'a> {
     #[serde(flatten)]
+    #[schema(inline, value_type = Booked)]
     booked: &'a Booked,
+    /// Keep it: with it (`X-Booking-Secret` or `?secret=`) the customer reads and cancels the
+    /// booking; without it the booking is answered as if it did not exist.
     secret: String,
 }
 
@@ -27,6 +36,31 @@ fn created(state: &AppState, booked: &Booked) -> HttpResponse {
 }
 
 /// `POST /book {user_id, event_id, quantity?}` → 200 only once the booking is committed.
+#[utoipa::path(
+    post,
+    path = "/book",
+    tag = "bookings",
+    summary = "Book seats",
+    description = "Answers 200 only once the booking is committed: it is never lost, and the \
+        event is never oversold. Its ticket is issued afterwards (`status` becomes FINALIZED, \
+        see `GET /book/{id}`).",
+    params(IdempotencyHeader),
+    request_body(content = NewBookingBody, description = "Unknown fields are ignored"),
+    security((), ("customer" = [])),
+    responses(
+        (status = 200, description = "Booked (or, for a retried `Idempotency-Key`, the booking \
+            it made, with `Idempotent-Replayed: true`)", body = BookingCreated,
+            headers(("Idempotent-Replayed" = String, description = "`true` on a replay"))),
+        (status = 401, response = Unauthorized401),
+        (status = 403, response = Forbidden403),
+        (status = 404, response = NotFound404),
+        (status = 408, response = BodyTimeout408),
+        (status = 409, response = Conflict409),
+        (status = 413, response = TooLarge413),
+        (status = 422, response = Invalid422),
+        (status = 503, response = Unavailable503),
+    )
+)]
 #[tracing::instrument(name = "book", skip_all, fields(event_id, user_id, quantity))]
 pub async fn book(
     state: web::Data<AppState>,
@@ -119,6 +153,23 @@ async fn authorized(state: &AppState, req: &HttpRequest, raw: &str) -> Result<Bo
 
 /// `GET /book/{id}` with the booking's secret or the organizer token: the booking, its status
 /// and, once FINALIZED, its ticket code. Anyone else gets the 404 of an unknown id.
+#[utoipa::path(
+    get,
+    path = "/book/{id}",
+    tag = "bookings",
+    summary = "A booking, and its ticket once issued",
+    description = "With the booking's secret, its customer's token or the organizer token; \
+        to anyone else a booking is answered exactly as one that does not exist.",
+    params(("id" = i64, Path, minimum = 1, description = "The booking's id")),
+    security(("booking_secret" = []), ("booking_secret_query" = []), ("customer" = []),
+        ("organizer" = [])),
+    responses(
+        (status = 200, description = "The booking", body = Booking),
+        (status = 404, response = NotFound404),
+        (status = 422, response = Invalid422),
+        (status = 503, response = Unavailable503),
+    )
+)]
 pub async fn get(
     state: web::Data<AppState>,
     req: HttpRequest,
@@ -131,6 +182,23 @@ pub async fn get(
 /// seats return to the event through the event's actor and the fenced update; cancelling twice
 /// answers the same. A booking whose ticket is being issued is cancelled all the same and never
 /// becomes FINALIZED; an issued ticket stops verifying.
+#[utoipa::path(
+    post,
+    path = "/book/{id}/cancel",
+    tag = "bookings",
+    summary = "Cancel a booking",
+    description = "Its seats go back on sale at once; its ticket, issued or not, never verifies \
+        again. Cancelling twice answers the same.",
+    params(("id" = i64, Path, minimum = 1, description = "The booking's id")),
+    security(("booking_secret" = []), ("booking_secret_query" = []), ("customer" = []),
+        ("organizer" = [])),
+    responses(
+        (status = 200, description = "The booking, CANCELLED", body = Booking),
+        (status = 404, response = NotFound404),
+        (status = 422, response = Invalid422),
+        (status = 503, response = Unavailable503),
+    )
+)]
 #[tracing::instrument(name = "cancel", skip_all, fields(booking_id))]
 pub async fn cancel(
     state: web::Data<AppState>,

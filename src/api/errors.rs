@@ -3,7 +3,9 @@
 
 use actix_web::http::{header, StatusCode};
 use actix_web::{HttpResponse, ResponseError};
-use serde_json::json;
+use serde::Serialize;
+use utoipa::openapi::{header::HeaderBuilder, Content, Ref, RefOr, Response, ResponseBuilder};
+use utoipa::{PartialSchema, ToResponse, ToSchema};
 
 use crate::domain::BookError;
 use crate::domain::FieldError;
@@ -121,23 +123,96 @@ impl ResponseError for ApiError {
             // The rest of the body may still come: the connection cannot be reused.
             res.force_close();
         }
-        let body = match self {
-            ApiError::Validation(errors) => json!({ "detail": errors }),
-            ApiError::MalformedJson(why) => json!({ "detail": [{
-                "type": "json_invalid", "loc": ["body"], "msg": format!("JSON decode error: {why}"),
-            }]}),
+        match self {
+            ApiError::Validation(errors) => res.json(Invalid {
+                detail: errors.as_slice(),
+            }),
+            ApiError::MalformedJson(why) => res.json(Invalid {
+                detail: &[FieldError::new(
+                    "json_invalid",
+                    &["body"],
+                    format!("JSON decode error: {why}"),
+                )],
+            }),
             ApiError::Internal(why) => {
                 tracing::error!(error = %why, "internal error");
-                json!({ "detail": self.to_string() })
+                res.json(Detail::of(self))
             }
             ApiError::Unavailable(why) => {
                 tracing::warn!(cause = %why, "answered 503");
-                json!({ "detail": self.to_string() })
+                res.json(Detail::of(self))
             }
-            _ => json!({ "detail": self.to_string() }),
-        };
-        res.json(body)
+            _ => res.json(Detail::of(self)),
+        }
     }
+}
+
+/// The body of every error but a 422: `{"detail": "<what went wrong>"}`, as FastAPI's.
+#[derive(Serialize, ToSchema)]
+#[schema(as = Error)]
+pub struct Detail {
+    /// What went wrong, for a person to read.
+    #[schema(example = "Event not found")]
+    detail: String,
+}
+
+impl Detail {
+    fn of(e: &ApiError) -> Self {
+        Detail {
+            detail: e.to_string(),
+        }
+    }
+}
+
+/// The body of a 422: every reason at once, each naming where (`loc`) and why (`msg`), as
+/// FastAPI's `HTTPValidationError`.
+#[derive(Serialize, ToSchema)]
+#[schema(as = ValidationError)]
+pub struct Invalid<'a> {
+    #[schema(value_type = Vec<FieldError>)]
+    detail: &'a [FieldError],
+}
+
+/// The error responses of the API as OpenAPI components (`responses(...)` of each route names
+/// the ones it can answer). Their bodies are the two types above: what `error_response` sends.
+macro_rules! error_responses {
+    ($($name:ident: $body:ty, $description:literal, $retry:literal;)*) => {$(
+        #[doc = $description]
+        pub struct $name;
+        impl<'s> ToResponse<'s> for $name {
+            fn response() -> (&'s str, RefOr<Response>) {
+                (stringify!($name), error_response::<$body>($description, $retry).into())
+            }
+        }
+    )*};
+}
+
+error_responses! {
+    Invalid422: Invalid<'static>, "The request is invalid: each reason names its field", false;
+    NotFound404: Detail, "No such thing (or not yours to see)", false;
+    Unauthorized401: Detail, "A token is required (`WWW-Authenticate: Bearer`)", false;
+    Forbidden403: Detail, "The token does not allow this", false;
+    Conflict409: Detail, "Sold out, the customer's limit, or the Idempotency-Key is in use", true;
+    TooLarge413: Detail, "The body is larger than 64 KiB", false;
+    BodyTimeout408: Detail, "The body did not arrive in time; the connection is closed", false;
+    Unavailable503: Detail, "Overloaded or a dependency is down: retry after `Retry-After` seconds", true;
+}
+
+fn error_response<B: ToSchema>(description: &str, retry_after: bool) -> Response {
+    let mut r = ResponseBuilder::new().description(description).content(
+        "application/json",
+        Content::new(Some(Ref::from_schema_name(B::name()))),
+    );
+    if retry_after {
+        r = r.header(
+            "Retry-After",
+            HeaderBuilder::new()
+                .schema(Some(i64::schema()))
+                .description(Some("Seconds to wait before retrying"))
+                .build(),
+        );
+    }
+    r.build()
 }
 
 #[cfg(test)]

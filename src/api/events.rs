@@ -3,20 +3,40 @@
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde::Serialize;
 
+use super::errors::{
+    BodyTimeout408, Conflict409, Forbidden403, Invalid422, NotFound404, TooLarge413,
+    Unauthorized401, Unavailable503,
+};
+use super::openapi::{IdempotencyHeader, NewEventBody, PageQuery};
 use super::{auth, body, idempotency, path_id, ApiError, AppState};
 use crate::actors::persistence::CreateEvent;
 use crate::domain::NewEvent;
 use crate::store::{queries, EventRow};
 
 /// `GET /event?limit=&after=`: one page of events, and where the next one starts.
-#[derive(Serialize)]
-struct Listing {
+#[derive(Serialize, utoipa::ToSchema)]
+#[schema(as = EventPage)]
+pub struct Listing {
+    /// By increasing id.
     events: Vec<EventRow>,
     /// The `after` of the next page; null on the last one.
     next: Option<i64>,
 }
 
 /// `GET /event?limit=1..200&after=<id>` (public: what is on sale is public information).
+#[utoipa::path(
+    get,
+    path = "/event",
+    tag = "events",
+    summary = "List events",
+    description = "By id, a page at a time: pass the `next` of a page as `after` for the next.",
+    params(PageQuery),
+    responses(
+        (status = 200, description = "A page of events", body = Listing),
+        (status = 422, response = Invalid422),
+        (status = 503, response = Unavailable503),
+    )
+)]
 pub async fn list(state: web::Data<AppState>, req: HttpRequest) -> Result<HttpResponse, ApiError> {
     let query =
         web::Query::<Vec<(String, String)>>::from_query(req.query_string()).map_err(|_| {
@@ -39,8 +59,9 @@ pub async fn list(state: web::Data<AppState>, req: HttpRequest) -> Result<HttpRe
 }
 
 /// `GET /event/{id}/stats` and `GET /report/event/{id}` (the old service's shape).
-#[derive(Serialize)]
-struct Stats {
+#[derive(Serialize, utoipa::ToSchema)]
+#[schema(as = EventStats)]
+pub struct Stats {
     event_id: i64,
     capacity: i64,
     booked_count: i64,
@@ -49,6 +70,27 @@ struct Stats {
 
 /// `POST /event {title, capacity, max_per_user?}` → `{id, title, capacity, booked_count,
 /// max_per_user?}` (organizer; `Idempotency-Key` honoured).
+#[utoipa::path(
+    post,
+    path = "/event",
+    tag = "organizer",
+    summary = "Create an event",
+    params(IdempotencyHeader),
+    request_body(content = NewEventBody, description = "Unknown fields are ignored"),
+    security(("organizer" = [])),
+    responses(
+        (status = 200, description = "The event, created (or, for a retried `Idempotency-Key`, \
+            as first answered, with `Idempotent-Replayed: true`)", body = EventRow,
+            headers(("Idempotent-Replayed" = String, description = "`true` on a replay"))),
+        (status = 401, response = Unauthorized401),
+        (status = 403, response = Forbidden403),
+        (status = 408, response = BodyTimeout408),
+        (status = 409, response = Conflict409),
+        (status = 413, response = TooLarge413),
+        (status = 422, response = Invalid422),
+        (status = 503, response = Unavailable503),
+    )
+)]
 #[tracing::instrument(name = "create_event", skip_all)]
 pub async fn create(
     state: web::Data<AppState>,
@@ -103,6 +145,19 @@ async fn load(state: &AppState, raw: &str) -> Result<EventRow, ApiError> {
 }
 
 /// `GET /event/{id}`.
+#[utoipa::path(
+    get,
+    path = "/event/{id}",
+    tag = "events",
+    summary = "An event",
+    params(("id" = i64, Path, minimum = 1, description = "The event's id")),
+    responses(
+        (status = 200, description = "The event", body = EventRow),
+        (status = 404, response = NotFound404),
+        (status = 422, response = Invalid422),
+        (status = 503, response = Unavailable503),
+    )
+)]
 pub async fn get(
     state: web::Data<AppState>,
     id: web::Path<String>,
@@ -111,11 +166,49 @@ pub async fn get(
 }
 
 /// `GET /event/{id}/stats`: counts of committed seats, and of seats whose ticket is issued.
+#[utoipa::path(
+    get,
+    path = "/event/{id}/stats",
+    tag = "events",
+    summary = "An event's seats: committed and issued",
+    params(("id" = i64, Path, minimum = 1, description = "The event's id")),
+    responses(
+        (status = 200, description = "Its counts", body = Stats),
+        (status = 404, response = NotFound404),
+        (status = 422, response = Invalid422),
+        (status = 503, response = Unavailable503),
+    )
+)]
 pub async fn stats(
     state: web::Data<AppState>,
     id: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    let e = load(&state, &id).await?;
+    stats_of(&state, &id).await
+}
+
+/// `GET /report/event/{id}`: the old service's name for the same counts (public, as there).
+#[utoipa::path(
+    get,
+    path = "/report/event/{id}",
+    tag = "events",
+    summary = "An event's seats (the old service's path)",
+    params(("id" = i64, Path, minimum = 1, description = "The event's id")),
+    responses(
+        (status = 200, description = "Its counts", body = Stats),
+        (status = 404, response = NotFound404),
+        (status = 422, response = Invalid422),
+        (status = 503, response = Unavailable503),
+    )
+)]
+pub async fn report_event(
+    state: web::Data<AppState>,
+    id: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    stats_of(&state, &id).await
+}
+
+async fn stats_of(state: &AppState, id: &str) -> Result<HttpResponse, ApiError> {
+    let e = load(state, id).await?;
     Ok(HttpResponse::Ok().json(Stats {
         event_id: e.id,
         capacity: e.capacity,

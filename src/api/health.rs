@@ -1,19 +1,80 @@
 //! Liveness (`/health`: the process answers) and readiness (`/ready`: it can do its job).
 
 use actix_web::{web, HttpRequest, HttpResponse};
-use serde_json::json;
+use serde::Serialize;
 
 use super::{auth, ApiError, AppState};
 
+/// `{"status": "ok"}`.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct Health {
+    #[schema(example = "ok")]
+    status: &'static str,
+}
+
 /// Cheap on purpose: `make bench` uses it as the ceiling of what HTTP carries on this machine.
+#[utoipa::path(
+    get,
+    path = "/health",
+    tag = "operations",
+    summary = "The process answers",
+    responses((status = 200, description = "Alive", body = Health))
+)]
 pub async fn health() -> HttpResponse {
-    HttpResponse::Ok().json(json!({ "status": "ok" }))
+    HttpResponse::Ok().json(Health { status: "ok" })
+}
+
+/// `/ready`'s verdict, and its detail for the organizer.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct Readiness {
+    /// `ready` or `unavailable`.
+    #[schema(example = "ready")]
+    status: &'static str,
+    #[serde(flatten)]
+    #[schema(inline)]
+    detail: Option<ReadinessDetail>,
+}
+
+/// What is wrong, if anything (only the organizer sees it).
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct ReadinessDetail {
+    /// `embedded` or `cluster`.
+    mode: &'static str,
+    /// `ok`, or the error.
+    database: String,
+    /// `running` or `stopped`.
+    writer: &'static str,
+    /// Requests waiting for the writer.
+    writer_backlog: usize,
+    /// Batches refused because another replica's lease fenced this one out.
+    fence_refusals: u64,
+    /// Seats refused by the database's check (never expected: the actors check first).
+    seat_refusals: u64,
+    /// Events with an actor in this process.
+    event_actors: usize,
+    /// Tickets being issued by this process's finalizers, when it runs them.
+    finalizations_in_flight: Option<usize>,
+    /// `ok`, `not used (embedded mode)`, or the error.
+    redis: String,
 }
 
 /// 200 when the database answers, the writer runs and (cluster mode) Redis answers, else 503.
 /// Anyone (a load balancer) gets the verdict; the detail (what is wrong, backlog, refusals,
 /// actors) only the organizer, as for the other organizer operations (open when `ADMIN_TOKEN`
 /// is unset).
+#[utoipa::path(
+    get,
+    path = "/ready",
+    tag = "operations",
+    summary = "The service can do its job",
+    description = "The database answers, the writer runs and, in cluster mode, Redis answers. \
+        The detail only with the organizer token (or when `ADMIN_TOKEN` is unset).",
+    responses(
+        (status = 200, description = "Ready", body = Readiness),
+        (status = 503, description = "Not ready", body = Readiness,
+            headers(("Retry-After" = i64, description = "Seconds to wait"))),
+    )
+)]
 pub async fn ready(state: web::Data<AppState>, req: HttpRequest) -> Result<HttpResponse, ApiError> {
     let db = state
         .reads
@@ -35,22 +96,25 @@ pub async fn ready(state: web::Data<AppState>, req: HttpRequest) -> Result<HttpR
     if !ok {
         tracing::warn!(?db, writer, ?redis, "not ready");
     }
-    let body = if auth::require_organizer(&state, &req).is_err() {
-        json!({ "status": status })
-    } else {
-        json!({
-        "status": status,
-        "mode": state.mode,
-        "database": match db { Ok(_) => "ok".to_string(), Err(e) => e.to_string() },
-        "writer": if writer { "running" } else { "stopped" },
-        "writer_backlog": state.writer.backlog(),
-        "fence_refusals": state.writer.fence_refusals(),
-        "seat_refusals": state.writer.seat_refusals(),
-        "event_actors": state.registry.len(),
-        "finalizations_in_flight": state.finalize.in_flight(),
-        "redis": match redis { Ok(s) | Err(s) => s },
-        })
-    };
+    let detail = auth::require_organizer(&state, &req)
+        .is_ok()
+        .then(|| ReadinessDetail {
+            mode: state.mode,
+            database: match db {
+                Ok(_) => "ok".to_string(),
+                Err(e) => e.to_string(),
+            },
+            writer: if writer { "running" } else { "stopped" },
+            writer_backlog: state.writer.backlog(),
+            fence_refusals: state.writer.fence_refusals(),
+            seat_refusals: state.writer.seat_refusals(),
+            event_actors: state.registry.len(),
+            finalizations_in_flight: state.finalize.in_flight(),
+            redis: match redis {
+                Ok(s) | Err(s) => s,
+            },
+        });
+    let body = Readiness { status, detail };
     if ok {
         Ok(HttpResponse::Ok().json(body))
     } else {

@@ -5,16 +5,19 @@ pub mod admin;
 pub mod auth;
 pub mod body;
 pub mod bookings;
+pub mod docs;
 pub mod errors;
 pub mod events;
 pub mod health;
 pub mod idempotency;
+pub mod openapi;
 pub mod reports;
 pub mod tickets;
 
 use std::sync::Arc;
 
-use actix_web::{guard, web, HttpResponse, Route};
+use actix_web::http::Method;
+use actix_web::{guard, web, FromRequest, Handler, HttpResponse, Responder, Route};
 
 use crate::actors::finalizer::Finalization;
 use crate::actors::{Registry, Writer};
@@ -85,33 +88,75 @@ pub fn cors(origins: &crate::config::CorsOrigins) -> actix_cors::Cors {
     }
 }
 
-/// A read: GET, and HEAD for the same handler (load balancers check health with HEAD; actix-http
-/// sends the head of the response without its body).
-fn read() -> Route {
-    web::route().guard(guard::Any(guard::Get()).or(guard::Head()))
+/// One route: a path (as actix matches it and as `/openapi.json` names it) and a method.
+pub struct Endpoint {
+    pub path: &'static str,
+    /// GET stands for GET and HEAD: load balancers check health with HEAD, and actix-http sends
+    /// the head of the response without its body.
+    pub method: Method,
+    route: Route,
+}
+
+fn endpoint<F, Args>(path: &'static str, method: Method, handler: F) -> Endpoint
+where
+    F: Handler<Args>,
+    Args: FromRequest + 'static,
+    F::Output: Responder + 'static,
+{
+    let route = if method == Method::GET {
+        web::route().guard(guard::Any(guard::Get()).or(guard::Head()))
+    } else {
+        web::route().method(method.clone())
+    };
+    Endpoint {
+        path,
+        method,
+        route: route.to(handler),
+    }
+}
+
+/// Every route of the API, in the order they are tried. `configure` mounts exactly these, and a
+/// test requires `/openapi.json` to describe exactly these.
+pub fn endpoints() -> Vec<Endpoint> {
+    use Method as M;
+    // Resources are tried in order and the dynamic ones match by regex: the flash-sale route
+    // goes first so a `POST /book` is not tested against the others.
+    vec![
+        endpoint("/book", M::POST, bookings::book),
+        endpoint("/event", M::POST, events::create),
+        endpoint("/event", M::GET, events::list),
+        endpoint("/event/{id}", M::GET, events::get),
+        endpoint("/event/{id}/stats", M::GET, events::stats),
+        endpoint("/book/{id}", M::GET, bookings::get),
+        endpoint("/book/{id}/cancel", M::POST, bookings::cancel),
+        endpoint("/report", M::GET, reports::report),
+        endpoint("/report/event/{id}", M::GET, events::report_event),
+        endpoint("/ticket/verify", M::POST, tickets::verify),
+        endpoint("/admin/finalizer/replay", M::POST, admin::replay),
+        endpoint("/health", M::GET, health::health),
+        endpoint("/ready", M::GET, health::ready),
+        endpoint("/openapi.json", M::GET, docs::openapi_json),
+        endpoint("/docs", M::GET, docs::swagger_ui),
+        endpoint("/docs/", M::GET, docs::swagger_ui_page),
+        endpoint("/docs/{file}", M::GET, docs::swagger_ui_file),
+        endpoint("/redoc", M::GET, docs::redoc),
+        endpoint("/redoc/redoc.standalone.js", M::GET, docs::redoc_script),
+    ]
 }
 
 /// Mounts every route; unknown paths and methods get JSON errors like the rest.
 pub fn configure(cfg: &mut web::ServiceConfig) {
-    let resource =
-        |path: &str| web::resource(path.to_string()).default_service(web::to(method_not_allowed));
-    // Resources are tried in order and the dynamic ones match by regex: the flash-sale route
-    // goes first so a `POST /book` is not tested against the others.
-    cfg.service(resource("/book").route(web::post().to(bookings::book)))
-        .service(
-            resource("/event")
-                .route(web::post().to(events::create))
-                .route(read().to(events::list)),
-        )
-        .service(resource("/event/{id}").route(read().to(events::get)))
-        .service(resource("/event/{id}/stats").route(read().to(events::stats)))
-        .service(resource("/book/{id}").route(read().to(bookings::get)))
-        .service(resource("/book/{id}/cancel").route(web::post().to(bookings::cancel)))
-        .service(resource("/report").route(read().to(reports::report)))
-        .service(resource("/report/event/{id}").route(read().to(events::stats)))
-        .service(resource("/ticket/verify").route(web::post().to(tickets::verify)))
-        .service(resource("/admin/finalizer/replay").route(web::post().to(admin::replay)))
-        .service(resource("/health").route(read().to(health::health)))
-        .service(resource("/ready").route(read().to(health::ready)))
-        .default_service(web::to(no_route));
+    // One resource per path, its routes together, in the order of `endpoints`.
+    let mut resources: Vec<(&'static str, Vec<Route>)> = Vec::new();
+    for e in endpoints() {
+        match resources.iter_mut().find(|(path, _)| *path == e.path) {
+            Some((_, routes)) => routes.push(e.route),
+            None => resources.push((e.path, vec![e.route])),
+        }
+    }
+    for (path, routes) in resources {
+        let resource = web::resource(path).default_service(web::to(method_not_allowed));
+        cfg.service(routes.into_iter().fold(resource, |r, route| r.route(route)));
+    }
+    cfg.default_service(web::to(no_route));
 }

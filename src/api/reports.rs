@@ -7,10 +7,24 @@
 
 use actix_web::{web, HttpRequest, HttpResponse};
 
+use super::errors::{Forbidden403, Unauthorized401, Unavailable503};
 use super::{auth, ApiError, AppState};
 use crate::store::queries;
 
 /// `GET /report` (organizer): the totals of every event.
+#[utoipa::path(
+    get,
+    path = "/report",
+    tag = "organizer",
+    summary = "Totals over every event",
+    security(("organizer" = [])),
+    responses(
+        (status = 200, description = "The totals", body = ReportBody),
+        (status = 401, response = Unauthorized401),
+        (status = 403, response = Forbidden403),
+        (status = 503, response = Unavailable503),
+    )
+)]
 pub async fn report(
     state: web::Data<AppState>,
     req: HttpRequest,
@@ -28,11 +42,22 @@ pub async fn report(
     }))
 }
 
-#[derive(serde::Serialize)]
-struct ReportBody {
+/// Exact integers, which may pass 2^53 (a JavaScript client reads those inexactly).
+#[derive(serde::Serialize, utoipa::ToSchema)]
+#[schema(as = Report)]
+pub struct ReportBody {
+    /// Seats of every event.
+    #[schema(value_type = i64, format = "")]
     total_capacity: i128,
+    /// Seats committed.
+    #[schema(value_type = i64, format = "")]
     total_reserved: i128,
+    /// Seats whose ticket is issued.
+    #[schema(value_type = i64, format = "")]
     total_finalized: i128,
+    /// Ticket issuances given up after their retries (`POST /admin/finalizer/replay`); null
+    /// when they cannot be counted right now.
+    #[schema(minimum = 0)]
     dead_letters: Option<u64>,
 }
 

@@ -6,17 +6,63 @@
 //! malformed request is a 4xx.
 
 use actix_web::{web, HttpRequest, HttpResponse};
-use serde_json::json;
+use serde::Serialize;
 
+use super::errors::{BodyTimeout408, Invalid422, TooLarge413, Unavailable503};
+use super::openapi::VerifyBody;
 use super::{body, ApiError, AppState};
 use crate::domain::{parse_ticket_code, BookingStatus};
 use crate::store::queries;
 use crate::ticket::{TicketFacts, TicketSigner};
 
-fn refused(reason: &str) -> HttpResponse {
-    HttpResponse::Ok().json(json!({ "valid": false, "detail": reason }))
+/// The answer at the door: `valid`, and either why not (`detail`) or whose ticket it is.
+#[derive(Serialize, utoipa::ToSchema)]
+#[schema(as = TicketVerdict)]
+pub struct Verdict {
+    valid: bool,
+    /// Why the code is not valid; absent when it is.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(example = "Not a genuine ticket")]
+    detail: Option<&'static str>,
+    #[serde(flatten)]
+    #[schema(inline)]
+    holder: Option<Holder>,
 }
 
+/// Whose ticket a valid code is.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct Holder {
+    booking_id: i64,
+    event_id: i64,
+    user_id: i64,
+    quantity: i64,
+    status: BookingStatus,
+}
+
+fn refused(reason: &'static str) -> HttpResponse {
+    HttpResponse::Ok().json(Verdict {
+        valid: false,
+        detail: Some(reason),
+        holder: None,
+    })
+}
+
+#[utoipa::path(
+    post,
+    path = "/ticket/verify",
+    tag = "tickets",
+    summary = "Verify a ticket code",
+    description = "Genuine (its signature matches the booking it names), issued with exactly \
+        this code, and not cancelled. 200 either way, with `valid` saying which.",
+    request_body(content = VerifyBody),
+    responses(
+        (status = 200, description = "The verdict", body = Verdict),
+        (status = 408, response = BodyTimeout408),
+        (status = 413, response = TooLarge413),
+        (status = 422, response = Invalid422),
+        (status = 503, response = Unavailable503),
+    )
+)]
 pub async fn verify(
     state: web::Data<AppState>,
     req: HttpRequest,
@@ -38,12 +84,15 @@ pub async fn verify(
         BookingStatus::Finalized if b.ticket_code.as_deref() == Some(code.as_str()) => {}
         _ => return Ok(refused("The ticket has not been issued")),
     }
-    Ok(HttpResponse::Ok().json(json!({
-        "valid": true,
-        "booking_id": b.id,
-        "event_id": b.event_id,
-        "user_id": b.user_id,
-        "quantity": b.quantity,
-        "status": b.status,
-    })))
+    Ok(HttpResponse::Ok().json(Verdict {
+        valid: true,
+        detail: None,
+        holder: Some(Holder {
+            booking_id: b.id,
+            event_id: b.event_id,
+            user_id: b.user_id,
+            quantity: b.quantity,
+            status: b.status,
+        }),
+    }))
 }

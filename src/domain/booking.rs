@@ -4,7 +4,8 @@ use serde::{Serialize, Serializer};
 use tokio::sync::oneshot;
 
 /// Where a booking is in its life. Stored as the old service's strings.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, utoipa::ToSchema)]
+#[schema(rename_all = "UPPERCASE")]
 pub enum BookingStatus {
     /// Committed; its ticket is not issued yet.
     Pending,
@@ -40,28 +41,36 @@ impl Serialize for BookingStatus {
 }
 
 /// A booking as stored, as `GET /book/{id}` shows it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct Booking {
     pub id: i64,
     pub event_id: i64,
     pub user_id: i64,
     pub quantity: i64,
     pub status: BookingStatus,
+    /// When it was committed: ISO 8601, UTC.
+    #[schema(example = "2026-11-25T09:00:00.123456Z")]
     pub created_at: String,
+    /// The ticket, to show at the door (`POST /ticket/verify`); null until FINALIZED.
     pub ticket_code: Option<String>,
+    /// When its ticket was issued (ISO 8601, UTC); null until then.
     pub finalized_at: Option<String>,
+    /// When it was cancelled (ISO 8601, UTC); absent unless CANCELLED.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cancelled_at: Option<String>,
 }
 
 /// A committed booking, as `POST /book` returns it (with the secret the route adds).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct Booked {
     pub id: i64,
     pub event_id: i64,
     pub user_id: i64,
     pub quantity: i64,
+    /// Always PENDING: the ticket is issued afterwards.
     pub status: BookingStatus,
+    /// When it was committed: ISO 8601, UTC.
+    #[schema(example = "2026-11-25T09:00:00.123456Z")]
     pub created_at: String,
 }
 

@@ -16,11 +16,17 @@ pub const MAX_QUANTITY: i64 = 10_000;
 pub const MAX_TITLE_CHARS: usize = 200;
 
 /// One reason a request was refused with 422: where (`loc`) and why (`msg`), pydantic style.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct FieldError {
+    /// The kind of mistake, for programs (`missing`, `int_type`, `greater_than_equal`, …).
     #[serde(rename = "type")]
+    #[schema(value_type = String, example = "greater_than_equal")]
     pub kind: &'static str,
+    /// Where: `["body", "<field>"]`, `["path", "id"]`, `["query", "limit"]` or `["header", …]`.
+    #[schema(example = json!(["body", "capacity"]))]
     pub loc: Vec<String>,
+    /// Why, for a person.
+    #[schema(example = "Input should be greater than or equal to 1")]
     pub msg: String,
 }
 
@@ -189,12 +195,34 @@ impl<'a> Fields<'a> {
 /// not control, which would render either the trick or the escape. (A joiner inside an emoji
 /// sequence is refused too: titles are plain text.)
 fn invisible(c: char) -> bool {
-    matches!(c,
-        '\u{061C}' | '\u{180E}'
-        | '\u{200B}'..='\u{200F}'
-        | '\u{202A}'..='\u{202E}'
-        | '\u{2060}'..='\u{2069}'
-        | '\u{FEFF}')
+    INVISIBLE
+        .iter()
+        .any(|&(low, high)| (low..=high).contains(&c))
+}
+
+/// The invisible characters, as ranges (`title_pattern` writes them into the API description).
+const INVISIBLE: [(char, char); 6] = [
+    ('\u{061C}', '\u{061C}'),
+    ('\u{180E}', '\u{180E}'),
+    ('\u{200B}', '\u{200F}'),
+    ('\u{202A}', '\u{202E}'),
+    ('\u{2060}', '\u{2069}'),
+    ('\u{FEFF}', '\u{FEFF}'),
+];
+
+/// The title rules as a regular expression (ECMA 262 and Python alike), for the API
+/// description: no control character (`char::is_control`: C0, DEL, C1), none of `INVISIBLE`, and
+/// something that is not white space (`[\s\S]`, not `.`: ECMA's dot stops at U+2028).
+pub fn title_pattern() -> String {
+    // Surrogates too: JSON may escape one (`"\\ud800"`), no string holds one alone.
+    let mut refused = String::from("\\x00-\\x1f\\x7f-\\x9f\\ud800-\\udfff");
+    for (low, high) in INVISIBLE {
+        refused.push_str(&format!("\\u{:04x}", low as u32));
+        if high != low {
+            refused.push_str(&format!("-\\u{:04x}", high as u32));
+        }
+    }
+    format!("^(?=[\\s\\S]*\\S)[^{refused}]*$")
 }
 
 fn object(body: &Value) -> Result<&Map<String, Value>, Vec<FieldError>> {
@@ -266,17 +294,22 @@ impl NewBooking {
     }
 }
 
-/// Parses `POST /ticket/verify {code}`: the code as scanned, 1 to 128 characters.
+/// Longest ticket code `POST /ticket/verify` reads, in characters (a genuine one is far shorter).
+pub const MAX_TICKET_CODE: usize = 128;
+
+/// Parses `POST /ticket/verify {code}`: the code as scanned, 1 to `MAX_TICKET_CODE` characters.
 pub fn parse_ticket_code(body: &Value) -> Result<String, Vec<FieldError>> {
     let obj = object(body)?;
     let loc = ["body", "code"];
     match obj.get("code") {
         None => Err(vec![FieldError::new("missing", &loc, "Field required")]),
-        Some(Value::String(s)) if !s.is_empty() && s.len() <= 128 => Ok(s.trim().to_string()),
+        Some(Value::String(s)) if !s.is_empty() && s.chars().count() <= MAX_TICKET_CODE => {
+            Ok(s.trim().to_string())
+        }
         Some(Value::String(_)) => Err(vec![FieldError::new(
             "string_length",
             &loc,
-            "String should have 1 to 128 characters",
+            format!("String should have 1 to {MAX_TICKET_CODE} characters"),
         )]),
         Some(_) => Err(vec![FieldError::new(
             "string_type",

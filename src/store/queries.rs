@@ -9,13 +9,16 @@ use serde::Serialize;
 
 use crate::domain::{Booking, BookingStatus, IdempotencyKey};
 
-/// One row of `events`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+/// One row of `events`, as the API shows an event.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+#[schema(as = Event)]
 pub struct EventRow {
     pub id: i64,
     pub title: String,
     pub capacity: i64,
+    /// Seats committed (booked and not cancelled).
     pub booked_count: i64,
+    /// Most seats one customer may hold; absent when unlimited.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_per_user: Option<i64>,
     #[serde(skip)]
