@@ -37,12 +37,19 @@ def spec_operations(spec):
 
 def check_same_origin(page, base, what):
     """Every request went to the service itself; nothing failed to load."""
+    # A request the page's CSP refused never left the browser: not a leak, but worth a note
+    # (what it was for is missing from the page).
+    blocked = page.blocked_by_csp()
+    for url in sorted(blocked):
+        print(f"  note: {what} tried to load {url}; its Content-Security-Policy refused it")
     foreign = [u for u in page.requests()
-               if not u.startswith(base + "/") and not u.startswith(("data:", "blob:", "about:"))]
+               if not u.startswith(base + "/") and not u.startswith(("data:", "blob:", "about:"))
+               and u not in blocked]
     if foreign:
         raise CheckFailed(f"{what} requested resources off the service (must work offline): {foreign}")
     # Browsers ask for /favicon.ico on their own; the service need not have one.
-    failed = [(u, s) for u, s in page.failed_responses() if not u.endswith("/favicon.ico")]
+    failed = [(u, s) for u, s in page.failed_responses()
+              if not u.endswith("/favicon.ico") and u not in blocked]
     if failed:
         raise CheckFailed(f"{what}: requests failed: {failed}")
     thrown = [e["params"]["exceptionDetails"] for e in page.browser.events
@@ -110,8 +117,17 @@ def check_redoc(page, base, spec):
     # (an operation under two tags, or none, appears once per place): the set of operationIds.
     rendered = """Array.from(new Set(Array.from(document.querySelectorAll('[data-section-id*="operation/"]'))
                       .map(e => e.getAttribute('data-section-id').split('operation/').pop())))"""
-    want = {op.get("operationId") for item in spec.get("paths", {}).values()
-            for m, op in item.items() if m in HTTP_METHODS}
+    ids = [(op.get("operationId"), f"{m.upper()} {path}") for path, item in spec.get("paths", {}).items()
+           for m, op in item.items() if m in HTTP_METHODS]
+    # ReDoc (like client generators) names each operation by its operationId, which the
+    # OpenAPI specification requires to be unique: two operations with one id share one anchor.
+    seen = {}
+    for op_id, name in ids:
+        seen.setdefault(op_id, []).append(name)
+    shared = {i: names for i, names in seen.items() if i is None or len(names) > 1}
+    if shared:
+        raise CheckFailed(f"operationIds must be unique (and present) in /openapi.json: {shared}")
+    want = set(seen)
     try:
         page.wait_for(f"{rendered}.length >= {len(want)}", f"ReDoc to render {len(want)} operations",
                       timeout=30)

@@ -231,6 +231,14 @@ class Page:
         return [e["params"]["request"]["url"] for e in self.browser.events
                 if e["method"] == "Network.requestWillBeSent" and e.get("sessionId") == self.session]
 
+    def blocked_by_csp(self):
+        """URLs the page's Content-Security-Policy stopped before any connection was made."""
+        urls = {e["params"]["requestId"]: e["params"]["request"]["url"] for e in self.browser.events
+                if e["method"] == "Network.requestWillBeSent" and e.get("sessionId") == self.session}
+        return {urls.get(e["params"]["requestId"], "?") for e in self.browser.events
+                if e["method"] == "Network.loadingFailed" and e.get("sessionId") == self.session
+                and e["params"].get("blockedReason") == "csp"}
+
     def failed_responses(self):
         """(url, status) of every HTTP response >= 400 and every load that failed outright."""
         urls = {e["params"]["requestId"]: e["params"]["request"]["url"] for e in self.browser.events
