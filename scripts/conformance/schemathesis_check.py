@@ -70,8 +70,12 @@ def main():
         if ok:
             shutil.rmtree(tmp, ignore_errors=True)
     took = time.monotonic() - started
-    print(f"schemathesis: {'ok' if ok else 'FAILED'} in {took:.1f}s"
-          + ("" if ok else f" (service log in {tmp / 'ticketd.log'})"))
+    print(f"schemathesis: {'ok' if ok else 'FAILED'} in {took:.1f}s")
+    if not ok:
+        # The run's directory keeps schemathesis' cache, so its "st replay <id>" works there.
+        print(f"  service log: {tmp / 'ticketd.log'}\n"
+              f"  replay a failure: cd {tmp} && {Path(sys.executable).parent / 'schemathesis'} replay <id>"
+              " (against a ticketd on the same port)")
     return 0 if ok else 1
 
 
