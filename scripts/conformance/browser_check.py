@@ -3,7 +3,8 @@
 Starts its own ticketd and a headless Debian chromium (fresh profile), then:
   1. /docs (Swagger UI) renders one operation block per operation of /openapi.json;
   2. GET /health, expanded, "Try it out", "Execute": the page shows 200 and the body
-     the service returns;
+     the service returns; then a booking through "Try it out" of POST /book with a typed
+     body (an event made beforehand), read back with its secret;
   3. /redoc (ReDoc) renders every operation too;
   4. every request either page made went to the service itself (127.0.0.1:<port>):
      the UI assets are compiled into the binary, as the service must work offline;
@@ -20,7 +21,7 @@ import time
 from pathlib import Path
 
 from cdp import Browser, CdpError
-from service import Service, get_json, stop_on_signals
+from service import ADMIN_TOKEN, Service, get_json, stop_on_signals
 
 HTTP_METHODS = ("get", "put", "post", "delete", "options", "head", "patch", "trace")
 
@@ -83,32 +84,57 @@ def check_swagger_ui(page, base, ops, health):
         raise CheckFailed(f"Swagger UI shows errors about the spec: {errors}")
     print(f"  /docs: {len(rendered)} operations rendered, as in /openapi.json")
 
-    block = "document.querySelector('.opblock-get .opblock-summary-path[data-path=\"/health\"]').closest('.opblock')"
-    if not page.eval(f"!!document.querySelector('.opblock-get .opblock-summary-path[data-path=\"/health\"]')"):
-        raise CheckFailed("Swagger UI has no GET /health block")
-    page.click(f"{block}.querySelector('.opblock-summary-path')", "the GET /health summary")
-    page.wait_for(f"!!{block}.querySelector('.try-out__btn')", "the 'Try it out' button of GET /health")
-    page.click(f"{block}.querySelector('.try-out__btn')", "'Try it out'")
-    page.wait_for(f"!!{block}.querySelector('button.execute')", "the 'Execute' button of GET /health")
-    page.click(f"{block}.querySelector('button.execute')", "'Execute'")
+    status, shown = try_it_out(page, "GET", "/health")
+    if status != "200" or shown != health:
+        raise CheckFailed(f"'Try it out' of GET /health shows {status} {shown!r}, "
+                          f"the service answers 200 {health!r}")
+    print(f"  /docs: GET /health 'Try it out' -> Execute shows {status} {json.dumps(shown)}")
+
+
+def check_swagger_booking(page, base, event_id):
+    """The README's walk, as a person does it in /docs: book a seat through 'Try it out' of
+    POST /book, typing the body; the booking must then exist for its secret."""
+    body = json.dumps({"user_id": 42, "event_id": event_id, "quantity": 1})
+    status, shown = try_it_out(page, "POST", "/book", body=body)
+    if status != "200" or not isinstance(shown, dict) or shown.get("status") != "PENDING" \
+            or shown.get("event_id") != event_id or not shown.get("secret"):
+        raise CheckFailed(f"'Try it out' of POST /book with {body} shows {status} {shown!r}, "
+                          "not a 200 PENDING booking of that event with its secret")
+    stored = get_json(f"{base}/book/{shown['id']}", headers={"X-Booking-Secret": shown["secret"]})
+    if stored.get("id") != shown["id"] or stored.get("user_id") != 42:
+        raise CheckFailed(f"the booking made in /docs reads back as {stored!r}")
+    print(f"  /docs: POST /book 'Try it out' with a typed body -> Execute shows {status}, "
+          f"booking {shown['id']} (read back with its secret)")
+
+
+def try_it_out(page, method, path, body=None):
+    """Expand an operation, 'Try it out', type the body if any, 'Execute'; return the
+    (status, parsed JSON body) Swagger UI shows for the live response."""
+    name = f"{method} {path}"
+    summary = f"document.querySelector('.opblock-{method.lower()} .opblock-summary-path[data-path=\"{path}\"]')"
+    if not page.eval(f"!!{summary}"):
+        raise CheckFailed(f"Swagger UI has no {name} block")
+    block = f"{summary}.closest('.opblock')"
+    page.click(f"{block}.querySelector('.opblock-summary-path')", f"the {name} summary")
+    page.wait_for(f"!!{block}.querySelector('.try-out__btn')", f"the 'Try it out' button of {name}")
+    page.click(f"{block}.querySelector('.try-out__btn')", f"'Try it out' of {name}")
+    page.wait_for(f"!!{block}.querySelector('button.execute')", f"the 'Execute' button of {name}")
+    if body is not None:
+        page.type_into(f"{block}.querySelector('textarea.body-param__text')", body, f"the body of {name}")
+    page.click(f"{block}.querySelector('button.execute')", f"'Execute' of {name}")
     status = page.wait_for(
         f"""(() => {{ const c = {block}.querySelector('.live-responses-table .response .response-col_status');
                       return c ? c.textContent.trim() : null }})()""",
-        "the live response of GET /health", timeout=15)
-    body = page.eval(f"""(() => {{
+        f"the live response of {name}", timeout=15)
+    text = page.eval(f"""(() => {{
         const h = Array.from({block}.querySelectorAll('.live-responses-table h5'))
                        .find(h => h.textContent.trim() === 'Response body');
         const p = h && h.parentElement.querySelector('pre');
         return p ? p.textContent : null }})()""")
-    if not status.startswith("200"):
-        raise CheckFailed(f"'Try it out' of GET /health shows status {status!r}, not 200 (body {body!r})")
     try:
-        shown = json.loads(body or "")
+        return status, json.loads(text or "")
     except ValueError:
-        raise CheckFailed(f"'Try it out' of GET /health shows a body that is not JSON: {body!r}") from None
-    if shown != health:
-        raise CheckFailed(f"'Try it out' of GET /health shows {shown!r}, the service answers {health!r}")
-    print(f"  /docs: GET /health 'Try it out' -> Execute shows {status} {json.dumps(shown)}")
+        raise CheckFailed(f"'Try it out' of {name} shows {status} and a body that is not JSON: {text!r}") from None
 
 
 def check_redoc(page, base, spec):
@@ -156,6 +182,9 @@ def main():
             step = "docs"
             try:
                 check_swagger_ui(page, svc.base, ops, health)
+                event = get_json(svc.base + "/event", body={"title": "Browser sale", "capacity": 5},
+                                 headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
+                check_swagger_booking(page, svc.base, event["id"])
                 check_same_origin(page, svc.base, "/docs")
                 print(f"  screenshot: {page.screenshot(tmp / 'docs.png')}")
                 step = "redoc"

@@ -57,6 +57,8 @@ class Browser:
                 "--headless", "--no-sandbox", "--disable-gpu",
                 "--disable-background-networking", "--no-first-run",
                 "--no-default-browser-check", "--disable-extensions",
+                # Containers (make test-docker) have a 64 MB /dev/shm: use /tmp instead.
+                "--disable-dev-shm-usage",
                 # Never a proxy, whatever the environment says: everything must stay on 127.0.0.1.
                 "--no-proxy-server",
                 f"--window-size={self.window[0]},{self.window[1]}",
@@ -219,6 +221,15 @@ class Page:
             self.send("Input.dispatchMouseEvent", {
                 "type": kind, "x": box["x"], "y": box["y"], "button": "left", "clickCount": 1,
             })
+
+    def type_into(self, element_js, text, what):
+        """Replace a text field's content as a person would: focus it, select all, type.
+        Input.insertText fires the real input events React listens to."""
+        if not self.eval(f"""(() => {{ const el = {element_js};
+                if (!el) return false; el.scrollIntoView({{block: 'center'}});
+                el.focus(); el.select(); return true }})()"""):
+            raise CdpError(f"cannot type into {what}: element missing")
+        self.send("Input.insertText", {"text": text})
 
     def screenshot(self, path):
         """Save a PNG of the whole page (beyond the window too) and return its path."""

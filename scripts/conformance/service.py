@@ -62,14 +62,16 @@ def binary():
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
-def get_json(url, timeout=5.0, headers=None):
-    """GET a JSON document; any failure is a RuntimeError naming the URL."""
-    req = urllib.request.Request(url, headers=headers or {})
+def get_json(url, timeout=5.0, headers=None, body=None):
+    """GET (or, with a body, POST) JSON; any failure is a RuntimeError naming the request."""
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, headers={
+        **({} if body is None else {"Content-Type": "application/json"}), **(headers or {})})
     try:
         with _OPENER.open(req, timeout=timeout) as r:
             return json.load(r)
     except (OSError, ValueError) as e:
-        raise RuntimeError(f"GET {url}: {e}") from None
+        raise RuntimeError(f"{req.get_method()} {url}: {e}") from None
 
 
 class Service:
