@@ -12,7 +12,7 @@ VENV ?= .venv
 TICKETD_BIN ?= $(or $(CARGO_TARGET_DIR),target)/debug/ticketd
 
 .PHONY: run test bench unit loom loom-mutants mutants deps fmt-check compose-check cluster test-docker clean-test \
-	conformance schemathesis browser debug-bin venv
+	conformance schemathesis browser debug-bin venv FORCE
 
 ## run: the service in embedded mode on :8000 with ./ticket.db (no Redis needed)
 run:
@@ -41,11 +41,10 @@ debug-bin:
 
 # The virtualenv is a file target, made once and again only when the pinned requirements
 # change, or when its interpreter no longer runs (a .venv made elsewhere: another machine, a container).
-venv:
-	@$(VENV)/bin/python -c '' 2>/dev/null || rm -f $(VENV)/.installed
-	@$(MAKE) -s --no-print-directory $(VENV)/.installed
+VENV_RUNS := $(shell $(VENV)/bin/python -c 'print(1)' 2>/dev/null)
+venv: $(VENV)/.installed
 
-$(VENV)/.installed: scripts/conformance/requirements.txt
+$(VENV)/.installed: scripts/conformance/requirements.txt $(if $(VENV_RUNS),,FORCE)
 	$(PYTHON) -m venv --clear $(VENV)
 	$(VENV)/bin/pip install -q -r scripts/conformance/requirements.txt
 	touch $@
@@ -98,3 +97,5 @@ deps:
 clean-test:
 	rm -rf $(LOOM_TARGET) $(VENV) cluster.db cluster.db-wal cluster.db-shm
 	$(CARGO) clean
+
+FORCE:
