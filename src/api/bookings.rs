@@ -156,6 +156,7 @@ async fn authorized(state: &AppState, req: &HttpRequest, raw: &str) -> Result<Bo
 #[utoipa::path(
     get,
     path = "/book/{id}",
+    operation_id = "get_booking",
     tag = "bookings",
     summary = "A booking, and its ticket once issued",
     description = "With the booking's secret, its customer's token or the organizer token; \

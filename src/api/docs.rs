@@ -117,7 +117,11 @@ const REDOC_PAGE: &str = r#"<!DOCTYPE html>
 <meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>ticketd — ReDoc</title>
-<style>body { margin: 0; padding: 0; }</style>
+<style>
+body { margin: 0; padding: 0; }
+/* ReDoc's footer links its logo from its CDN, which the page's policy refuses to load. */
+.menu-content a[href*="redocly"] { display: none; }
+</style>
 </head>
 <body>
 <redoc spec-url="/openapi.json"></redoc>

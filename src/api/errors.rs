@@ -30,8 +30,9 @@ pub enum ApiError {
     BookingNotFound,
     #[error("Not Found")]
     NoRoute,
+    /// With the methods the path has, for the `Allow` header.
     #[error("Method Not Allowed")]
-    MethodNotAllowed,
+    MethodNotAllowed(std::sync::Arc<str>),
     #[error("Not authenticated")]
     Unauthorized,
     #[error("{0}")]
@@ -100,7 +101,7 @@ impl ResponseError for ApiError {
             ApiError::EventNotFound | ApiError::BookingNotFound | ApiError::NoRoute => {
                 StatusCode::NOT_FOUND
             }
-            ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::SoldOut(_) | ApiError::KeyInFlight => StatusCode::CONFLICT,
@@ -115,6 +116,9 @@ impl ResponseError for ApiError {
             || matches!(self, ApiError::KeyInFlight)
         {
             res.insert_header((header::RETRY_AFTER, RETRY_AFTER_SECS));
+        }
+        if let ApiError::MethodNotAllowed(allow) = self {
+            res.insert_header((header::ALLOW, allow.as_ref()));
         }
         if let ApiError::Unauthorized = self {
             res.insert_header((header::WWW_AUTHENTICATE, "Bearer"));

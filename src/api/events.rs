@@ -148,6 +148,7 @@ async fn load(state: &AppState, raw: &str) -> Result<EventRow, ApiError> {
 #[utoipa::path(
     get,
     path = "/event/{id}",
+    operation_id = "get_event",
     tag = "events",
     summary = "An event",
     params(("id" = i64, Path, minimum = 1, description = "The event's id")),

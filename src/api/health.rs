@@ -24,38 +24,40 @@ pub async fn health() -> HttpResponse {
     HttpResponse::Ok().json(Health { status: "ok" })
 }
 
-/// `/ready`'s verdict, and its detail for the organizer.
+/// `/ready`'s verdict and, for the organizer, what is wrong if anything. The detail fields are
+/// absent for anyone else.
 #[derive(Serialize, utoipa::ToSchema)]
 pub struct Readiness {
     /// `ready` or `unavailable`.
     #[schema(example = "ready")]
     status: &'static str,
-    #[serde(flatten)]
-    #[schema(inline)]
-    detail: Option<ReadinessDetail>,
-}
-
-/// What is wrong, if anything (only the organizer sees it).
-#[derive(Serialize, utoipa::ToSchema)]
-pub struct ReadinessDetail {
     /// `embedded` or `cluster`.
-    mode: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    mode: Option<&'static str>,
     /// `ok`, or the error.
-    database: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    database: Option<String>,
     /// `running` or `stopped`.
-    writer: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    writer: Option<&'static str>,
     /// Requests waiting for the writer.
-    writer_backlog: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    writer_backlog: Option<usize>,
     /// Batches refused because another replica's lease fenced this one out.
-    fence_refusals: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    fence_refusals: Option<u64>,
     /// Seats refused by the database's check (never expected: the actors check first).
-    seat_refusals: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    seat_refusals: Option<u64>,
     /// Events with an actor in this process.
-    event_actors: usize,
-    /// Tickets being issued by this process's finalizers, when it runs them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    event_actors: Option<usize>,
+    /// Tickets being issued by this process's finalizers (embedded mode).
+    #[serde(skip_serializing_if = "Option::is_none")]
     finalizations_in_flight: Option<usize>,
     /// `ok`, `not used (embedded mode)`, or the error.
-    redis: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    redis: Option<String>,
 }
 
 /// 200 when the database answers, the writer runs and (cluster mode) Redis answers, else 503.
@@ -96,25 +98,34 @@ pub async fn ready(state: web::Data<AppState>, req: HttpRequest) -> Result<HttpR
     if !ok {
         tracing::warn!(?db, writer, ?redis, "not ready");
     }
-    let detail = auth::require_organizer(&state, &req)
-        .is_ok()
-        .then(|| ReadinessDetail {
-            mode: state.mode,
-            database: match db {
-                Ok(_) => "ok".to_string(),
-                Err(e) => e.to_string(),
-            },
-            writer: if writer { "running" } else { "stopped" },
-            writer_backlog: state.writer.backlog(),
-            fence_refusals: state.writer.fence_refusals(),
-            seat_refusals: state.writer.seat_refusals(),
-            event_actors: state.registry.len(),
-            finalizations_in_flight: state.finalize.in_flight(),
-            redis: match redis {
-                Ok(s) | Err(s) => s,
-            },
+    let mut body = Readiness {
+        status,
+        mode: None,
+        database: None,
+        writer: None,
+        writer_backlog: None,
+        fence_refusals: None,
+        seat_refusals: None,
+        event_actors: None,
+        finalizations_in_flight: None,
+        redis: None,
+    };
+    if auth::require_organizer(&state, &req).is_ok() {
+        body.mode = Some(state.mode);
+        body.database = Some(match db {
+            Ok(_) => "ok".to_string(),
+            Err(e) => e.to_string(),
         });
-    let body = Readiness { status, detail };
+        body.writer = Some(if writer { "running" } else { "stopped" });
+        body.writer_backlog = Some(state.writer.backlog());
+        body.fence_refusals = Some(state.writer.fence_refusals());
+        body.seat_refusals = Some(state.writer.seat_refusals());
+        body.event_actors = Some(state.registry.len());
+        body.finalizations_in_flight = state.finalize.in_flight();
+        body.redis = Some(match redis {
+            Ok(s) | Err(s) => s,
+        });
+    }
     if ok {
         Ok(HttpResponse::Ok().json(body))
     } else {

@@ -53,10 +53,6 @@ pub(crate) fn path_id(raw: &str, name: &str) -> Result<i64, ApiError> {
     parse_path_id(raw, name).map_err(|e| ApiError::Validation(vec![e]))
 }
 
-async fn method_not_allowed() -> Result<HttpResponse, ApiError> {
-    Err(ApiError::MethodNotAllowed)
-}
-
 async fn no_route() -> Result<HttpResponse, ApiError> {
     Err(ApiError::NoRoute)
 }
@@ -147,15 +143,28 @@ pub fn endpoints() -> Vec<Endpoint> {
 /// Mounts every route; unknown paths and methods get JSON errors like the rest.
 pub fn configure(cfg: &mut web::ServiceConfig) {
     // One resource per path, its routes together, in the order of `endpoints`.
-    let mut resources: Vec<(&'static str, Vec<Route>)> = Vec::new();
+    let mut resources: Vec<(&'static str, Vec<String>, Vec<Route>)> = Vec::new();
     for e in endpoints() {
-        match resources.iter_mut().find(|(path, _)| *path == e.path) {
-            Some((_, routes)) => routes.push(e.route),
-            None => resources.push((e.path, vec![e.route])),
+        let mut methods = vec![e.method.to_string()];
+        if e.method == Method::GET {
+            methods.push(Method::HEAD.to_string());
+        }
+        match resources.iter_mut().find(|(path, _, _)| *path == e.path) {
+            Some((_, allowed, routes)) => {
+                allowed.extend(methods);
+                routes.push(e.route);
+            }
+            None => resources.push((e.path, methods, vec![e.route])),
         }
     }
-    for (path, routes) in resources {
-        let resource = web::resource(path).default_service(web::to(method_not_allowed));
+    for (path, methods, routes) in resources {
+        // A 405 names the methods the path has (RFC 9110 §15.5.6).
+        let allow: std::sync::Arc<str> = methods.join(", ").into();
+        let refuse = move || {
+            let allow = allow.clone();
+            async move { Err::<HttpResponse, _>(ApiError::MethodNotAllowed(allow)) }
+        };
+        let resource = web::resource(path).default_service(web::to(refuse));
         cfg.service(routes.into_iter().fold(resource, |r, route| r.route(route)));
     }
     cfg.default_service(web::to(no_route));

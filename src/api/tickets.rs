@@ -16,7 +16,7 @@ use crate::store::queries;
 use crate::ticket::{TicketFacts, TicketSigner};
 
 /// The answer at the door: `valid`, and either why not (`detail`) or whose ticket it is.
-#[derive(Serialize, utoipa::ToSchema)]
+#[derive(Default, Serialize, utoipa::ToSchema)]
 #[schema(as = TicketVerdict)]
 pub struct Verdict {
     valid: bool,
@@ -24,26 +24,23 @@ pub struct Verdict {
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(example = "Not a genuine ticket")]
     detail: Option<&'static str>,
-    #[serde(flatten)]
-    #[schema(inline)]
-    holder: Option<Holder>,
-}
-
-/// Whose ticket a valid code is.
-#[derive(Serialize, utoipa::ToSchema)]
-pub struct Holder {
-    booking_id: i64,
-    event_id: i64,
-    user_id: i64,
-    quantity: i64,
-    status: BookingStatus,
+    /// The holder's booking (only when valid), and the rest of its facts.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    booking_id: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    event_id: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    user_id: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    quantity: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    status: Option<BookingStatus>,
 }
 
 fn refused(reason: &'static str) -> HttpResponse {
     HttpResponse::Ok().json(Verdict {
-        valid: false,
         detail: Some(reason),
-        holder: None,
+        ..Verdict::default()
     })
 }
 
@@ -87,12 +84,10 @@ pub async fn verify(
     Ok(HttpResponse::Ok().json(Verdict {
         valid: true,
         detail: None,
-        holder: Some(Holder {
-            booking_id: b.id,
-            event_id: b.event_id,
-            user_id: b.user_id,
-            quantity: b.quantity,
-            status: b.status,
-        }),
+        booking_id: Some(b.id),
+        event_id: Some(b.event_id),
+        user_id: Some(b.user_id),
+        quantity: Some(b.quantity),
+        status: Some(b.status),
     }))
 }
