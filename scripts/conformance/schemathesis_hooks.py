@@ -35,4 +35,7 @@ def before_call(ctx, case, **kwargs):
 
 
 def _int(value):
-    return isinstance(value, int) and not isinstance(value, bool)
+    """An integer as JSON Schema counts them: 202 and 202.0 alike (ticketd accepts both)."""
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, int) or (isinstance(value, float) and value.is_integer())
