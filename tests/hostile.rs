@@ -25,6 +25,13 @@ use tokio::net::TcpStream;
 /// honest.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
+/// Latency bounds of the probes that run beside an attack. They tell a starved service (probes
+/// waiting seconds) or a dropped handshake (a SYN retried after 1 s) from a busy machine; on
+/// this shared 2-core machine a healthy service's p95 under attack has been seen from 10 to
+/// 200 ms, so speed itself is left to `make bench`.
+const STARVED_P95: Duration = Duration::from_millis(400);
+const DROPPED_HANDSHAKE: Duration = Duration::from_millis(900);
+
 const ADMIN: &str = "hostile-organizer-token-0123456789";
 
 // ---------------------------------------------------------------------------------------------
@@ -456,12 +463,14 @@ async fn stalled_bodies_are_cut_at_the_body_deadline() {
          before",
         fd_count(pid)
     );
+    // Bounds for starvation, not speed (a shared 2-core machine's latency is noise; `make bench`
+    // measures speed): a starved probe waits seconds, a dropped handshake 1 s or more.
     assert!(
-        p95 < Duration::from_millis(50),
+        p95 < STARVED_P95,
         "/health on a new connection slowed down by stalled bodies: p95 {p95:?} (max {max:?})"
     );
     assert!(
-        max < Duration::from_millis(500),
+        max < DROPPED_HANDSHAKE,
         "a /health on a new connection took {max:?} while bodies stalled, {max_connect:?} of it \
          to connect (1 s or more: its handshake was dropped, the listen backlog was full; the \
          accept queue held up to {max_queue} connections)"
@@ -588,7 +597,7 @@ async fn the_connection_cap_holds_past_max_connections() {
          {baseline} + the cap {CAP} + {MARGIN}; the cap does not hold"
     );
     assert!(
-        p95 < Duration::from_millis(50) && max < Duration::from_millis(500),
+        p95 < STARVED_P95 && max < DROPPED_HANDSHAKE,
         "the established client was slowed while the cap was full: p95 {p95:?}, max {max:?}"
     );
     assert!(
@@ -1294,7 +1303,7 @@ async fn pipelining_without_reading_holds_bounded_memory() {
     );
     assert!(alive.is_ok(), "/health after the attack: {alive:?}");
     assert!(
-        p95 < Duration::from_millis(100),
+        p95 < STARVED_P95,
         "/health on a new connection was slow under the pipelining attack: p95 {p95:?}, max \
          {max:?}"
     );
