@@ -51,6 +51,11 @@ pub struct Config {
     #[arg(long, env = "FINALIZE_MAX_DELIVERIES", value_name = "FINALIZE_MAX_DELIVERIES", default_value_t = 5,
           value_parser = clap::value_parser!(u16).range(1..=1000))]
     pub finalize_max_deliveries: u16,
+    /// Issuances waiting for their delivery at once in this replica (about 100 bytes each);
+    /// beyond it the backlog waits in the database or the stream.
+    #[arg(long, env = "FINALIZE_IN_FLIGHT", value_name = "FINALIZE_IN_FLIGHT", default_value_t = 100_000,
+          value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
+    pub finalize_in_flight: u32,
     /// This replica's name (finalize stream consumers are `<REPLICA_ID>-<n>`; keep it stable
     /// across restarts so a restarted replica resumes its own unacknowledged entries).
     #[arg(long, env = "REPLICA_ID", value_name = "REPLICA_ID", value_parser = parse_replica_id)]
@@ -258,6 +263,7 @@ impl Config {
             ticket_key: None,
             lease_ttl_ms: 2000,
             finalize_max_deliveries: 5,
+            finalize_in_flight: 100_000,
             replica_id: None,
             admin_token: None,
             customer_jwt_secret: None,
@@ -303,8 +309,6 @@ pub struct Tuning {
     pub max_group: usize,
     /// Operations waiting for the writer before new ones are refused with 503.
     pub writer_queue_limit: usize,
-    /// Issuances one finalizer actor runs at once (they mostly wait on the delivery delay).
-    pub issuances_per_worker: usize,
     /// Read connections.
     pub read_pool_size: u32,
     /// HTTP worker threads (0: one per core).
@@ -321,7 +325,6 @@ impl Default for Tuning {
             max_batch: 512,
             max_group: 4096,
             writer_queue_limit: 65_536,
-            issuances_per_worker: 1024,
             read_pool_size: 4,
             http_workers: 0,
             shutdown_timeout: Duration::from_secs(30),

@@ -149,7 +149,9 @@ impl Application {
                 writer: writer.clone(),
                 signer: signer.clone(),
                 delay: config.finalize_delay(),
-                per_worker: tuning.issuances_per_worker,
+                in_flight: Arc::new(tokio::sync::Semaphore::new(
+                    config.finalize_in_flight as usize,
+                )),
                 visibility: Duration::from_millis(config.finalize_visibility_ms),
                 max_deliveries,
             },

@@ -150,13 +150,13 @@ async fn a_backlog_waits_in_the_stream_not_in_a_consumer() {
     let _serial = SERIAL.lock().await;
     let redis = RedisProc::start().await;
     let url = redis.url();
-    let app = common::TestApp::spawn_with(|c, t| {
+    let app = common::TestApp::spawn_with(|c, _t| {
         c.redis_url = Some(url);
         c.finalize_delay_ms = 150;
         c.finalize_visibility_ms = 400;
         c.finalize_max_deliveries = 2;
         c.finalizer_workers = 1;
-        t.issuances_per_worker = 2;
+        c.finalize_in_flight = 2;
     });
     let event = app.create_event("Backlog", 100).await;
     book_many(&app, event, 30).await;

@@ -23,12 +23,13 @@ use crate::domain::{
 };
 use crate::handoff::{Refused, WriteQueue};
 use crate::store::queries::{
-    self, BookingOutcome, CancelOutcome, FencedBatch, KeyRecord, NewBookingRow, PurgeCursor,
-    Refusal, SeatsSeen, TotalsDelta,
+    self, BookingOutcome, CancelOutcome, FencedBatch, IssuedTicket, KeyRecord, NewBookingRow,
+    PurgeCursor, Refusal, SeatsSeen, TotalsDelta,
 };
 use crate::store::wal::WalKeeper;
 use crate::store::{EventRow, StoreError};
 use crate::sync::Arc;
+use crate::ticket::TicketFacts;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// What the writer tells the event actor about its batch.
@@ -98,10 +99,10 @@ pub enum WriteOp {
         reply: oneshot::Sender<Result<Created, StoreError>>,
     },
     Seats(SeatBatch),
+    /// Tickets issued together: one op, one reply, for a whole batch of a finalizer.
     Finalize {
-        booking_id: i64,
-        code: String,
-        reply: oneshot::Sender<Result<bool, StoreError>>,
+        tickets: Vec<IssuedTicket>,
+        reply: oneshot::Sender<Result<usize, StoreError>>,
     },
 }
 
@@ -173,13 +174,11 @@ impl Writer {
         rx.await.map_err(|_| StoreError::WriterClosed)?
     }
 
-    pub async fn finalize(&self, booking_id: i64, code: String) -> Result<bool, StoreError> {
+    /// Writes issued tickets (`queries::finalize_many`); answers how many it finalized — fewer
+    /// than given when some were delivered twice or cancelled meanwhile.
+    pub async fn finalize(&self, tickets: Vec<IssuedTicket>) -> Result<usize, StoreError> {
         let (reply, rx) = oneshot::channel();
-        self.submit(WriteOp::Finalize {
-            booking_id,
-            code,
-            reply,
-        });
+        self.submit(WriteOp::Finalize { tickets, reply });
         rx.await.map_err(|_| StoreError::WriterClosed)?
     }
 
@@ -306,11 +305,9 @@ fn purge_expired_keys(conn: &Connection, cursor: &mut PurgeCursor) {
 
 /// Hands committed bookings to the finalizers. A crash right here (the failpoint plays one)
 /// leaves them PENDING and unpushed: the sweeper finds them.
-fn push_committed(outbox: &Outbox, ids: &[i64]) {
+fn push_committed(outbox: &Outbox, committed: Vec<TicketFacts>) {
     fail::fail_point!("finalize-before-push", |_| {});
-    for id in ids {
-        outbox.push(*id);
-    }
+    outbox.push(committed);
 }
 
 /// COMMITs the group. Tests make it fail (failpoint `writer-commit`, returning the error a full
@@ -346,8 +343,8 @@ enum Applied {
         requests: Vec<SeatRequest>,
         cancels: Vec<CancelRequest>,
     },
-    /// The seats finalized, if this delivery was the one that finalized them.
-    Finalized(oneshot::Sender<Result<bool, StoreError>>, Option<i64>),
+    /// Tickets written, and their seats (duplicates and cancelled bookings are not written).
+    Finalized(oneshot::Sender<Result<usize, StoreError>>, usize, i64),
     Error(WriteOp, StoreError),
 }
 
@@ -367,7 +364,7 @@ impl Applied {
                 finalized: -unissued,
                 ..Default::default()
             },
-            Applied::Finalized(_, Some(seats)) => TotalsDelta {
+            Applied::Finalized(_, _, seats) => TotalsDelta {
                 finalized: *seats,
                 ..Default::default()
             },
@@ -380,7 +377,7 @@ impl Applied {
     fn fail(self, why: &StoreError) {
         match self {
             Applied::Event(reply, _) => drop(reply.send(Err(why.for_reply()))),
-            Applied::Finalized(reply, _) => drop(reply.send(Err(why.for_reply()))),
+            Applied::Finalized(reply, _, _) => drop(reply.send(Err(why.for_reply()))),
             Applied::Seats {
                 batch_done,
                 answers,
@@ -497,8 +494,8 @@ fn commit_group(
             Applied::Event(reply, created) => {
                 let _ = reply.send(Ok(created));
             }
-            Applied::Finalized(reply, changed) => {
-                let _ = reply.send(Ok(changed.is_some()));
+            Applied::Finalized(reply, written, _) => {
+                let _ = reply.send(Ok(written));
             }
             Applied::Seats {
                 batch_done,
@@ -517,7 +514,7 @@ fn commit_group(
                     if let Ok(b) = &answer {
                         bookings += 1;
                         sold += b.quantity;
-                        committed.push(b.id);
+                        committed.push(TicketFacts::from(b));
                     }
                     let _ = req.reply.send(answer);
                 }
@@ -551,7 +548,7 @@ fn commit_group(
             Applied::Error(op, e) => op.fail(&e),
         }
     }
-    push_committed(finalize, &committed);
+    push_committed(finalize, committed);
     let elapsed = started.elapsed();
     // Per group, never per booking: one atomic add each.
     let m = crate::metrics::handles();
@@ -591,22 +588,32 @@ fn apply(tx: &rusqlite::Transaction<'_>, op: WriteOp, at: &Stamps<'_>) -> Applie
                 Err(err) => Applied::Error(WriteOp::CreateEvent { event, reply }, err.into()),
             }
         }
-        WriteOp::Finalize {
-            booking_id,
-            code,
-            reply,
-        } => match queries::finalize(tx, booking_id, &code, at.now) {
-            Ok(changed) => Applied::Finalized(reply, changed),
-            Err(e) => Applied::Error(
-                WriteOp::Finalize {
-                    booking_id,
-                    code,
-                    reply,
-                },
-                e.into(),
-            ),
+        WriteOp::Finalize { tickets, reply } => match finalize_in_savepoint(tx, &tickets, at) {
+            Ok((written, seats)) => Applied::Finalized(reply, written, seats),
+            Err(e) => Applied::Error(WriteOp::Finalize { tickets, reply }, e.into()),
         },
         WriteOp::Seats(batch) => apply_seats(tx, batch, at),
+    }
+}
+
+/// Writes a finalizer's tickets all or nothing within the group: a failure undoes its own
+/// statements, not the group's other ops (their clients may still hear 200).
+fn finalize_in_savepoint(
+    tx: &rusqlite::Transaction<'_>,
+    tickets: &[IssuedTicket],
+    at: &Stamps<'_>,
+) -> rusqlite::Result<(usize, i64)> {
+    tx.prepare_cached("SAVEPOINT tickets")?.execute([])?;
+    match queries::finalize_many(tx, tickets, at.now) {
+        Ok(done) => {
+            tx.prepare_cached("RELEASE tickets")?.execute([])?;
+            Ok(done)
+        }
+        Err(e) => {
+            tx.prepare_cached("ROLLBACK TO tickets")?.execute([])?;
+            tx.prepare_cached("RELEASE tickets")?.execute([])?;
+            Err(e)
+        }
     }
 }
 

@@ -8,5 +8,5 @@ pub mod redis;
 pub mod stream;
 
 pub use lease::{Lease, LeaseError, LeaseTable};
-pub use queue::{LocalQueue, Outbox};
+pub use queue::{LocalQueue, Outbox, Owed};
 pub use redis::{RedisLease, RedisLink};

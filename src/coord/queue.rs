@@ -15,8 +15,36 @@ use tokio::sync::mpsc;
 use tracing::warn;
 
 use super::stream::StreamPusher;
+use crate::ticket::TicketFacts;
 
-/// Where the writer sends committed booking ids.
+/// A booking owed a ticket, as queued: with the facts its ticket vouches for when the writer
+/// pushed it at commit (the finalizer then signs without reading the booking back), with its id
+/// only when the sweeper or a replay found it (the finalizer reads those, many in one query).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Owed {
+    pub booking_id: i64,
+    pub facts: Option<TicketFacts>,
+}
+
+impl Owed {
+    pub fn id(booking_id: i64) -> Self {
+        Owed {
+            booking_id,
+            facts: None,
+        }
+    }
+}
+
+impl From<TicketFacts> for Owed {
+    fn from(facts: TicketFacts) -> Self {
+        Owed {
+            booking_id: facts.booking_id,
+            facts: Some(facts),
+        }
+    }
+}
+
+/// Where the writer sends committed bookings.
 #[derive(Clone)]
 pub enum Outbox {
     Local(LocalQueue),
@@ -25,12 +53,10 @@ pub enum Outbox {
 
 impl Outbox {
     /// Never blocks: callable from the writer thread.
-    pub fn push(&self, booking_id: i64) {
+    pub fn push(&self, committed: Vec<TicketFacts>) {
         match self {
-            Outbox::Local(q) => q.push(booking_id),
-            Outbox::Stream(p) => {
-                p.push(booking_id);
-            }
+            Outbox::Local(q) => committed.into_iter().for_each(|f| q.push(f.into())),
+            Outbox::Stream(p) => p.push(committed),
         }
     }
 }
@@ -39,7 +65,7 @@ impl Outbox {
 /// issuance failed `max_deliveries` times is parked (not swept again) until replayed.
 #[derive(Clone)]
 pub struct LocalQueue {
-    lanes: Arc<Vec<mpsc::Sender<i64>>>,
+    lanes: Arc<Vec<mpsc::Sender<Owed>>>,
     /// Ids queued or being issued, so the sweeper does not queue them twice.
     tracked: Arc<DashSet<i64>>,
     failures: Arc<DashMap<i64, usize>>,
@@ -54,7 +80,7 @@ impl LocalQueue {
         lanes: usize,
         per_lane: usize,
         max_deliveries: usize,
-    ) -> (Self, Vec<mpsc::Receiver<i64>>) {
+    ) -> (Self, Vec<mpsc::Receiver<Owed>>) {
         let (txs, rxs): (Vec<_>, Vec<_>) = (0..lanes.max(1))
             .map(|_| mpsc::channel(per_lane.max(1)))
             .unzip();
@@ -70,12 +96,13 @@ impl LocalQueue {
     }
 
     /// Queues a booking for issuance unless it is queued, in flight or dead-lettered.
-    pub fn push(&self, booking_id: i64) {
+    pub fn push(&self, owed: Owed) {
+        let booking_id = owed.booking_id;
         if self.dead.contains(&booking_id) || !self.tracked.insert(booking_id) {
             return;
         }
         let lane = &self.lanes[(booking_id.unsigned_abs() % self.lanes.len() as u64) as usize];
-        if lane.try_send(booking_id).is_err() {
+        if lane.try_send(owed).is_err() {
             self.tracked.remove(&booking_id);
             self.dropped.fetch_add(1, Ordering::Relaxed);
         }
@@ -120,7 +147,7 @@ impl LocalQueue {
         let ids: Vec<i64> = self.dead.iter().map(|r| *r).collect();
         for id in &ids {
             self.dead.remove(id);
-            self.push(*id);
+            self.push(Owed::id(*id));
         }
         ids.len() as u64
     }

@@ -1,6 +1,7 @@
 //! The finalization queue of the cluster mode: a Redis Stream read through a consumer group.
 //!
-//! `ticketd:finalize` holds one entry per booking to issue (`booking=<id>`). Every finalizer
+//! `ticketd:finalize` holds one entry per booking to issue (`booking=<id>`, and from the writer
+//! also `event`, `user`, `qty`: what the ticket vouches for, so no read is needed). Every finalizer
 //! actor of every replica is a consumer of the group `finalizers`: XREADGROUP hands each entry to
 //! one consumer, XACK (plus XDEL, to keep the stream short) retires it once the booking is
 //! FINALIZED. An entry its consumer never acknowledged (the replica died, the issuance failed)
@@ -22,7 +23,9 @@ use redis::AsyncConnectionConfig;
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
+use super::queue::Owed;
 use super::redis::RedisLink;
+use crate::ticket::TicketFacts;
 
 pub const STREAM: &str = "ticketd:finalize";
 pub const DEAD: &str = "ticketd:finalize:dead";
@@ -33,19 +36,28 @@ pub const GROUP: &str = "finalizers";
 const PUSH_BATCH: usize = 512;
 
 /// An entry handed to a consumer: the stream id and the booking it names (None: unreadable,
-/// a poison entry).
+/// a poison entry), with the ticket's facts when the entry carries them.
 #[derive(Debug, Clone)]
 pub struct Entry {
     pub id: String,
-    pub booking: Option<i64>,
+    pub booking: Option<Owed>,
 }
 
 impl Entry {
     fn from_stream(s: &StreamId) -> Self {
-        let booking = s
-            .get::<String>("booking")
-            .and_then(|v| v.parse::<i64>().ok())
-            .filter(|n| *n >= 1);
+        let field = |name: &str| s.get::<String>(name).and_then(|v| v.parse::<i64>().ok());
+        let booking = field("booking").filter(|n| *n >= 1).map(|booking_id| {
+            let facts = match (field("event"), field("user"), field("qty")) {
+                (Some(event_id), Some(user_id), Some(quantity)) => Some(TicketFacts {
+                    booking_id,
+                    event_id,
+                    user_id,
+                    quantity,
+                }),
+                _ => None,
+            };
+            Owed { booking_id, facts }
+        });
         Entry {
             id: s.id.clone(),
             booking,
@@ -54,16 +66,16 @@ impl Entry {
 }
 
 /// The producer side: a channel to a pusher task that pipelines XADDs, so the writer thread
-/// never waits on Redis. A full channel drops the id: the sweeper pushes it again later.
+/// never waits on Redis. A full channel drops the booking: the sweeper pushes it again later.
 #[derive(Clone)]
 pub struct StreamPusher {
-    tx: mpsc::Sender<i64>,
+    tx: mpsc::Sender<Owed>,
 }
 
 impl StreamPusher {
     /// Starts the pusher task on the current runtime.
     pub fn start(link: RedisLink, capacity: usize) -> Self {
-        let (tx, mut rx) = mpsc::channel::<i64>(capacity.max(1));
+        let (tx, mut rx) = mpsc::channel::<Owed>(capacity.max(1));
         actix::spawn(async move {
             let mut batch = Vec::with_capacity(PUSH_BATCH);
             while let Some(first) = rx.recv().await {
@@ -83,22 +95,35 @@ impl StreamPusher {
         StreamPusher { tx }
     }
 
-    /// Never blocks (callable from the writer thread). Returns false if the id was dropped.
-    pub fn push(&self, booking_id: i64) -> bool {
-        self.tx.try_send(booking_id).is_ok()
+    /// Never blocks (callable from the writer thread); what does not fit is dropped (and swept).
+    pub fn push(&self, committed: Vec<TicketFacts>) {
+        for facts in committed {
+            if self.tx.try_send(facts.into()).is_err() {
+                break;
+            }
+        }
     }
 }
 
-/// XADDs `ids` in one pipelined round trip.
-pub async fn push_now(conn: &ConnectionManager, ids: &[i64]) -> redis::RedisResult<()> {
+/// XADDs `owed` in one pipelined round trip.
+pub async fn push_now(conn: &ConnectionManager, owed: &[Owed]) -> redis::RedisResult<()> {
     let mut pipe = redis::pipe();
-    for id in ids {
-        pipe.cmd("XADD")
+    for o in owed {
+        let cmd = pipe
+            .cmd("XADD")
             .arg(STREAM)
             .arg("*")
             .arg("booking")
-            .arg(id)
-            .ignore();
+            .arg(o.booking_id);
+        if let Some(f) = &o.facts {
+            cmd.arg("event")
+                .arg(f.event_id)
+                .arg("user")
+                .arg(f.user_id)
+                .arg("qty")
+                .arg(f.quantity);
+        }
+        cmd.ignore();
     }
     let mut c = conn.clone();
     pipe.query_async::<()>(&mut c).await
@@ -204,18 +229,21 @@ impl Consumer {
     }
 }
 
-/// Acknowledges and deletes a finished entry (one round trip).
-pub async fn ack(conn: &ConnectionManager, entry_id: &str) -> redis::RedisResult<()> {
+/// Acknowledges and deletes finished entries, all in one round trip.
+pub async fn ack(conn: &ConnectionManager, entry_ids: &[String]) -> redis::RedisResult<()> {
+    if entry_ids.is_empty() {
+        return Ok(());
+    }
     let mut c = conn.clone();
     redis::pipe()
         .cmd("XACK")
         .arg(STREAM)
         .arg(GROUP)
-        .arg(entry_id)
+        .arg(entry_ids)
         .ignore()
         .cmd("XDEL")
         .arg(STREAM)
-        .arg(entry_id)
+        .arg(entry_ids)
         .ignore()
         .query_async::<()>(&mut c)
         .await
@@ -275,7 +303,7 @@ async fn park(
     let mut c = conn.clone();
     let booking = entry
         .booking
-        .map(|b| b.to_string())
+        .map(|b| b.booking_id.to_string())
         .unwrap_or_else(|| "unreadable".into());
     let mut pipe = redis::pipe();
     pipe.atomic()
@@ -299,7 +327,7 @@ async fn park(
         .arg(&entry.id)
         .ignore();
     if let Some(b) = entry.booking {
-        pipe.cmd("SADD").arg(DEAD_IDS).arg(b).ignore();
+        pipe.cmd("SADD").arg(DEAD_IDS).arg(b.booking_id).ignore();
     }
     pipe.query_async::<()>(&mut c).await?;
     crate::metrics::handles().dead_lettered.increment(1);
@@ -340,7 +368,11 @@ pub async fn queued_ids(
             return Ok(ids);
         };
         start = format!("({}", last.id);
-        ids.extend(r.ids.iter().filter_map(|s| Entry::from_stream(s).booking));
+        ids.extend(
+            r.ids
+                .iter()
+                .filter_map(|s| Entry::from_stream(s).booking.map(|b| b.booking_id)),
+        );
     }
 }
 

@@ -8,6 +8,7 @@ use rusqlite::{params, Connection, OptionalExtension, Row, Statement};
 use serde::Serialize;
 
 use crate::domain::{Booking, BookingStatus, IdempotencyKey};
+use crate::ticket::TicketFacts;
 
 /// One row of `events`, as the API shows an event.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
@@ -656,32 +657,70 @@ pub fn apply_fenced_batch(
     }))
 }
 
-/// Marks a booking FINALIZED with its ticket code, once: a second call (a duplicate delivery)
-/// changes nothing and returns None, so counters never double and a code never changes; the
-/// first returns the seats it finalized.
-pub fn finalize(
+/// A ticket to write: the booking it vouches for and its code.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IssuedTicket {
+    pub facts: TicketFacts,
+    pub code: String,
+}
+
+/// Marks bookings FINALIZED with their ticket codes, each once and only while PENDING — a
+/// second delivery, or a booking cancelled meanwhile, changes nothing — and only the booking the
+/// facts describe (the code vouches for them: facts the queue carried wrongly write nothing).
+/// Each event's `finalized_count` moves once per call. Returns the tickets written and their
+/// seats.
+pub fn finalize_many(
     conn: &Connection,
-    booking_id: i64,
-    code: &str,
+    tickets: &[IssuedTicket],
     at: &str,
-) -> rusqlite::Result<Option<i64>> {
-    // RETURNING hands back what the event counter needs: no second look-up of the booking.
-    let changed: Option<(i64, i64)> = conn
-        .prepare_cached(
-            "UPDATE bookings SET status = 'FINALIZED', ticket_code = ?2, finalized_at = ?3
-             WHERE id = ?1 AND status = 'PENDING'
-             RETURNING event_id, quantity",
-        )?
-        .query_row(params![booking_id, code, at], |r| {
-            Ok((r.get(0)?, r.get(1)?))
+) -> rusqlite::Result<(usize, i64)> {
+    let mut mark = conn.prepare_cached(
+        "UPDATE bookings SET status = 'FINALIZED', ticket_code = ?2, finalized_at = ?3
+         WHERE id = ?1 AND status = 'PENDING' AND event_id = ?4 AND user_id = ?5
+           AND quantity = ?6",
+    )?;
+    let mut per_event: std::collections::BTreeMap<i64, i64> = Default::default();
+    let mut written = 0;
+    for t in tickets {
+        let f = &t.facts;
+        let changed = mark.execute(params![
+            f.booking_id,
+            t.code,
+            at,
+            f.event_id,
+            f.user_id,
+            f.quantity
+        ])?;
+        if changed == 1 {
+            written += 1;
+            *per_event.entry(f.event_id).or_default() += f.quantity;
+        }
+    }
+    let mut count = conn
+        .prepare_cached("UPDATE events SET finalized_count = finalized_count + ?2 WHERE id = ?1")?;
+    for (event_id, seats) in &per_event {
+        count.execute([event_id, seats])?;
+    }
+    Ok((written, per_event.values().sum()))
+}
+
+/// The facts of those of `ids` that are PENDING (what a ticket for each would vouch for), in
+/// one read: for issuances whose queue entry carried only the id (the sweeper, a replay).
+pub fn pending_facts(conn: &Connection, ids: &[i64]) -> rusqlite::Result<Vec<TicketFacts>> {
+    let list = serde_json::to_string(ids).unwrap_or_else(|_| "[]".into());
+    let mut st = conn.prepare_cached(
+        "SELECT id, event_id, user_id, quantity FROM bookings
+         WHERE id IN (SELECT value FROM json_each(?1)) AND status = 'PENDING'",
+    )?;
+    let rows = st.query_map([list], |r| {
+        Ok(TicketFacts {
+            booking_id: r.get(0)?,
+            event_id: r.get(1)?,
+            user_id: r.get(2)?,
+            quantity: r.get(3)?,
         })
-        .optional()?;
-    let Some((event_id, quantity)) = changed else {
-        return Ok(None);
-    };
-    conn.prepare_cached("UPDATE events SET finalized_count = finalized_count + ?2 WHERE id = ?1")?
-        .execute([event_id, quantity])?;
-    Ok(Some(quantity))
+    })?;
+    rows.collect()
 }
 
 /// The value stored under `key` in `ticketd_meta`, inserting `default` first if there is none
@@ -946,6 +985,50 @@ mod tests {
         );
         assert_eq!(idempotency_key(&c, "user:0", "old", 0).unwrap(), None);
         assert!(idempotency_key(&c, "user:1", "k1", 0).unwrap().is_some());
+    }
+
+    /// One ticket through `finalize_many`, with the booking's own facts: the seats it
+    /// finalized, if it did.
+    fn finalize(c: &Connection, id: i64, code: &str, at: &str) -> rusqlite::Result<Option<i64>> {
+        let b = booking(c, id)?.expect("the booking exists");
+        let ticket = IssuedTicket {
+            facts: TicketFacts::from(&b),
+            code: code.into(),
+        };
+        let (n, seats) = finalize_many(c, &[ticket], at)?;
+        Ok((n == 1).then_some(seats))
+    }
+
+    /// Many tickets in one call: each event's count moves once by its seats, facts that do not
+    /// describe the booking write nothing, and only PENDING bookings are read back for issuing.
+    #[test]
+    fn tickets_are_written_many_at_a_time_and_only_for_their_booking() {
+        let c = db();
+        let (e1, e2) = (event_with(&c, 10, None), event_with(&c, 10, None));
+        let a1 = apply_fenced_batch(&c, &batch(e1.id, 1, &[], &rows(&[(1, 2), (2, 1)])))
+            .unwrap()
+            .unwrap();
+        let a2 = apply_fenced_batch(&c, &batch(e2.id, 1, &[], &rows(&[(3, 4)])))
+            .unwrap()
+            .unwrap();
+        let all: Vec<i64> = ids(&a1).into_iter().chain(ids(&a2)).collect();
+        let facts = pending_facts(&c, &all).unwrap();
+        assert_eq!(facts.len(), 3);
+        let ticket = |f: &TicketFacts| IssuedTicket {
+            facts: *f,
+            code: format!("C{}", f.booking_id),
+        };
+        let mut tickets: Vec<IssuedTicket> = facts.iter().map(ticket).collect();
+        // A forged quantity for the last one: not its booking, nothing written.
+        tickets[2].facts.quantity += 1;
+        assert_eq!(finalize_many(&c, &tickets, T0).unwrap(), (2, 3));
+        assert_eq!(event(&c, e1.id).unwrap().unwrap().finalized_count, 3);
+        assert_eq!(event(&c, e2.id).unwrap().unwrap().finalized_count, 0);
+        // Again, with the right facts: only the one left is written.
+        let again: Vec<IssuedTicket> = facts.iter().map(ticket).collect();
+        assert_eq!(finalize_many(&c, &again, T0).unwrap(), (1, 4));
+        assert_eq!(event(&c, e2.id).unwrap().unwrap().finalized_count, 4);
+        assert!(pending_facts(&c, &all).unwrap().is_empty());
     }
 
     #[test]
