@@ -51,7 +51,7 @@ pub struct Config {
     #[arg(long, env = "FINALIZE_MAX_DELIVERIES", value_name = "FINALIZE_MAX_DELIVERIES", default_value_t = 5,
           value_parser = clap::value_parser!(u16).range(1..=1000))]
     pub finalize_max_deliveries: u16,
-    /// Issuances waiting for their delivery at once in this replica (about 100 bytes each);
+    /// Issuances waiting for their delivery at once in this replica (about 125 bytes each);
     /// beyond it the backlog waits in the database or the stream.
     #[arg(long, env = "FINALIZE_IN_FLIGHT", value_name = "FINALIZE_IN_FLIGHT", default_value_t = 100_000,
           value_parser = clap::value_parser!(u32).range(1..=10_000_000))]

@@ -4,7 +4,7 @@
 //! the in-process queue; cluster: the Redis Stream, as consumers of one group). Each issuance
 //! waits out its simulated delivery (`FINALIZE_DELAY_MS`, a PDF renderer and a mail provider: an
 //! I/O wait) in its worker's delay line — a queue in arrival order, so in order of when each is
-//! due — and costs the service nothing but its place in that line (about 100 bytes) while it
+//! due — and costs the service nothing but its place in that line (about 125 bytes) while it
 //! waits. Up to `FINALIZE_IN_FLIGHT` issuances per replica wait at once; beyond that the backlog
 //! stays where it is durable (the PENDING rows, the stream), never in memory.
 //!
