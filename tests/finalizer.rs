@@ -579,3 +579,42 @@ async fn ticket_verification() {
     .await;
     assert_eq!(r.status, 403);
 }
+
+/// Issuance capacity follows the delivery delay, not a fixed number per worker: 3,000 tickets
+/// with one worker and a 2 s delivery are each issued about 2 s after their booking — never
+/// before it is due, and none a round later (at 1,024 issuances per worker, as before, the last
+/// third waited two rounds: over 4 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn each_ticket_waits_its_delivery_and_no_longer() {
+    use futures::StreamExt;
+    const DELAY_S: f64 = 2.0;
+    let app = common::TestApp::spawn_with(|c, _| {
+        c.finalize_delay_ms = (DELAY_S * 1000.0) as u64;
+        c.finalizer_workers = 1;
+    });
+    let event = app.create_event("Wave", 10_000).await;
+    futures::stream::iter(0..3000)
+        .map(|u| app.post("/book", json!({"user_id": u + 1, "event_id": event})))
+        .buffer_unordered(64)
+        .for_each(|r| async move { assert_eq!(r.status, 200, "{:?}", r.body) })
+        .await;
+    all_issued_once(&app.db_path, Duration::from_secs(60)).await;
+    let (n, min, max): (i64, f64, f64) = open_db(&app.db_path)
+        .query_row(
+            "SELECT COUNT(*), MIN(lag), MAX(lag) FROM (SELECT (julianday(finalized_at) - \
+             julianday(created_at)) * 86400.0 AS lag FROM bookings)",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .unwrap();
+    eprintln!("{n} tickets issued {min:.3} s to {max:.3} s after their booking");
+    assert_eq!(n, 3000);
+    assert!(
+        min >= DELAY_S - 0.002,
+        "a ticket issued before its delivery: {min:.3} s"
+    );
+    assert!(
+        max < 2.0 * DELAY_S,
+        "a ticket waited a round for a free slot: issued {max:.3} s after its booking"
+    );
+}
