@@ -298,6 +298,18 @@ def metric_sum(url, names):
     return out
 
 
+def machine_cpu():
+    """CPU seconds spent so far: the whole machine busy (all cores, not idle or iowait), its
+    steal, and this script's own and its finished children's (wrk)."""
+    import resource
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    tick = os.sysconf("SC_CLK_TCK")
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return {"busy": (v[0] + v[1] + v[2] + v[5] + v[6] + v[7]) / tick, "steal": v[7] / tick,
+            "bench": me.ru_utime + me.ru_stime, "wrk": kids.ru_utime + kids.ru_stime}
+
+
 def thread_cpu(pids):
     """CPU seconds (user + system) per thread name, summed over the processes `pids`."""
     tick = os.sysconf("SC_CLK_TCK")
@@ -346,6 +358,7 @@ class Window:
         if full:
             s["metrics"] = {k: sum(metric_sum(x.url, self.COUNTERS)[k] for x in self.servers) for k in self.COUNTERS}
             s["cpu"] = thread_cpu([x.proc.pid for x in self.servers])
+            s["machine"] = machine_cpu()
         return s
 
     def run(self):
@@ -374,6 +387,11 @@ class Window:
         later = max(b["t"] - m["t"], 1e-9)
         bps = booked / secs
         cpu = {k: v - a["cpu"].get(k, 0.0) for k, v in b["cpu"].items()}
+        # what the two cores did in the window: the service, wrk, this script, and everything
+        # else on the machine (another build, say) -- the noise next to each rate
+        mach = {k: b["machine"][k] - a["machine"][k] for k in a["machine"]}
+        mach.update(server=sum(cpu.values()), cores=os.cpu_count())
+        mach["others"] = mach["busy"] - mach["server"] - mach["wrk"] - mach["bench"]
         return {
             "window_s": secs, "bookings": booked, "bookings_per_s": bps,
             "issued": issued, "issued_per_s": issued / secs, "issued_vs_bookings": issued / booked if booked else 0,
@@ -383,7 +401,7 @@ class Window:
             "backlog_end": b["booked"] - b["finalized"],
             "backlog_end_s": b["pending"] / bps if bps else None,
             "metrics_delta": {k: b["metrics"][k] - a["metrics"][k] for k in self.COUNTERS},
-            "cpu_s": cpu, "cpu_us_per_booking": {k: 1e6 * v / booked for k, v in cpu.items()} if booked else {},
+            "cpu_s": cpu, "machine_cpu_s": mach, "cpu_us_per_booking": {k: 1e6 * v / booked for k, v in cpu.items()} if booked else {},
             "per_second": [{"t": round(s["t"] - a["t"], 3), "booked": s["booked"] - a["booked"],
                             "issued": s["finalized"] - a["finalized"]} for s in self.samples],
         }
@@ -532,6 +550,11 @@ def profile(res):
             parts = sorted(r["cpu_us_per_booking"].items(), key=lambda kv: -kv[1])
             out.append(f"{key}: server CPU per booking " + ", ".join(f"{k} {v:.1f} µs" for k, v in parts if v >= 0.05)
                        + f" (window {r['window_s']:.1f} s, {r['bookings']} bookings, {r['issued']} issued)")
+            m = r.get("machine_cpu_s")
+            if m:
+                out.append(f"  the {m['cores']} cores over the window: {100 * m['busy'] / (m['cores'] * r['window_s']):.0f} % busy"
+                           f" -- ticketd {m['server']:.1f} s, wrk {m['wrk']:.1f} s, bench {m['bench']:.1f} s, "
+                           f"everything else (in 5: nginx, Redis) {m['others']:.1f} s, steal {m['steal']:.1f} s (CPU seconds)")
     return "\n".join(out)
 
 
