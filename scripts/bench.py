@@ -306,8 +306,19 @@ def machine_cpu():
         v = [int(x) for x in f.readline().split()[1:]]
     tick = os.sysconf("SC_CLK_TCK")
     me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    procs_cpu = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        # with its waited-for children's: a cargo's finished rustc runs, say
+        procs_cpu[pid] = (stat[stat.index("(") + 1:stat.rindex(")")], sum(int(x) for x in fields[11:15]) / tick)
     return {"busy": (v[0] + v[1] + v[2] + v[5] + v[6] + v[7]) / tick, "steal": v[7] / tick,
-            "bench": me.ru_utime + me.ru_stime, "wrk": kids.ru_utime + kids.ru_stime}
+            "irq": (v[5] + v[6]) / tick,
+            "bench": me.ru_utime + me.ru_stime, "wrk": kids.ru_utime + kids.ru_stime, "procs": procs_cpu}
 
 
 def thread_cpu(pids):
@@ -389,9 +400,16 @@ class Window:
         cpu = {k: v - a["cpu"].get(k, 0.0) for k, v in b["cpu"].items()}
         # what the two cores did in the window: the service, wrk, this script, and everything
         # else on the machine (another build, say) -- the noise next to each rate
-        mach = {k: b["machine"][k] - a["machine"][k] for k in a["machine"]}
+        mach = {k: b["machine"][k] - a["machine"][k] for k in a["machine"] if k != "procs"}
         mach.update(server=sum(cpu.values()), cores=os.cpu_count())
-        mach["others"] = mach["busy"] - mach["server"] - mach["wrk"] - mach["bench"]
+        mach["others"] = mach["busy"] - mach["server"] - mach["wrk"] - mach["bench"] - mach["irq"]
+        ours = {str(x.proc.pid) for x in self.servers} | {str(os.getpid())}
+        top = {}
+        for pid, (name, t) in b["machine"]["procs"].items():
+            if pid not in ours:
+                d = t - a["machine"]["procs"].get(pid, (name, 0.0))[1]
+                top[name] = top.get(name, 0.0) + d
+        mach["top_others"] = sorted(([k, round(v, 1)] for k, v in top.items() if v >= 0.5), key=lambda kv: -kv[1])[:4]
         return {
             "window_s": secs, "bookings": booked, "bookings_per_s": bps,
             "issued": issued, "issued_per_s": issued / secs, "issued_vs_bookings": issued / booked if booked else 0,
@@ -554,7 +572,9 @@ def profile(res):
             if m:
                 out.append(f"  the {m['cores']} cores over the window: {100 * m['busy'] / (m['cores'] * r['window_s']):.0f} % busy"
                            f" -- ticketd {m['server']:.1f} s, wrk {m['wrk']:.1f} s, bench {m['bench']:.1f} s, "
-                           f"everything else (in 5: nginx, Redis) {m['others']:.1f} s, steal {m['steal']:.1f} s (CPU seconds)")
+                           f"interrupts (loopback TCP) {m['irq']:.1f} s, everything else {m['others']:.1f} s "
+                           f"({', '.join(f'{k} {v} s' for k, v in m['top_others']) or '-'}), steal {m['steal']:.1f} s "
+                           f"(CPU seconds)")
     return "\n".join(out)
 
 
