@@ -27,6 +27,8 @@ WARMUP = int(os.environ.get("BENCH_WARMUP", "5"))
 SUSTAIN = int(os.environ.get("BENCH_SUSTAIN_SECONDS", "30"))
 SUSTAIN_DELAYS = [int(x) for x in os.environ.get("BENCH_SUSTAIN_DELAYS", "0,5000").split(",") if x]
 DEFAULT_DELAY_MS = 5000
+# ... and each measures its own process's GET /health for this many seconds first (0: not).
+BESIDE_S = int(os.environ.get("BENCH_HEALTH_BESIDE_SECONDS", "5"))
 
 procs = []
 
@@ -430,13 +432,17 @@ def sustained(tmp, ceiling, delay_ms):
     wrk for the warm-up, then the measured window, with the finalizers running all along."""
     db = os.path.join(tmp, f"sustained-{delay_ms}.db")
     s = Ticketd(db, FINALIZE_DELAY_MS=delay_ms)
+    # this process's own /health just before its sale: a second ceiling, next to the window,
+    # for a machine whose speed moves within one run (row 1 ran a minute or more earlier)
+    health = wrk(s.url, "health.lua", seconds=BESIDE_S)["rps"] if BESIDE_S else None
     ev = create_event(s.url, 1_000_000_000)
     warm = wrk(s.url, "book.lua", seconds=WARMUP, EVENT_ID=ev)
     with Window(db, ev, [s]) as w:
         r = wrk(s.url, "book.lua", seconds=SUSTAIN, EVENT_ID=ev)
     done = w.summary()
     r.update(done, delay_ms=delay_ms, warmup_s=WARMUP, warmup_rps=warm["rps"],
-             ratio=done["bookings_per_s"] / ceiling)
+             ratio=done["bookings_per_s"] / ceiling, health_beside=health,
+             ratio_beside=done["bookings_per_s"] / health if health else None)
     s.stop()
     return r
 
@@ -598,7 +604,9 @@ def table(res):
                      f"issuing alongside | {r['bookings_per_s']:.0f} bookings/s committed (wrk {r['rps']:.0f} req/s, "
                      f"{r['status_errors']} non-200, {r['errors']} errors); {r['issued_per_s']:.0f} tickets "
                      f"issued/s = {100 * r['issued_vs_bookings']:.0f} % of bookings{after}; PENDING at end "
-                     f"{r['pending_end']} = {r['backlog_end_s']:.1f} s of sales | {100 * r['ratio']:.0f} % | "
+                     f"{r['pending_end']} = {r['backlog_end_s']:.1f} s of sales | {100 * r['ratio']:.0f} %"
+                     + (f" ({100 * r['ratio_beside']:.0f} % of its own /health, {r['health_beside']:.0f} req/s, "
+                        f"just before)" if r.get("ratio_beside") else "") + " | "
                      f"{ms(r['p99_us'])} | {target} |")
     if "2_hot_event" in S:
         r = S["2_hot_event"]
