@@ -5,6 +5,12 @@ Every number is reported next to scenario 1 (`GET /health` of the same binary, i
 this machine is shared and noisy, and the ceiling of what HTTP carries here moves with it.
 Prints a markdown table and writes bench/results.json. Nothing here is a test: no threshold
 fails the run; the targets are printed beside the measurements.
+
+Scenario 2s, the sustained sale (issue 14), is the headline: selling and issuing at once over a
+30 s window after a warm-up, counted by the service (committed bookings, FINALIZED tickets, the
+PENDING left at the window's end), never by what the window merely started. Row 2, the 10 s hot
+event, defers issuance past its window at the default delay and is kept for comparison.
+`BENCH_ONLY=1,2s` runs the ceiling and both sustained rows (`2s0`, `2s5000`: one of them).
 """
 import json, os, re, shutil, signal, socket, sqlite3, subprocess, sys, tempfile, time
 import urllib.request
@@ -578,7 +584,8 @@ def profile(res):
             if m:
                 out.append(f"  the {m['cores']} cores over the window: {100 * m['busy'] / (m['cores'] * r['window_s']):.0f} % busy"
                            f" -- ticketd {m['server']:.1f} s, wrk {m['wrk']:.1f} s, bench {m['bench']:.1f} s, "
-                           f"interrupts (loopback TCP) {m['irq']:.1f} s, everything else {m['others']:.1f} s "
+                           # softirq time is partly charged to the processes too: "else" is a bound
+                           f"interrupts (loopback TCP) {m['irq']:.1f} s, everything else ≤ {max(m['others'] + m['irq'], 0):.1f} s "
                            f"({', '.join(f'{k} {v} s' for k, v in m['top_others']) or '-'}), steal {m['steal']:.1f} s "
                            f"(CPU seconds)")
     return "\n".join(out)
