@@ -116,6 +116,21 @@ pub struct Config {
         default_value = "info"
     )]
     pub rust_log: String,
+    /// Something else than serving: `backup`.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// The binary's other jobs (without one, it serves).
+#[derive(Debug, Clone, PartialEq, Eq, clap::Subcommand)]
+pub enum Command {
+    /// Copies the database of DATABASE_URL to a new file, consistent as of one commit, while the
+    /// service keeps selling (SQLite's online backup API; never a file copy of a WAL database).
+    Backup {
+        /// The new file; an existing one is never overwritten.
+        #[arg(long, value_name = "FILE")]
+        to: PathBuf,
+    },
 }
 
 /// Where the SQLite file lives; `sqlite://ticket.db` and `sqlite:///abs/path.db` both work,
@@ -276,6 +291,7 @@ impl Config {
             cors_origins: CorsOrigins::Any,
             log_format: LogFormat::Text,
             rust_log: "warn".into(),
+            command: None,
         }
     }
 

@@ -2,10 +2,29 @@
 
 use std::process::ExitCode;
 
+use ticketd::config::Command;
 use ticketd::{telemetry, Application, Config, Tuning};
 
 fn main() -> ExitCode {
     let config = Config::from_env_or_exit();
+    if let Some(Command::Backup { to }) = &config.command {
+        return match ticketd::store::backup::backup(&config.database_url.0, to) {
+            Ok(c) => {
+                println!(
+                    "ticketd: backup written to {}: {} events, {} bookings, {} bytes",
+                    c.path.display(),
+                    c.events,
+                    c.bookings,
+                    c.bytes
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("ticketd: backup failed: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     // Test builds only (`--features failpoints`): failpoints configured by the FAILPOINTS env.
     #[cfg(feature = "failpoints")]
     let _failpoints = fail::FailScenario::setup();

@@ -4,6 +4,7 @@
 //! through a small pool of read-only connections, which in WAL mode never block the writer and
 //! never wait for it.
 
+pub mod backup;
 pub mod queries;
 pub mod schema;
 pub mod wal;
