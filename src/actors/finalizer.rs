@@ -363,11 +363,10 @@ async fn issue(deps: FinalizerDeps, done: Done, batch: Vec<Job>) {
             .await
         {
             Ok(found) => {
+                let found: std::collections::HashMap<i64, TicketFacts> =
+                    found.into_iter().map(|f| (f.booking_id, f)).collect();
                 for job in ready.iter_mut().filter(|j| j.owed.facts.is_none()) {
-                    job.owed.facts = found
-                        .iter()
-                        .find(|f| f.booking_id == job.owed.booking_id)
-                        .copied();
+                    job.owed.facts = found.get(&job.owed.booking_id).copied();
                 }
             }
             Err(e) => {

@@ -603,25 +603,36 @@ fn finalize_in_savepoint(
     tickets: &[IssuedTicket],
     at: &Stamps<'_>,
 ) -> rusqlite::Result<(usize, i64)> {
-    tx.prepare_cached("SAVEPOINT tickets")?.execute([])?;
+    savepoint(tx)?;
     match queries::finalize_many(tx, tickets, at.now) {
         Ok(done) => {
-            tx.prepare_cached("RELEASE tickets")?.execute([])?;
+            release_savepoint(tx)?;
             Ok(done)
         }
         Err(e) => {
-            tx.prepare_cached("ROLLBACK TO tickets")?.execute([])?;
-            tx.prepare_cached("RELEASE tickets")?.execute([])?;
+            let _ = rollback_savepoint(tx);
             Err(e)
         }
     }
 }
 
-/// Undoes one batch inside the group transaction (prepared once: the hot path runs it often).
-fn rollback_savepoint(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<()> {
-    tx.prepare_cached("ROLLBACK TO seats")?.execute([])?;
-    tx.prepare_cached("RELEASE seats")?.execute([])?;
+/// One op of the group (a batch, a finalizer's tickets) runs inside its own savepoint, so a
+/// refused or failed op is undone alone. The statements are prepared once: the hot path runs
+/// them for every batch.
+fn savepoint(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<()> {
+    tx.prepare_cached("SAVEPOINT op")?.execute([])?;
     Ok(())
+}
+
+fn release_savepoint(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<()> {
+    tx.prepare_cached("RELEASE op")?.execute([])?;
+    Ok(())
+}
+
+/// Undoes the op inside the group transaction.
+fn rollback_savepoint(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<()> {
+    tx.prepare_cached("ROLLBACK TO op")?.execute([])?;
+    release_savepoint(tx)
 }
 
 fn apply_seats(tx: &rusqlite::Transaction<'_>, batch: SeatBatch, at: &Stamps<'_>) -> Applied {
@@ -653,13 +664,11 @@ fn apply_seats(tx: &rusqlite::Transaction<'_>, batch: SeatBatch, at: &Stamps<'_>
         keys_live_after_ms: at.keys_live_after_ms,
     };
     // A savepoint per batch: a refused or failed batch is undone alone.
-    let result = tx
-        .prepare_cached("SAVEPOINT seats")
-        .and_then(|mut st| st.execute([]))
-        .and_then(|_| queries::apply_fenced_batch(tx, &fenced))
+    let result = savepoint(tx)
+        .and_then(|()| queries::apply_fenced_batch(tx, &fenced))
         .and_then(|r| {
             if r.is_ok() {
-                tx.prepare_cached("RELEASE seats")?.execute([])?;
+                release_savepoint(tx)?;
             }
             Ok(r)
         });
