@@ -1,13 +1,21 @@
 #!/usr/bin/env bash
 # `make cluster`: a local redis-server, three ticketd replicas sharing one SQLite file, and nginx
-# on :8000 in front of them, without Docker. Ctrl-C stops them all.
+# on :8000 in front of them, without Docker. Ctrl-C stops them all, gracefully and in order.
+#
+# The children run in sessions of their own (setsid), so a terminal's Ctrl-C reaches only this
+# script: sent to the whole group, it made nginx cut its clients at once (SIGINT is its fast
+# shutdown) and the replicas see a second signal from the cleanup (a forced stop), and bookings
+# committed by then lost their 200. The cleanup stops the front first: nginx finishes the
+# requests it carries (SIGQUIT), then each replica stops (one SIGTERM: it answers what it
+# accepted and commits what its writer holds), then Redis.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PORT=${PORT:-8000}
 REDIS_PORT=${REDIS_PORT:-6390}
 DATABASE_URL=${DATABASE_URL:-sqlite://cluster.db}
-BIN=./target/release/ticketd
+# TICKETD_BIN runs another build and skips the release build (the tests run the debug binary).
+BIN=${TICKETD_BIN:-./target/release/ticketd}
 RUN=$(mktemp -d /tmp/ticketd-cluster.XXXXXX)
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 
@@ -15,27 +23,36 @@ NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 ADMIN_TOKEN=${ADMIN_TOKEN:-$(head -c 18 /dev/urandom | base64 | tr '+/' '-_')}
 export ADMIN_TOKEN
 
-cargo build --release --bin ticketd
+[ -n "${TICKETD_BIN:-}" ] || cargo build --release --bin ticketd
 
-pids=()
+redis="" nginx="" replicas=()
+# Signals `pid` and waits until it has exited.
+stop() {
+  [ -n "$2" ] || return 0
+  kill -s "$1" "$2" 2>/dev/null || true
+  wait "$2" 2>/dev/null || true
+}
 cleanup() {
   trap - EXIT INT TERM
-  echo "stopping the cluster..."
-  kill "${pids[@]}" 2>/dev/null || true
-  wait 2>/dev/null || true
+  echo "stopping the cluster: nginx, then the replicas, then redis..."
+  stop QUIT "$nginx"
+  for p in "${replicas[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
+  for p in "${replicas[@]}"; do wait "$p" 2>/dev/null || true; done
+  stop TERM "$redis"
   rm -rf "$RUN"
 }
-trap cleanup EXIT INT TERM
+trap cleanup EXIT
+trap 'cleanup; exit 0' INT TERM
 
-redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no \
+setsid redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no \
   --daemonize no --loglevel warning &
-pids+=($!)
+redis=$!
 
 upstreams=""
 for i in 1 2 3; do
   REDIS_URL="redis://127.0.0.1:$REDIS_PORT/" PORT=$((PORT + i)) DATABASE_URL="$DATABASE_URL" \
-    "$BIN" &
-  pids+=($!)
+    REPLICA_ID="r$i" setsid "$BIN" &
+  replicas+=($!)
   upstreams+="    server 127.0.0.1:$((PORT + i)) max_fails=0;"$'\n'
 done
 
@@ -70,8 +87,8 @@ $upstreams    keepalive 512;
   }
 }
 CONF
-"$NGINX" -p "$RUN" -c "$RUN/nginx.conf" -e stderr &
-pids+=($!)
+setsid "$NGINX" -p "$RUN" -c "$RUN/nginx.conf" -e stderr &
+nginx=$!
 
 echo "ticketd cluster: nginx on http://127.0.0.1:$PORT -> replicas :$((PORT + 1)) :$((PORT + 2)) :$((PORT + 3)), redis :$REDIS_PORT, $DATABASE_URL"
 echo "organizer token: export ADMIN_TOKEN=$ADMIN_TOKEN"

@@ -18,7 +18,7 @@ type Acks = Arc<Mutex<HashMap<i64, Value>>>;
 /// `workers` clients booking in a loop until told to stop, the event sells out or the server
 /// goes away. Returns the acknowledged bookings and the number of 503s.
 fn hammer(
-    p: &Proc,
+    p: &impl Target,
     events: &[i64],
     workers: usize,
     stop: Arc<AtomicBool>,
@@ -27,7 +27,7 @@ fn hammer(
     let busy = Arc::new(AtomicUsize::new(0));
     let tasks = (0..workers)
         .map(|w| {
-            let (client, base, acks, busy, stop) = (p.client.clone(), p.base(), acks.clone(), busy.clone(), stop.clone());
+            let (client, base, acks, busy, stop) = (p.http().clone(), p.base(), acks.clone(), busy.clone(), stop.clone());
             let events = events.to_vec();
             tokio::spawn(async move {
                 let mut n = 0i64;
@@ -233,6 +233,139 @@ async fn graceful_stop_during_a_burst(signal: i32) {
         acks.len(),
         "every committed booking was answered"
     );
+}
+
+/// `make cluster` (scripts/cluster.sh: Redis, three replicas, nginx in front) stopped by Ctrl-C
+/// under load, as a terminal sends it: SIGINT to the script's whole process group. Every booking
+/// committed got its 200 through nginx, and every 200 is committed. Before, the group's SIGINT
+/// reached nginx too (its fast shutdown cut the clients whose bookings the replicas were
+/// committing), and the script's cleanup signalled the replicas a second time (a forced stop).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn ctrl_c_on_make_cluster_answers_every_committed_booking() {
+    let dir = tempfile::tempdir().unwrap();
+    let db_path = dir.path().join("cluster.db");
+    let script = ClusterScript::start(&db_path).await;
+    let mut events = Vec::new();
+    for i in 0..8 {
+        events.push(
+            script
+                .create_event(&format!("Cluster sale {i}"), 1_000_000)
+                .await,
+        );
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let (acks, _busy, tasks) = hammer(&script, &events, 48, stop.clone());
+    wait_for_acks(&acks, 300).await;
+    script.ctrl_c();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let exit = script.wait().await;
+    let acks = acks.lock().unwrap().clone();
+    let db = open_db(&db_path);
+    assert_acks_committed(&db, &events, &acks);
+    let rows: i64 = events.iter().map(|&e| booking_sums(&db, e).1).sum();
+    assert_eq!(
+        rows as usize,
+        acks.len(),
+        "every booking committed during Ctrl-C was answered through nginx"
+    );
+    assert_eq!(exit, Some(0), "the script stops cleanly");
+}
+
+/// scripts/cluster.sh running the debug binary, in a process group of its own (the test's
+/// Ctrl-C must not reach the test runner), on free ports.
+struct ClusterScript {
+    child: std::process::Child,
+    port: u16,
+    client: reqwest::Client,
+    admin: String,
+}
+
+impl Target for ClusterScript {
+    fn base(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+    fn http(&self) -> &reqwest::Client {
+        &self.client
+    }
+    fn admin_token(&self) -> Option<&str> {
+        Some(&self.admin)
+    }
+}
+
+impl ClusterScript {
+    async fn start(db: &std::path::Path) -> Self {
+        use std::os::unix::process::CommandExt;
+        // nginx on `port`, the replicas on the three ports after it: all four must be free.
+        let port = loop {
+            let p = common::free_port();
+            if p < 65000
+                && (1..=3).all(|i| std::net::TcpListener::bind(("127.0.0.1", p + i)).is_ok())
+            {
+                break p;
+            }
+        };
+        let admin = "cluster-script-organizer-token".to_string();
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/cluster.sh");
+        let child = std::process::Command::new("bash")
+            .arg(script)
+            .env("TICKETD_BIN", env!("CARGO_BIN_EXE_ticketd"))
+            .env("PORT", port.to_string())
+            .env("REDIS_PORT", common::free_port().to_string())
+            .env("DATABASE_URL", format!("sqlite://{}", db.display()))
+            .env("ADMIN_TOKEN", &admin)
+            .env("TICKET_KEY", common::TEST_KEY)
+            .env("FINALIZE_DELAY_MS", "1000")
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .process_group(0)
+            .spawn()
+            .expect("run scripts/cluster.sh");
+        let s = ClusterScript {
+            child,
+            port,
+            client: common::client(),
+            admin,
+        };
+        // Up when nginx reaches all three replicas.
+        let ready = common::eventually(Duration::from_secs(60), || {
+            (1..=3).all(|i| std::net::TcpStream::connect(("127.0.0.1", port + i)).is_ok())
+                && std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        })
+        .await;
+        assert!(ready, "the cluster script did not come up");
+        s
+    }
+
+    /// What a terminal does on Ctrl-C: SIGINT to the foreground process group.
+    fn ctrl_c(&self) {
+        let rc = unsafe { libc::kill(-(self.child.id() as i32), libc::SIGINT) };
+        assert_eq!(rc, 0, "kill failed");
+    }
+
+    async fn wait(mut self) -> Option<i32> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                return status.code();
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the script did not stop"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for ClusterScript {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            unsafe { libc::kill(-(self.child.id() as i32), libc::SIGTERM) };
+            let _ = self.child.wait();
+        }
+    }
 }
 
 /// Promise 2, deterministically: the writer's COMMIT fails for twenty groups in a row (failpoint
