@@ -192,6 +192,11 @@ impl Application {
             mode,
             redis,
             body_timeout: Duration::from_millis(config.body_timeout_ms),
+            description: api::openapi::json_for(api::openapi::Access {
+                organizer_token: config.admin_token.is_some(),
+                customer_tokens: config.customer_jwt_secret.is_some(),
+            })
+            .into(),
         });
         let addr = format!("{}:{}", config.host, config.port);
         let listen_err = |source| StartError::Listen {

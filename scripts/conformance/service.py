@@ -103,6 +103,8 @@ class Service:
             "RUST_LOG": "warn",
             **self.extra_env,
         }
+        # extra_env names a variable with None to leave it unset (e.g. ADMIN_TOKEN: the open mode).
+        env = {k: v for k, v in env.items() if v is not None}
         log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
             [str(binary())], env=env, stdout=log, stderr=subprocess.STDOUT,

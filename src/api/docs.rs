@@ -18,10 +18,10 @@ use super::ApiError;
     summary = "This description (OpenAPI 3.1)",
     responses((status = 200, description = "The OpenAPI 3.1 description", content_type = "application/json", body = Object))
 )]
-pub async fn openapi_json() -> HttpResponse {
+pub async fn openapi_json(state: web::Data<super::AppState>) -> HttpResponse {
     HttpResponse::Ok()
         .content_type("application/json")
-        .body(super::openapi::json())
+        .body(state.description.clone())
 }
 
 /// `GET /docs`: Swagger UI lives under `/docs/` (its files are relative to it), as a browser

@@ -47,6 +47,8 @@ pub struct AppState {
     pub redis: Option<RedisLink>,
     /// How long a request's body may take to arrive (`body::deadline`).
     pub body_timeout: std::time::Duration,
+    /// `GET /openapi.json`: the description with the security in force here (`openapi::json_for`).
+    pub description: actix_web::web::Bytes,
 }
 
 /// Parses an id from the path, answering 422 (naming the parameter) when it is not one.

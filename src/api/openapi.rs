@@ -7,8 +7,6 @@
 //! the serialized types themselves. The test at the end fails when a mounted route is missing
 //! from the description, or the description names a route that is not mounted.
 
-use std::sync::OnceLock;
-
 use utoipa::openapi::path::{Parameter, ParameterBuilder, ParameterIn};
 use utoipa::openapi::schema::{ObjectBuilder, Schema, Type};
 use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme};
@@ -78,14 +76,85 @@ use crate::domain::{MAX_TICKET_CODE, MAX_TITLE_CHARS};
 )]
 pub struct ApiDoc;
 
-/// The description as served, serialized once per process.
-pub fn json() -> &'static str {
-    static JSON: OnceLock<String> = OnceLock::new();
-    JSON.get_or_init(|| {
-        ApiDoc::openapi()
-            .to_json()
-            .unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"))
-    })
+/// What this process asks callers to prove: the description states the security that is in
+/// force, not every scheme the code knows (a client generator, or schemathesis, takes it at its
+/// word).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Access {
+    /// `ADMIN_TOKEN` is set: organizer operations need it.
+    pub organizer_token: bool,
+    /// `CUSTOMER_JWT_SECRET` is set: `POST /book` needs a customer token.
+    pub customer_tokens: bool,
+}
+
+impl Access {
+    /// Every scheme in force: what the code's attributes describe.
+    pub const ALL: Access = Access {
+        organizer_token: true,
+        customer_tokens: true,
+    };
+}
+
+/// The description as this process serves it (serialized once, at start).
+pub fn json_for(access: Access) -> String {
+    let mut spec = match serde_json::to_value(ApiDoc::openapi()) {
+        Ok(v) => v,
+        Err(e) => return format!("{{\"error\": \"{e}\"}}"),
+    };
+    if let Some(paths) = spec.get_mut("paths").and_then(|p| p.as_object_mut()) {
+        for (path, item) in paths.iter_mut() {
+            let Some(ops) = item.as_object_mut() else {
+                continue;
+            };
+            for op in ops.values_mut() {
+                if let Some(security) = op.get_mut("security") {
+                    *security = security_in_force(path, security, access);
+                }
+            }
+        }
+    }
+    spec.to_string()
+}
+
+/// One operation's security requirements as they hold in this process. The attributes on the
+/// handlers describe the service with every scheme in force; without `ADMIN_TOKEN`, organizer
+/// operations are open to anyone (as in the old service; a bearer token is ignored), `/admin/*`
+/// answers everyone `403`, and the organizer reads no booking; without `CUSTOMER_JWT_SECRET`,
+/// no customer token is asked for or honoured; with it, booking needs one.
+fn security_in_force(
+    path: &str,
+    security: &serde_json::Value,
+    access: Access,
+) -> serde_json::Value {
+    use serde_json::{json, Value};
+    let names = |req: &Value| -> Vec<String> {
+        req.as_object()
+            .map(|o| o.keys().cloned().collect())
+            .unwrap_or_default()
+    };
+    let declared: Vec<Value> = security.as_array().cloned().unwrap_or_default();
+    let organizer_only = declared.len() == 1 && names(&declared[0]) == ["organizer"];
+    if organizer_only && !access.organizer_token {
+        return if path.starts_with("/admin/") {
+            json!([{}]) // disabled: no credential changes the answer
+        } else {
+            json!([{}, {"organizer": []}])
+        };
+    }
+    let kept: Vec<Value> = declared
+        .into_iter()
+        .filter(|req| {
+            let n = names(req);
+            !(n.iter().any(|s| s == "organizer") && !access.organizer_token)
+                && !(n.iter().any(|s| s == "customer") && !access.customer_tokens)
+                && !(n.is_empty() && path == "/book" && access.customer_tokens)
+        })
+        .collect();
+    if kept.is_empty() {
+        json!([{}])
+    } else {
+        Value::Array(kept)
+    }
 }
 
 /// The ways a request proves who sends it (DESIGN.md, "Who may do what").
@@ -341,7 +410,7 @@ mod tests {
     #[test]
     fn every_reference_resolves() {
         let spec: serde_json::Value =
-            serde_json::from_str(json()).expect("the description is JSON");
+            serde_json::from_str(&json_for(Access::ALL)).expect("the description is JSON");
         fn refs<'a>(v: &'a serde_json::Value, out: &mut Vec<&'a str>) {
             match v {
                 serde_json::Value::Object(map) => {
@@ -376,10 +445,57 @@ mod tests {
         }
     }
 
+    /// The description names the credentials this process asks for, no more: without
+    /// `ADMIN_TOKEN` the organizer's operations are open and `/admin/*` is shut to everyone;
+    /// without `CUSTOMER_JWT_SECRET` no customer token is involved; with it, booking needs one.
+    #[test]
+    fn the_security_described_is_the_security_in_force() {
+        use serde_json::json;
+        let security = |access: Access, path: &str, method: &str| {
+            let spec: serde_json::Value =
+                serde_json::from_str(&json_for(access)).expect("the description is JSON");
+            spec["paths"][path][method]["security"].clone()
+        };
+        let locked = Access::ALL;
+        let open = Access {
+            organizer_token: false,
+            customer_tokens: false,
+        };
+        assert_eq!(
+            security(locked, "/event", "post"),
+            json!([{"organizer": []}])
+        );
+        assert_eq!(
+            security(open, "/event", "post"),
+            json!([{}, {"organizer": []}])
+        );
+        assert_eq!(
+            security(open, "/metrics", "get"),
+            json!([{}, {"organizer": []}])
+        );
+        assert_eq!(
+            security(open, "/admin/finalizer/replay", "post"),
+            json!([{}])
+        );
+        assert_eq!(security(locked, "/book", "post"), json!([{"customer": []}]));
+        assert_eq!(security(open, "/book", "post"), json!([{}]));
+        let booking = security(open, "/book/{id}", "get");
+        assert_eq!(
+            booking,
+            json!([{"booking_secret": []}, {"booking_secret_query": []}]),
+            "without tokens only the secret reads a booking"
+        );
+        let all = security(locked, "/book/{id}/cancel", "post");
+        for scheme in ["booking_secret", "customer", "organizer"] {
+            assert!(all.to_string().contains(scheme), "{scheme} in {all}");
+        }
+        assert_eq!(security(open, "/health", "get"), serde_json::Value::Null);
+    }
+
     #[test]
     fn it_is_openapi_3_1_with_the_security_schemes() {
         let spec: serde_json::Value =
-            serde_json::from_str(json()).expect("the description is JSON");
+            serde_json::from_str(&json_for(Access::ALL)).expect("the description is JSON");
         assert!(spec["openapi"]
             .as_str()
             .is_some_and(|v| v.starts_with("3.1")));
