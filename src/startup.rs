@@ -247,6 +247,7 @@ impl Application {
             App::new()
                 .wrap(actix_web::middleware::from_fn(api::body::deadline))
                 .wrap(api::cors(&cors_origins))
+                .wrap(actix_web::middleware::from_fn(api::cors_errors_as_json))
                 .wrap(TracingLogger::<crate::telemetry::RequestSpan>::new())
                 .wrap(actix_web::middleware::Condition::new(
                     access_log,

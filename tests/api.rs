@@ -498,12 +498,18 @@ async fn cors_like_the_old_service_and_narrowed_by_setting() {
     assert_eq!(r.status(), 200);
     assert_eq!(allowed_origin(&r).as_deref(), Some("https://shop.example"));
     let r = preflight(&app, "https://evil.example").await;
-    assert_ne!(
+    assert_eq!(
         r.status(),
-        200,
+        400,
         "a preflight from another origin is refused"
     );
     assert_eq!(allowed_origin(&r), None);
+    // ... with the API's JSON error, as every error.
+    let body: Value = r.json().await.expect("a JSON body");
+    assert!(
+        body["detail"].as_str().is_some_and(|d| d.contains("rigin")),
+        "{body}"
+    );
 }
 
 /// `GET /event` lists what is on sale, a page at a time: keyset pagination by id with a `next`
@@ -546,6 +552,16 @@ async fn events_are_listed_a_page_at_a_time() {
     let r = app.get("/event").await;
     assert_eq!(r.body["events"].as_array().unwrap().len(), 5);
     assert_eq!(r.body["next"], Value::Null);
+    // A last page that is exactly full says so: no empty page to fetch after it.
+    let r = app.get("/event?limit=5").await;
+    assert_eq!(r.body["events"].as_array().unwrap().len(), 5);
+    assert_eq!(
+        r.body["next"],
+        Value::Null,
+        "5 events, pages of 5: one page"
+    );
+    let r = app.get("/event?limit=4").await;
+    assert_eq!(r.body["next"], json!(ids[3]));
     for (query, loc) in [
         ("limit=0", "limit"),
         ("limit=201", "limit"),

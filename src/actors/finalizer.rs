@@ -393,6 +393,12 @@ async fn issue(deps: FinalizerDeps, done: Done, batch: Vec<Job>) {
                 m.tickets_issued.increment(written as u64);
                 debug!(written, batch = ready.len(), "tickets issued");
             }
+            // The writer stops last in a graceful shutdown: issuances still due then wait,
+            // PENDING, for the next start. Expected, so not a warning.
+            Err(e @ crate::store::StoreError::WriterClosed) => {
+                info!(error = %e, n = ready.len(), "stopping: these tickets are issued after the next start");
+                failed.append(&mut ready);
+            }
             Err(e) => {
                 warn!(error = %e, n = ready.len(), "issuing failed; the tickets will be delivered again");
                 failed.append(&mut ready);

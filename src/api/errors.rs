@@ -46,6 +46,9 @@ pub enum ApiError {
     /// The cause goes to the log, not to the client (it names internals: Redis, the database).
     #[error("Service temporarily unavailable; retry shortly")]
     Unavailable(String),
+    /// A cross-origin request CORS refused (an origin, method or header not allowed).
+    #[error("{0}")]
+    CorsRefused(String),
     #[error("Internal server error")]
     Internal(String),
 }
@@ -106,6 +109,7 @@ impl ResponseError for ApiError {
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::SoldOut(_) | ApiError::KeyInFlight => StatusCode::CONFLICT,
             ApiError::Overloaded | ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::CorsRefused(_) => StatusCode::BAD_REQUEST,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }

@@ -47,12 +47,16 @@ pub async fn list(state: web::Data<AppState>, req: HttpRequest) -> Result<HttpRe
             )])
         })?;
     let page = crate::domain::Page::parse(&query).map_err(ApiError::Validation)?;
-    let events = state
+    // One row past the page says whether another page follows: `next` is null on the last
+    // page even when it is exactly full, so a client never fetches an empty page.
+    let mut events = state
         .reads
-        .read(move |c| queries::events_after(c, page.after, page.limit))
+        .read(move |c| queries::events_after(c, page.after, page.limit + 1))
         .await?;
+    let more = events.len() as i64 > page.limit;
+    events.truncate(page.limit as usize);
     let next = match events.last() {
-        Some(last) if events.len() as i64 == page.limit => Some(last.id),
+        Some(last) if more => Some(last.id),
         _ => None,
     };
     Ok(HttpResponse::Ok().json(Listing { events, next }))

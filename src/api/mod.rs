@@ -87,6 +87,33 @@ pub fn cors(origins: &crate::config::CorsOrigins) -> actix_cors::Cors {
     }
 }
 
+/// A request CORS refused gets the API's JSON error (`400 {"detail": …}`) like every other
+/// error, where actix-cors answers in plain text. Wrapped outside `cors`.
+pub async fn cors_errors_as_json<B: actix_web::body::MessageBody>(
+    req: actix_web::dev::ServiceRequest,
+    next: actix_web::middleware::Next<B>,
+) -> Result<actix_web::dev::ServiceResponse<actix_web::body::EitherBody<B>>, actix_web::Error> {
+    use actix_web::ResponseError;
+    let refused = |e: &actix_web::Error| {
+        e.as_error::<actix_cors::CorsError>()
+            .map(|c| ApiError::CorsRefused(c.to_string()))
+    };
+    // actix-cors answers a refused preflight itself (the response keeps its error) and fails
+    // a refused simple request: both become the API's error.
+    let res = match next.call(req).await {
+        Ok(res) => res,
+        Err(e) => return Err(refused(&e).map_or(e, Into::into)),
+    };
+    match res.response().error().and_then(refused) {
+        Some(api) => {
+            let (req, _) = res.into_parts();
+            let json = api.error_response();
+            Ok(actix_web::dev::ServiceResponse::new(req, json).map_into_right_body())
+        }
+        None => Ok(res.map_into_left_body()),
+    }
+}
+
 /// One route: a path (as actix matches it and as `/openapi.json` names it) and a method.
 pub struct Endpoint {
     pub path: &'static str,
