@@ -20,10 +20,16 @@ fn a_private_server_starts_and_is_gone_after_drop() {
         let v: String = c.query_one(&format!("SHOW {setting}"), &[]).unwrap().get(0);
         assert_eq!(v, "on", "{setting}: durability is a promise");
     }
-    let db: String = c.query_one("SELECT current_database()", &[]).unwrap().get(0);
+    let db: String = c
+        .query_one("SELECT current_database()", &[])
+        .unwrap()
+        .get(0);
     assert_eq!(db, "ticketd");
     drop(c);
     drop(pg);
-    assert!(wait_closed(port, Duration::from_secs(5)), "the server stopped");
+    assert!(
+        wait_closed(port, Duration::from_secs(5)),
+        "the server stopped"
+    );
     assert!(!data.exists(), "its directory was deleted");
 }

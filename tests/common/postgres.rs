@@ -141,7 +141,11 @@ impl PgServer {
                 pg.database.as_ref(),
             ],
         );
-        assert!(created.status.success(), "createdb: {}", pg.output_text(&created));
+        assert!(
+            created.status.success(),
+            "createdb: {}",
+            pg.output_text(&created)
+        );
         pg
     }
 
