@@ -67,6 +67,8 @@ DECLARE
     s_user BIGINT[] := '{}';
     s_seats BIGINT[] := '{}';
     s_delta BIGINT[] := '{}';
+    -- Whether the customer's row is still to be made (none when the batch read it).
+    s_new BOOLEAN[] := '{}';
     seq REGCLASS := pg_get_serial_sequence('bookings', 'id')::REGCLASS;
 BEGIN
     SELECT * INTO ev FROM events WHERE id = p_event FOR NO KEY UPDATE;
@@ -110,7 +112,7 @@ BEGIN
                     WHERE cs.event_id = p_event AND cs.user_id = bk.user_id;
                     IF FOUND THEN
                         s_user := s_user || bk.user_id; s_seats := s_seats || held;
-                        s_delta := s_delta || 0::BIGINT;
+                        s_delta := s_delta || 0::BIGINT; s_new := s_new || false;
                         j := array_length(s_user, 1);
                     END IF;
                 END IF;
@@ -158,7 +160,7 @@ BEGIN
                 SELECT cs.seats INTO held FROM customer_seats cs
                 WHERE cs.event_id = p_event AND cs.user_id = u;
                 s_user := s_user || u; s_seats := s_seats || COALESCE(held, 0);
-                s_delta := s_delta || 0::BIGINT;
+                s_delta := s_delta || 0::BIGINT; s_new := s_new || NOT FOUND;
                 j := array_length(s_user, 1);
             END IF;
             IF q > lim OR s_seats[j] + q > lim THEN
@@ -211,10 +213,14 @@ BEGIN
         UPDATE bookings SET status = 'CANCELLED', cancelled_at = now_ts WHERE id = ANY(to_cancel);
     END IF;
     IF array_length(s_user, 1) > 0 THEN
-        INSERT INTO customer_seats AS cs (event_id, user_id, seats, max_seats)
-        SELECT p_event, d.u, d.delta, lim FROM unnest(s_user, s_delta) AS d(u, delta)
-        WHERE d.delta <> 0
-        ON CONFLICT (event_id, user_id) DO UPDATE SET seats = cs.seats + excluded.seats;
+        -- Two statements: an INSERT … ON CONFLICT checks the row it proposes (a negative
+        -- change) against the CHECK before it finds the conflict.
+        UPDATE customer_seats cs SET seats = cs.seats + d.delta
+        FROM unnest(s_user, s_delta, s_new) AS d(u, delta, fresh)
+        WHERE cs.event_id = p_event AND cs.user_id = d.u AND NOT d.fresh AND d.delta <> 0;
+        INSERT INTO customer_seats (event_id, user_id, seats, max_seats)
+        SELECT p_event, d.u, d.delta, lim FROM unnest(s_user, s_delta, s_new) AS d(u, delta, fresh)
+        WHERE d.fresh AND d.delta <> 0;
     END IF;
     IF n > 0 THEN
         INSERT INTO bookings (id, event_id, user_id, quantity, status, created_at)

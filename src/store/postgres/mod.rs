@@ -8,14 +8,19 @@
 //! which run blocking closures on the blocking pool exactly as SQLite's pool does (r2d2 is
 //! already the read pool's crate). No TLS yet (`NoTls`): PostgreSQL on a private network.
 
+pub mod queries;
 pub mod schema;
+pub mod writer;
 
 #[cfg(test)]
 #[path = "../../../tests/common/postgres.rs"]
 pub(crate) mod testpg;
 
 #[cfg(test)]
-mod tests {
+mod tests;
+
+#[cfg(test)]
+mod schema_tests {
     use super::schema::{migrate, MigrateError, MIGRATIONS};
     use super::testpg::PgServer;
 
