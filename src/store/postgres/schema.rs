@@ -21,7 +21,7 @@
 //!   (an error aborts the whole group's transaction on PostgreSQL).
 
 /// The key of the advisory lock the migrations run under (any constant; `ticketd` in ASCII).
-pub const MIGRATION_LOCK: i64 = 0x7469_636b_6574_64;
+pub const MIGRATION_LOCK: i64 = 0x0074_6963_6b65_7464;
 
 /// The slots of `report_totals` (see the module doc).
 pub const TOTALS_SLOTS: i32 = 64;

@@ -204,7 +204,16 @@ impl PgWriter {
         let mut attempt = 0;
         loop {
             let live: Vec<usize> = (0..ops.len()).filter(|&i| failed[i].is_none()).collect();
-            let answers = self.apply(ops, &live)?;
+            let answers = match self.apply(ops, &live) {
+                Ok(answers) => answers,
+                Err(e) => {
+                    // BEGIN may have gone through: leave no transaction open for the next group.
+                    if !self.client.is_closed() {
+                        let _ = self.rollback();
+                    }
+                    return Err(e);
+                }
+            };
             // The first op that failed for itself (the ones after it only saw the aborted
             // transaction).
             let culprit = answers.iter().position(|a| {
@@ -291,10 +300,9 @@ impl PgWriter {
             let totals = c.execute(&st.totals, &params);
             let commit = c.batch_execute("COMMIT");
             let (added, committed) = futures_util::future::join(totals, commit).await;
-            if let Err(e) = added {
-                // The COMMIT of the aborted transaction rolled it back (and said "ROLLBACK").
-                return Err(e);
-            }
+            // If the totals failed, the COMMIT of the aborted transaction rolled it back (and said
+            // "ROLLBACK", not an error): the group failed.
+            added?;
             committed
         })
     }
