@@ -2,7 +2,8 @@
 CARGO ?= cargo
 # Debian packages the test suite needs; installed by `make deps` when missing.
 # chromium: the browser check of /docs and /redoc; python3-venv: the checks' virtualenv.
-TEST_PACKAGES ?= redis-server nginx wrk docker-compose chromium python3-venv
+# postgresql: the tests start their own private servers with its binaries (never the system one).
+TEST_PACKAGES ?= redis-server nginx wrk docker-compose chromium python3-venv postgresql
 LOOM_TARGET ?= target-loom
 # The unit tests' build; the conformance checks run the binary it leaves in the target dir.
 UNIT_ARGS = --workspace --features ticketd/failpoints

@@ -5,6 +5,7 @@
 //! never wait for it.
 
 pub mod backup;
+pub mod postgres;
 pub mod queries;
 pub mod schema;
 pub mod wal;

@@ -432,7 +432,7 @@ pub fn idempotency_key(
 
 /// Where the purge of expired keys has got to in its walk over the table (in key order).
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct PurgeCursor(Option<(String, String)>);
+pub struct PurgeCursor(pub(crate) Option<(String, String)>);
 
 /// Walks the next `chunk` keys after the cursor and deletes the expired ones; returns how many
 /// went. The table has no index by age (it would cost every keyed booking a second B-tree

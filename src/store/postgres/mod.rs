@@ -1,0 +1,97 @@
+//! PostgreSQL storage (`DATABASE_URL=postgres://…`): the same schema, queries and promises as
+//! SQLite's, for replicas on several hosts.
+//!
+//! Crates: `tokio-postgres` for the writer — the one writer thread of the process drives it on
+//! its own current-thread runtime and *pipelines* a whole group on one connection (every op's
+//! statement sent before the first answer is awaited), which the blocking `postgres` wrapper
+//! cannot do; `postgres` (that blocking wrapper) with `r2d2_postgres` for reads and migrations,
+//! which run blocking closures on the blocking pool exactly as SQLite's pool does (r2d2 is
+//! already the read pool's crate). No TLS yet (`NoTls`): PostgreSQL on a private network.
+
+pub mod queries;
+pub mod schema;
+pub mod writer;
+
+#[cfg(test)]
+#[path = "../../../tests/common/postgres.rs"]
+pub(crate) mod testpg;
+
+#[cfg(test)]
+mod tests;
+
+#[cfg(test)]
+mod schema_tests {
+    use super::schema::{migrate, MigrateError, MIGRATIONS};
+    use super::testpg::PgServer;
+
+    fn connect(url: &str) -> postgres::Client {
+        postgres::Client::connect(url, postgres::NoTls).expect("connects")
+    }
+
+    /// Replicas starting together: every one migrates, one schema results (the advisory lock),
+    /// and a database newer than the binary is refused.
+    #[test]
+    fn replicas_migrating_at_once_end_with_one_schema() {
+        let pg = PgServer::start();
+        let url = pg.url();
+        let starters: Vec<_> = (0..6)
+            .map(|_| {
+                let url = url.clone();
+                std::thread::spawn(move || migrate(&mut connect(&url)))
+            })
+            .collect();
+        for s in starters {
+            s.join().unwrap().expect("migrates");
+        }
+        let mut c = connect(&url);
+        let versions: Vec<i32> = c
+            .query("SELECT version FROM ticketd_schema ORDER BY version", &[])
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        let all: Vec<i32> = (1..=MIGRATIONS.len() as i32).collect();
+        assert_eq!(versions, all, "each migration ran once");
+        let totals: i64 = c
+            .query_one("SELECT COUNT(*) FROM report_totals", &[])
+            .unwrap()
+            .get(0);
+        assert_eq!(totals, 1, "the totals were filled once");
+        migrate(&mut c).expect("again: nothing to do");
+
+        c.execute("INSERT INTO ticketd_schema (version) VALUES (99)", &[])
+            .unwrap();
+        assert!(matches!(
+            migrate(&mut c),
+            Err(MigrateError::TooNew { at: 99, .. })
+        ));
+    }
+
+    /// The last lines of defence are the database's own: whoever writes, no oversell and no
+    /// customer past the limit.
+    #[test]
+    fn the_database_refuses_oversell_and_a_customer_past_the_limit() {
+        let pg = PgServer::start();
+        let mut c = connect(&pg.url());
+        migrate(&mut c).unwrap();
+        c.batch_execute(
+            "INSERT INTO events (id, title, capacity, max_per_user) VALUES (1, 'Limited', 10, 4);
+             INSERT INTO customer_seats (event_id, user_id, seats, max_seats) VALUES (1, 7, 3, 4);",
+        )
+        .unwrap();
+        let oversell = c.execute("UPDATE events SET booked_count = 11 WHERE id = 1", &[]);
+        let err = oversell.expect_err("refused");
+        assert_eq!(
+            err.as_db_error().map(|e| e.constraint()),
+            Some(Some("events_never_oversell"))
+        );
+        c.execute("UPDATE events SET booked_count = 10 WHERE id = 1", &[])
+            .unwrap();
+        let past = c.execute("UPDATE customer_seats SET seats = 5 WHERE user_id = 7", &[]);
+        assert!(past.is_err(), "the database refuses a 5th seat");
+        c.execute("UPDATE customer_seats SET seats = 4 WHERE user_id = 7", &[])
+            .unwrap();
+        let status = c.execute("INSERT INTO bookings (event_id, user_id, status, created_at) VALUES (1, 7, 'LOST', now())", &[]);
+        assert!(status.is_err(), "a status is one of the three");
+    }
+}

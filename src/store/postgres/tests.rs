@@ -1,0 +1,552 @@
+//! The unit tests of `store::queries`, ported to PostgreSQL (each on its own private server),
+//! and the group commit's own: refusals and failures leave the rest of the group committed, in
+//! two round trips.
+
+use super::queries::{booking, event, idempotency_key, pending_facts, pending_ids, report};
+use super::schema::migrate;
+use super::testpg::PgServer;
+use super::writer::{PgDone, PgOp, PgWriter};
+use crate::domain::{BookingStatus, IdempotencyKey};
+use crate::store::queries::{
+    BatchApplied, BookingOutcome, CancelOutcome, EventRow, FencedBatch, IssuedTicket,
+    NewBookingRow, PurgeCursor, Refusal, Report, SeatsSeen,
+};
+use crate::ticket::TicketFacts;
+
+const T0: &str = "2024-01-01 00:00:00.000000";
+const T0_MS: i64 = 1_704_067_200_000;
+const LIVE_MS: i64 = T0_MS - 86_400_000;
+
+struct Db {
+    w: PgWriter,
+    c: postgres::Client,
+    _pg: PgServer,
+}
+
+fn db() -> Db {
+    let pg = PgServer::start();
+    let mut c = postgres::Client::connect(&pg.url(), postgres::NoTls).unwrap();
+    migrate(&mut c).unwrap();
+    let w = PgWriter::connect(&pg.url()).unwrap();
+    Db { w, c, _pg: pg }
+}
+
+fn one(d: &mut Db, op: PgOp<'_>) -> PgDone {
+    let mut done = d.w.commit_group(&[op]).expect("the group commits");
+    done.pop().unwrap().expect("the op applies")
+}
+
+fn apply_fenced_batch(d: &mut Db, b: &FencedBatch<'_>) -> Result<BatchApplied, Refusal> {
+    match one(d, PgOp::Batch(b)) {
+        PgDone::Batch(r) => r,
+        other => panic!("{other:?}"),
+    }
+}
+
+fn event_with(d: &mut Db, capacity: i64, limit: Option<i64>) -> EventRow {
+    let op = PgOp::CreateEvent {
+        title: "t",
+        capacity,
+        max_per_user: limit,
+        key: None,
+        now_ms: T0_MS,
+        keys_live_after_ms: LIVE_MS,
+    };
+    match one(d, op) {
+        PgDone::Event(Ok(row)) => row,
+        other => panic!("{other:?}"),
+    }
+}
+
+fn rows(wanted: &[(i64, i64)]) -> Vec<NewBookingRow<'static>> {
+    wanted
+        .iter()
+        .map(|&(user_id, quantity)| NewBookingRow {
+            user_id,
+            quantity,
+            key: None,
+        })
+        .collect()
+}
+
+fn batch<'a>(
+    event_id: i64,
+    token: i64,
+    cancels: &'a [i64],
+    bookings: &'a [NewBookingRow<'a>],
+) -> FencedBatch<'a> {
+    FencedBatch {
+        event_id,
+        token,
+        cancels,
+        bookings,
+        now: T0,
+        now_ms: T0_MS,
+        keys_live_after_ms: LIVE_MS,
+    }
+}
+
+fn ids(a: &BatchApplied) -> Vec<i64> {
+    a.bookings
+        .iter()
+        .filter_map(|o| match o {
+            BookingOutcome::Booked(id) => Some(*id),
+            _ => None,
+        })
+        .collect()
+}
+
+fn ev(d: &mut Db, id: i64) -> EventRow {
+    event(&mut d.c, id).unwrap().unwrap()
+}
+
+/// One ticket with the booking's own facts: the seats it finalized, if it did.
+fn finalize(d: &mut Db, id: i64, code: &str, at: &str) -> Option<i64> {
+    let b = booking(&mut d.c, id).unwrap().expect("the booking exists");
+    let tickets = [IssuedTicket {
+        facts: TicketFacts::from(&b),
+        code: code.into(),
+    }];
+    match one(
+        d,
+        PgOp::Finalize {
+            tickets: &tickets,
+            at,
+        },
+    ) {
+        PgDone::Finalized(n, seats) => (n == 1).then_some(seats),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn fenced_batch_refuses_stale_tokens_and_missing_seats() {
+    let mut d = db();
+    let e = event_with(&mut d, 5, None);
+    let a = apply_fenced_batch(&mut d, &batch(e.id, 2, &[], &rows(&[(1, 2), (2, 1)]))).unwrap();
+    assert_eq!((ids(&a).len(), a.booked_after), (2, 3));
+    let r = apply_fenced_batch(&mut d, &batch(e.id, 1, &[], &rows(&[(3, 1)])));
+    assert!(matches!(r, Err(Refusal::Fenced(ref row)) if row.fence == 2 && row.booked_count == 3));
+    let r = apply_fenced_batch(&mut d, &batch(e.id, 2, &[], &rows(&[(3, 3)])));
+    assert!(matches!(r, Err(Refusal::NoSeats(ref row)) if row.booked_count == 3));
+    assert!(apply_fenced_batch(&mut d, &batch(e.id, 3, &[], &rows(&[(3, 2)]))).is_ok());
+    assert_eq!(ev(&mut d, e.id).booked_count, 5);
+    assert_eq!(
+        apply_fenced_batch(&mut d, &batch(999, 9, &[], &rows(&[(1, 1)]))),
+        Err(Refusal::NoEvent)
+    );
+    // Nothing of the refused batches was written.
+    let n: i64 =
+        d.c.query_one("SELECT COUNT(*) FROM bookings", &[])
+            .unwrap()
+            .get(0);
+    assert_eq!(n, 3);
+}
+
+#[test]
+fn cancelled_seats_return_and_are_counted_once() {
+    let mut d = db();
+    let e = event_with(&mut d, 3, None);
+    let a = apply_fenced_batch(&mut d, &batch(e.id, 1, &[], &rows(&[(1, 2), (2, 1)]))).unwrap();
+    let first = ids(&a)[0];
+    assert_eq!(finalize(&mut d, first, "CODE", T0), Some(2));
+    let a = apply_fenced_batch(&mut d, &batch(e.id, 2, &[first], &rows(&[(3, 2)]))).unwrap();
+    assert!(matches!(&a.cancels[0],
+        CancelOutcome::Cancelled(b) if b.status == BookingStatus::Cancelled
+            && b.cancelled_at.as_deref() == Some("2024-01-01T00:00:00.000000Z")
+            && b.ticket_code.as_deref() == Some("CODE")));
+    assert_eq!((a.booked_after, ids(&a).len()), (3, 1));
+    let row = ev(&mut d, e.id);
+    assert_eq!((row.booked_count, row.finalized_count), (3, 0));
+    // Twice is the same cancellation, in another batch or in the same one.
+    let a = apply_fenced_batch(&mut d, &batch(e.id, 3, &[first, 999, first], &[])).unwrap();
+    assert_eq!((a.booked_after, a.freed, a.cancelled), (3, 0, 0));
+    assert_eq!(a.cancels[1], CancelOutcome::NotFound);
+    let second = ids(&apply_fenced_batch(&mut d, &batch(e.id, 3, &[], &[])).unwrap());
+    assert!(second.is_empty());
+    assert_eq!(finalize(&mut d, first, "OTHER", T0), None);
+    assert_eq!(
+        booking(&mut d.c, first)
+            .unwrap()
+            .unwrap()
+            .ticket_code
+            .as_deref(),
+        Some("CODE")
+    );
+    let r = report(&mut d.c).unwrap();
+    assert_eq!((r.total_reserved, r.total_finalized), (3, 0));
+}
+
+#[test]
+fn a_booking_named_twice_in_one_batch_is_cancelled_once() {
+    let mut d = db();
+    let e = event_with(&mut d, 3, Some(3));
+    let a = apply_fenced_batch(&mut d, &batch(e.id, 1, &[], &rows(&[(1, 2)]))).unwrap();
+    let id = ids(&a)[0];
+    let a = apply_fenced_batch(&mut d, &batch(e.id, 1, &[id, id], &[])).unwrap();
+    assert_eq!((a.cancelled, a.freed, a.booked_after), (1, 2, 0));
+    assert!(matches!(&a.cancels[1], CancelOutcome::Cancelled(b) if b.id == id));
+    assert_eq!(
+        a.users,
+        vec![SeatsSeen::Holds {
+            user_id: 1,
+            seats: 0
+        }]
+    );
+}
+
+#[test]
+fn the_limit_is_enforced_by_the_store() {
+    let mut d = db();
+    let e = event_with(&mut d, 100, Some(4));
+    let a = apply_fenced_batch(
+        &mut d,
+        &batch(e.id, 1, &[], &rows(&[(7, 3), (7, 2), (7, 1), (8, 5)])),
+    )
+    .unwrap();
+    let first = ids(&a)[0];
+    assert_eq!(
+        a.bookings[1..],
+        [
+            BookingOutcome::Limit { limit: 4, held: 3 },
+            BookingOutcome::Booked(first + 1),
+            BookingOutcome::Limit { limit: 4, held: 0 },
+        ]
+    );
+    assert_eq!(a.booked_after, 4);
+    let a = apply_fenced_batch(&mut d, &batch(e.id, 2, &[first], &rows(&[(7, 3)]))).unwrap();
+    assert!(matches!(a.bookings[0], BookingOutcome::Booked(_)));
+    assert_eq!(
+        a.users,
+        vec![
+            SeatsSeen::Holds {
+                user_id: 7,
+                seats: 1
+            },
+            SeatsSeen::Took {
+                user_id: 7,
+                seats: 3
+            }
+        ]
+    );
+    let held: i64 =
+        d.c.query_one(
+            "SELECT seats FROM customer_seats WHERE event_id = $1 AND user_id = 7",
+            &[&e.id],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(held, 4);
+    // Whoever writes, the database refuses more than the limit.
+    assert!(d
+        .c
+        .execute(
+            "UPDATE customer_seats SET seats = 5 WHERE event_id = $1 AND user_id = 7",
+            &[&e.id]
+        )
+        .is_err());
+}
+
+#[test]
+fn idempotency_keys_name_one_booking_and_expire() {
+    let mut d = db();
+    let e = event_with(&mut d, 10, None);
+    let key = IdempotencyKey {
+        scope: "user:1".into(),
+        key: "k1".into(),
+        fingerprint: "f".into(),
+    };
+    let one_row = [NewBookingRow {
+        user_id: 1,
+        quantity: 1,
+        key: Some(&key),
+    }];
+    let a = apply_fenced_batch(&mut d, &batch(e.id, 1, &[], &one_row)).unwrap();
+    let id = ids(&a)[0];
+    let again = apply_fenced_batch(&mut d, &batch(e.id, 2, &[], &one_row)).unwrap();
+    assert_eq!(
+        again.bookings,
+        vec![BookingOutcome::KeyUsed {
+            booking_id: id,
+            fingerprint: "f".into()
+        }]
+    );
+    assert_eq!(again.booked_after, 1, "nothing booked twice");
+    // The same key twice in one batch: the second names the first's booking.
+    let twice = [one_row[0], one_row[0]];
+    let a = apply_fenced_batch(&mut d, &batch(e.id, 2, &[], &twice)).unwrap();
+    assert!(a
+        .bookings
+        .iter()
+        .all(|o| matches!(o, BookingOutcome::KeyUsed { booking_id, .. } if *booking_id == id)));
+    let plain = apply_fenced_batch(&mut d, &batch(e.id, 3, &[], &rows(&[(2, 1)]))).unwrap();
+    assert_eq!(ids(&plain), vec![id + 1]);
+    let later = FencedBatch {
+        keys_live_after_ms: T0_MS + 1,
+        now_ms: T0_MS + 86_400_001,
+        ..batch(e.id, 4, &[], &one_row)
+    };
+    let a = apply_fenced_batch(&mut d, &later).unwrap();
+    assert_eq!(ids(&a), vec![id + 2]);
+    let rec = idempotency_key(&mut d.c, "user:1", "k1", T0_MS + 1)
+        .unwrap()
+        .unwrap();
+    assert_eq!(rec.booking_id, Some(id + 2));
+    // A keyed booking refused for seats gives its key back with the rest of the batch.
+    let full = [NewBookingRow {
+        user_id: 1,
+        quantity: 100,
+        key: Some(&IdempotencyKey {
+            scope: "user:1".into(),
+            key: "big".into(),
+            fingerprint: "g".into(),
+        }),
+    }];
+    let r = apply_fenced_batch(&mut d, &batch(e.id, 4, &[], &full));
+    assert!(matches!(r, Err(Refusal::NoSeats(_))));
+    assert_eq!(idempotency_key(&mut d.c, "user:1", "big", 0).unwrap(), None);
+    // The purge walks the keys in chunks and deletes only the expired ones.
+    let other = IdempotencyKey {
+        scope: "user:0".into(),
+        key: "old".into(),
+        fingerprint: "f".into(),
+    };
+    let old_one = [NewBookingRow {
+        user_id: 0,
+        quantity: 1,
+        key: Some(&other),
+    }];
+    apply_fenced_batch(&mut d, &batch(e.id, 5, &[], &old_one)).unwrap();
+    let mut cursor = PurgeCursor::default();
+    assert_eq!(
+        d.w.purge_expired_keys(&mut cursor, T0_MS + 1, 1).unwrap(),
+        1
+    );
+    assert_eq!(
+        d.w.purge_expired_keys(&mut cursor, T0_MS + 1, 1).unwrap(),
+        0
+    );
+    assert_eq!(
+        d.w.purge_expired_keys(&mut cursor, T0_MS + 1, 1).unwrap(),
+        0
+    );
+    assert_eq!(
+        cursor,
+        PurgeCursor::default(),
+        "the walk starts over at the end"
+    );
+    assert_eq!(idempotency_key(&mut d.c, "user:0", "old", 0).unwrap(), None);
+    assert!(idempotency_key(&mut d.c, "user:1", "k1", 0)
+        .unwrap()
+        .is_some());
+}
+
+#[test]
+fn an_events_key_names_one_event() {
+    let mut d = db();
+    let key = IdempotencyKey {
+        scope: "organizer".into(),
+        key: "e1".into(),
+        fingerprint: "f".into(),
+    };
+    let op = PgOp::CreateEvent {
+        title: "Gig",
+        capacity: 10,
+        max_per_user: Some(2),
+        key: Some(&key),
+        now_ms: T0_MS,
+        keys_live_after_ms: LIVE_MS,
+    };
+    let PgDone::Event(Ok(row)) = one(&mut d, op) else {
+        panic!()
+    };
+    assert_eq!((row.capacity, row.max_per_user), (10, Some(2)));
+    let PgDone::Event(Err(rec)) = one(&mut d, op) else {
+        panic!("a second event for one key")
+    };
+    assert_eq!(
+        (rec.event_id, rec.fingerprint.as_str()),
+        (Some(row.id), "f")
+    );
+    assert_eq!(report(&mut d.c).unwrap().events, 1);
+}
+
+#[test]
+fn tickets_are_written_many_at_a_time_and_only_for_their_booking() {
+    let mut d = db();
+    let (e1, e2) = (event_with(&mut d, 10, None), event_with(&mut d, 10, None));
+    let a1 = apply_fenced_batch(&mut d, &batch(e1.id, 1, &[], &rows(&[(1, 2), (2, 1)]))).unwrap();
+    let a2 = apply_fenced_batch(&mut d, &batch(e2.id, 1, &[], &rows(&[(3, 4)]))).unwrap();
+    let all: Vec<i64> = ids(&a1).into_iter().chain(ids(&a2)).collect();
+    let mut facts = pending_facts(&mut d.c, &all).unwrap();
+    facts.sort_by_key(|f| f.booking_id);
+    assert_eq!(facts.len(), 3);
+    let ticket = |f: &TicketFacts| IssuedTicket {
+        facts: *f,
+        code: format!("C{}", f.booking_id),
+    };
+    let mut tickets: Vec<IssuedTicket> = facts.iter().map(ticket).collect();
+    tickets[2].facts.quantity += 1;
+    let fin = |d: &mut Db, t: &[IssuedTicket]| match one(d, PgOp::Finalize { tickets: t, at: T0 }) {
+        PgDone::Finalized(n, s) => (n, s),
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(fin(&mut d, &tickets), (2, 3));
+    assert_eq!(ev(&mut d, e1.id).finalized_count, 3);
+    assert_eq!(ev(&mut d, e2.id).finalized_count, 0);
+    let again: Vec<IssuedTicket> = facts.iter().map(ticket).collect();
+    assert_eq!(fin(&mut d, &again), (1, 4));
+    assert_eq!(ev(&mut d, e2.id).finalized_count, 4);
+    assert!(pending_facts(&mut d.c, &all).unwrap().is_empty());
+}
+
+#[test]
+fn finalize_is_idempotent() {
+    let mut d = db();
+    let e = event_with(&mut d, 5, None);
+    let a = apply_fenced_batch(&mut d, &batch(e.id, 1, &[], &rows(&[(1, 3)]))).unwrap();
+    let id = ids(&a)[0];
+    assert!(finalize(&mut d, id, "CODE", "2024-01-01 00:00:05.000000").is_some());
+    assert!(finalize(&mut d, id, "OTHER", "2024-01-01 00:00:06.000000").is_none());
+    let b = booking(&mut d.c, id).unwrap().unwrap();
+    assert_eq!(
+        (b.status, b.ticket_code.as_deref()),
+        (BookingStatus::Finalized, Some("CODE"))
+    );
+    assert_eq!(b.created_at, "2024-01-01T00:00:00.000000Z");
+    assert_eq!(
+        b.finalized_at.as_deref(),
+        Some("2024-01-01T00:00:05.000000Z")
+    );
+    assert_eq!(ev(&mut d, e.id).finalized_count, 3);
+    assert_eq!(
+        report(&mut d.c).unwrap(),
+        Report {
+            events: 1,
+            total_capacity: 5,
+            total_reserved: 3,
+            total_finalized: 3
+        }
+    );
+    assert!(pending_ids(&mut d.c, 0, None, 10).unwrap().is_empty());
+}
+
+#[test]
+fn totals_do_not_overflow_past_i64() {
+    let mut d = db();
+    // 3,000 events of the largest capacity the API allows, in 30 groups: past i64::MAX.
+    for _ in 0..30 {
+        let ops: Vec<PgOp<'_>> = (0..100)
+            .map(|_| PgOp::CreateEvent {
+                title: "big",
+                capacity: 4096 * 1_000_000_000_000,
+                max_per_user: None,
+                key: None,
+                now_ms: T0_MS,
+                keys_live_after_ms: LIVE_MS,
+            })
+            .collect();
+        d.w.commit_group(&ops).unwrap();
+    }
+    let r = report(&mut d.c).unwrap();
+    assert_eq!(r.total_capacity, 3_000 * 4096 * 1_000_000_000_000_i128);
+    assert!(r.total_capacity > i64::MAX as i128);
+    assert_eq!(r.events, 3_000);
+}
+
+/// A group of many batches: one refused by its fence, one for seats, one for a missing event —
+/// the rest commit, in two round trips; an op that *errors* is taken out and the group runs
+/// again without it (a rollback and one more round trip).
+#[test]
+fn a_group_commits_in_two_round_trips_and_refusals_stay_alone() {
+    let mut d = db();
+    let events: Vec<i64> = (0..50).map(|_| event_with(&mut d, 2, None).id).collect();
+    // Event 0 has seen token 9: token 1 is stale there.
+    apply_fenced_batch(&mut d, &batch(events[0], 9, &[], &[])).unwrap();
+    let two = rows(&[(1, 1), (2, 1)]);
+    let three = rows(&[(1, 3)]);
+    let mut batches: Vec<FencedBatch<'_>> =
+        events.iter().map(|&e| batch(e, 1, &[], &two)).collect();
+    batches[1] = batch(events[1], 1, &[], &three);
+    batches.push(batch(9_999, 1, &[], &two));
+    let long_title = "x".repeat(300);
+    let mut ops: Vec<PgOp<'_>> = batches.iter().map(PgOp::Batch).collect();
+    let before = d.w.round_trips;
+    let done = d.w.commit_group(&ops).unwrap();
+    assert_eq!(d.w.round_trips - before, 2, "one group, two round trips");
+    assert!(matches!(
+        &done[0],
+        Ok(PgDone::Batch(Err(Refusal::Fenced(_))))
+    ));
+    assert!(matches!(
+        &done[1],
+        Ok(PgDone::Batch(Err(Refusal::NoSeats(_))))
+    ));
+    assert!(matches!(
+        &done[50],
+        Ok(PgDone::Batch(Err(Refusal::NoEvent)))
+    ));
+    for (i, o) in done.iter().enumerate().take(50).skip(2) {
+        assert!(
+            matches!(o, Ok(PgDone::Batch(Ok(a))) if a.booked_after == 2),
+            "batch {i}: {o:?}"
+        );
+    }
+    let sold: i64 =
+        d.c.query_one("SELECT SUM(booked_count)::bigint FROM events", &[])
+            .unwrap()
+            .get(0);
+    assert_eq!(sold, 48 * 2);
+    assert_eq!(report(&mut d.c).unwrap().total_reserved, 96);
+
+    // An op that errors (a title the column refuses: the API never sends one).
+    let more: Vec<FencedBatch<'_>> = events.iter().map(|&e| batch(e, 10, &[], &[])).collect();
+    ops = more.iter().map(PgOp::Batch).collect();
+    ops.insert(
+        3,
+        PgOp::CreateEvent {
+            title: &long_title,
+            capacity: 1,
+            max_per_user: None,
+            key: None,
+            now_ms: T0_MS,
+            keys_live_after_ms: LIVE_MS,
+        },
+    );
+    let before = d.w.round_trips;
+    let done = d.w.commit_group(&ops).unwrap();
+    assert_eq!(
+        d.w.round_trips - before,
+        1 + 1 + 2,
+        "applied, rolled back, ran again without it and committed"
+    );
+    assert!(done[3].is_err());
+    assert_eq!(done.iter().filter(|o| o.is_ok()).count(), 50);
+    assert_eq!(ev(&mut d, events[5]).fence, 10, "the others committed");
+}
+
+/// Not an assertion on time (the machine is shared): how a group of 200 batches compares with
+/// 200 groups of one, printed with `--nocapture`.
+#[test]
+fn pipelining_measured() {
+    let mut d = db();
+    let events: Vec<i64> = (0..200)
+        .map(|_| event_with(&mut d, 1_000, None).id)
+        .collect();
+    let ten = rows(&[(1, 1); 10]);
+    let batches: Vec<FencedBatch<'_>> = events.iter().map(|&e| batch(e, 1, &[], &ten)).collect();
+    let ops: Vec<PgOp<'_>> = batches.iter().map(PgOp::Batch).collect();
+    let t = std::time::Instant::now();
+    d.w.commit_group(&ops).unwrap();
+    let grouped = t.elapsed();
+    let t = std::time::Instant::now();
+    for op in &ops {
+        d.w.commit_group(std::slice::from_ref(op)).unwrap();
+    }
+    let single = t.elapsed();
+    eprintln!(
+        "2,000 bookings in 200 batches: one group {grouped:?} (2 round trips), \
+         200 groups {single:?} (400 round trips, 200 fsyncs)"
+    );
+    assert_eq!(ev(&mut d, events[0]).booked_count, 20);
+}

@@ -1,0 +1,574 @@
+//! The PostgreSQL writer: one connection, owned by the writer thread, that commits a group of
+//! ops (fenced batches, new events, issued tickets) in one transaction and — whatever the size
+//! of the group — **two round trips**:
+//!
+//! 1. `BEGIN`; the lock of every event row the group will touch, in id order; one statement per
+//!    op (`ticketd_apply_batch`, `ticketd_create_event`, the finalize CTE) — all sent before the
+//!    first answer is awaited (tokio-postgres pipelines the requests of concurrently polled
+//!    futures on one connection);
+//! 2. the group's totals (added to this writer's slot of `report_totals`) and `COMMIT`, again
+//!    pipelined.
+//!
+//! Why statements per op and not multi-row statements for the whole group: the batches of a
+//! group belong to different events with their own fences, limits and keys, and the per-batch
+//! logic (cancellations first, per-customer counts in order, keys) is sequential; a server-side
+//! function per batch keeps it exact and one statement, while pipelining makes the group one
+//! round trip anyway. Inside the function the rows are written set-based (`unnest`).
+//!
+//! Refusals are results, not errors (the functions decide before they write), so a batch
+//! refused by its fence or for seats leaves the rest of the group to commit, with no savepoint
+//! (a subtransaction per batch would cost every batch, and past 64 per transaction slows every
+//! other session's snapshots). An op that *errors* (a bug, a constraint behind the checks) aborts
+//! the transaction on PostgreSQL: the writer then rolls back and runs the group again without
+//! it — the failed op alone is answered with its error, as a rolled-back savepoint does on
+//! SQLite. A deadlock or serialization failure is not the op's fault: the whole group runs again.
+//!
+//! Deadlocks between replicas: every group locks the event rows it touches first, in ascending
+//! id order (one statement), so two writers never take event rows in opposite orders; batches
+//! lock their event row before anything of it (`FOR NO KEY UPDATE`), finalizations too.
+//!
+//! COMMIT is never pipelined before the ops' answers are read: a COMMIT of an aborted
+//! transaction answers `ROLLBACK` without an error, so the writer only sends it once every op
+//! has succeeded, and checks the totals' answer in the same round trip as the COMMIT's.
+
+use std::collections::BTreeSet;
+use std::future::Future;
+
+use futures_util::future::join_all;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::{Client, NoTls, Statement};
+
+use crate::domain::{Booking, BookingStatus, IdempotencyKey};
+use crate::store::queries::{
+    iso_utc, BatchApplied, BookingOutcome, CancelOutcome, EventRow, FencedBatch, IssuedTicket,
+    KeyRecord, PurgeCursor, Refusal, SeatsSeen, TotalsDelta,
+};
+
+pub type Error = tokio_postgres::Error;
+
+/// An op of a group, as the writer applies it.
+#[derive(Debug, Clone, Copy)]
+pub enum PgOp<'a> {
+    Batch(&'a FencedBatch<'a>),
+    CreateEvent {
+        title: &'a str,
+        capacity: i64,
+        max_per_user: Option<i64>,
+        key: Option<&'a IdempotencyKey>,
+        now_ms: i64,
+        keys_live_after_ms: i64,
+    },
+    /// Issued tickets, written at `at` (stored format).
+    Finalize {
+        tickets: &'a [IssuedTicket],
+        at: &'a str,
+    },
+}
+
+/// What an op did, once its group commits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PgDone {
+    Batch(Result<BatchApplied, Refusal>),
+    Event(Result<EventRow, KeyRecord>),
+    /// Tickets written, and their seats.
+    Finalized(usize, i64),
+}
+
+impl PgDone {
+    /// What this op changed in the report's totals (as `persistence::Applied::totals`).
+    pub fn totals(&self, op: &PgOp<'_>) -> TotalsDelta {
+        match (self, op) {
+            (PgDone::Event(Ok(row)), _) => TotalsDelta {
+                events: 1,
+                capacity: row.capacity,
+                ..Default::default()
+            },
+            (PgDone::Batch(Ok(a)), PgOp::Batch(b)) => {
+                let taken: i64 = a
+                    .bookings
+                    .iter()
+                    .zip(b.bookings)
+                    .filter(|(o, _)| matches!(o, BookingOutcome::Booked(_)))
+                    .map(|(_, n)| n.quantity)
+                    .sum();
+                TotalsDelta {
+                    booked: taken - a.freed,
+                    finalized: -a.freed_issued,
+                    ..Default::default()
+                }
+            }
+            (PgDone::Finalized(_, seats), _) => TotalsDelta {
+                finalized: *seats,
+                ..Default::default()
+            },
+            _ => TotalsDelta::default(),
+        }
+    }
+}
+
+/// The statements of the writer, prepared once per connection.
+struct Statements {
+    lock_events: Statement,
+    batch: Statement,
+    create_event: Statement,
+    finalize: Statement,
+    totals: Statement,
+    purge: Statement,
+}
+
+/// How many times a group is run again after an op failed or a deadlock, before the whole
+/// group is answered as failed.
+const GROUP_RETRIES: usize = 3;
+
+/// The writer's connection (see the module doc).
+pub struct PgWriter {
+    rt: tokio::runtime::Runtime,
+    client: Client,
+    st: Statements,
+    /// This writer's row of `report_totals`.
+    slot: i32,
+    /// Round trips to the server so far (each pipeline awaited counts one): the test of "two per
+    /// group".
+    pub round_trips: u64,
+}
+
+impl PgWriter {
+    /// Connects (on a runtime of its own: the writer is a plain thread) and prepares.
+    pub fn connect(url: &str) -> Result<PgWriter, Error> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a current-thread runtime");
+        let (client, st) = rt.block_on(async {
+            let (client, conn) = tokio_postgres::connect(url, NoTls).await?;
+            // Driven while the writer awaits anything on this runtime.
+            tokio::spawn(async move {
+                if let Err(e) = conn.await {
+                    tracing::warn!(error = %e, "the writer's PostgreSQL connection closed");
+                }
+            });
+            let st = Statements {
+                lock_events: client
+                    .prepare(
+                        "SELECT 1 FROM events WHERE id = ANY($1::bigint[]) ORDER BY id
+                         FOR NO KEY UPDATE",
+                    )
+                    .await?,
+                batch: client
+                    .prepare(
+                        "SELECT * FROM ticketd_apply_batch($1, $2, $3, $4, $5, $6, $7, $8, $9,
+                             $10, $11)",
+                    )
+                    .await?,
+                create_event: client
+                    .prepare("SELECT * FROM ticketd_create_event($1, $2, $3, $4, $5, $6, $7, $8)")
+                    .await?,
+                finalize: client.prepare(FINALIZE).await?,
+                totals: client
+                    .prepare(
+                        "INSERT INTO report_totals AS t (id, events, capacity, booked, finalized)
+                         VALUES ($1, $2::bigint, $3::bigint, $4::bigint, $5::bigint)
+                         ON CONFLICT (id) DO UPDATE SET events = t.events + excluded.events,
+                             capacity = t.capacity + excluded.capacity,
+                             booked = t.booked + excluded.booked,
+                             finalized = t.finalized + excluded.finalized",
+                    )
+                    .await?,
+                purge: client.prepare(PURGE).await?,
+            };
+            Ok::<_, Error>((client, st))
+        })?;
+        let mut slot = [0u8; 1];
+        let _ = getrandom::fill(&mut slot);
+        Ok(PgWriter {
+            rt,
+            client,
+            st,
+            slot: i32::from(slot[0]) % super::schema::TOTALS_SLOTS,
+            round_trips: 0,
+        })
+    }
+
+    /// True once the connection is gone (the server restarted, the network cut it): a new
+    /// `PgWriter` is needed.
+    pub fn is_closed(&self) -> bool {
+        self.client.is_closed()
+    }
+
+    /// Commits `ops` in one transaction (two round trips, see the module doc). Returns each op's
+    /// outcome — an op that failed alone (its error), the others committed — or, if the group
+    /// itself could not commit (BEGIN, COMMIT, the connection), that error: then nothing of it is
+    /// known to be written (a COMMIT cut off may still have happened: idempotency keys tell).
+    pub fn commit_group(&mut self, ops: &[PgOp<'_>]) -> Result<Vec<Result<PgDone, Error>>, Error> {
+        let mut failed: Vec<Option<Error>> = ops.iter().map(|_| None).collect();
+        let mut attempt = 0;
+        loop {
+            let live: Vec<usize> = (0..ops.len()).filter(|&i| failed[i].is_none()).collect();
+            let answers = match self.apply(ops, &live) {
+                Ok(answers) => answers,
+                Err(e) => {
+                    // BEGIN may have gone through: leave no transaction open for the next group.
+                    if !self.client.is_closed() {
+                        let _ = self.rollback();
+                    }
+                    return Err(e);
+                }
+            };
+            // The first op that failed for itself (the ones after it only saw the aborted
+            // transaction).
+            let culprit = answers.iter().position(|a| {
+                a.as_ref()
+                    .err()
+                    .is_some_and(|e| e.code() != Some(&SqlState::IN_FAILED_SQL_TRANSACTION))
+            });
+            let Some(culprit) = culprit.or_else(|| answers.iter().position(|a| a.is_err())) else {
+                let done: Vec<PgDone> = answers.into_iter().map(|a| a.unwrap()).collect();
+                let mut totals = TotalsDelta::default();
+                for (d, &i) in done.iter().zip(&live) {
+                    totals += d.totals(&ops[i]);
+                }
+                self.commit(&totals)?;
+                let mut done = done.into_iter();
+                return Ok(failed
+                    .into_iter()
+                    .map(|f| match f {
+                        Some(e) => Err(e),
+                        None => Ok(done.next().expect("one answer per live op")),
+                    })
+                    .collect());
+            };
+            self.rollback()?;
+            attempt += 1;
+            let err = answers.into_iter().nth(culprit).unwrap().unwrap_err();
+            let transient = matches!(
+                err.code(),
+                Some(&SqlState::T_R_DEADLOCK_DETECTED) | Some(&SqlState::T_R_SERIALIZATION_FAILURE)
+            );
+            if attempt > GROUP_RETRIES {
+                return Err(err);
+            }
+            if !transient {
+                tracing::warn!(error = %err, "an op of the group failed; the group runs again without it");
+                failed[live[culprit]] = Some(err);
+            }
+        }
+    }
+
+    /// Round trip 1: BEGIN, the event locks, the ops (those of `live`), pipelined.
+    fn apply(
+        &mut self,
+        ops: &[PgOp<'_>],
+        live: &[usize],
+    ) -> Result<Vec<Result<PgDone, Error>>, Error> {
+        let mut events = BTreeSet::new();
+        for &i in live {
+            match ops[i] {
+                PgOp::Batch(b) => {
+                    events.insert(b.event_id);
+                }
+                PgOp::Finalize { tickets, .. } => {
+                    events.extend(tickets.iter().map(|t| t.facts.event_id));
+                }
+                PgOp::CreateEvent { .. } => {}
+            }
+        }
+        let events: Vec<i64> = events.into_iter().collect();
+        let (c, st) = (&self.client, &self.st);
+        self.round_trips += 1;
+        self.rt.block_on(async {
+            let begin = c.batch_execute("BEGIN");
+            let lock_params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&events];
+            let lock = c.execute(&st.lock_events, &lock_params);
+            let each = join_all(live.iter().map(|&i| apply_op(c, st, ops[i])));
+            let (begun, locked, answers) = futures_util::future::join3(begin, lock, each).await;
+            begun?;
+            locked?;
+            Ok(answers)
+        })
+    }
+
+    /// Round trip 2: the totals and COMMIT.
+    fn commit(&mut self, d: &TotalsDelta) -> Result<(), Error> {
+        let (c, st, slot) = (&self.client, &self.st, self.slot);
+        self.round_trips += 1;
+        self.rt.block_on(async {
+            if d.is_zero() {
+                return c.batch_execute("COMMIT").await;
+            }
+            let params: [&(dyn tokio_postgres::types::ToSql + Sync); 5] =
+                [&slot, &d.events, &d.capacity, &d.booked, &d.finalized];
+            let totals = c.execute(&st.totals, &params);
+            let commit = c.batch_execute("COMMIT");
+            let (added, committed) = futures_util::future::join(totals, commit).await;
+            // If the totals failed, the COMMIT of the aborted transaction rolled it back (and said
+            // "ROLLBACK", not an error): the group failed.
+            added?;
+            committed
+        })
+    }
+
+    fn rollback(&mut self) -> Result<(), Error> {
+        self.round_trips += 1;
+        self.rt.block_on(self.client.batch_execute("ROLLBACK"))
+    }
+
+    /// Deletes the expired keys of the next `chunk` after the cursor, in key order (one
+    /// statement, its own transaction); returns how many went.
+    pub fn purge_expired_keys(
+        &mut self,
+        cursor: &mut PurgeCursor,
+        expired_before_ms: i64,
+        chunk: usize,
+    ) -> Result<usize, Error> {
+        let (after_scope, after_key) = cursor.0.clone().unwrap_or_default();
+        self.round_trips += 1;
+        let row = self.rt.block_on(self.client.query_one(
+            &self.st.purge,
+            &[
+                &after_scope,
+                &after_key,
+                &(chunk as i64),
+                &expired_before_ms,
+            ],
+        ))?;
+        let walked: i64 = row.get(0);
+        let deleted: i64 = row.get(1);
+        cursor.0 = if (walked as usize) < chunk {
+            None
+        } else {
+            Some((row.get(2), row.get(3)))
+        };
+        Ok(deleted as usize)
+    }
+}
+
+/// Issued tickets: each booking moves PENDING → FINALIZED once, only if the facts describe it;
+/// each event's `finalized_count` moves once by its seats. A booking named twice is written once.
+const FINALIZE: &str = "
+WITH t AS (
+    SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[], $5::text[])
+        AS t(id, event_id, user_id, quantity, code)
+), marked AS (
+    UPDATE bookings b SET status = 'FINALIZED', ticket_code = t.code,
+        finalized_at = $6::text::timestamp
+    FROM t
+    WHERE b.id = t.id AND b.status = 'PENDING' AND b.event_id = t.event_id
+      AND b.user_id = t.user_id AND b.quantity = t.quantity
+    RETURNING b.event_id, b.quantity
+), per_event AS (
+    SELECT event_id, SUM(quantity)::bigint AS seats, COUNT(*) AS n FROM marked GROUP BY event_id
+), counted AS (
+    UPDATE events e SET finalized_count = e.finalized_count + p.seats
+    FROM per_event p WHERE e.id = p.event_id
+    RETURNING p.seats, p.n
+)
+SELECT COALESCE(SUM(n), 0)::bigint, COALESCE(SUM(seats), 0)::bigint FROM counted";
+
+/// One chunk of the walk over the keys: the expired ones deleted (checked on the row deleted,
+/// so a key claimed again meanwhile stays), where the walk got to.
+const PURGE: &str = "
+WITH walked AS (
+    SELECT scope, key FROM idempotency_keys WHERE (scope, key) > ($1, $2)
+    ORDER BY scope, key LIMIT $3
+), gone AS (
+    DELETE FROM idempotency_keys k USING walked w
+    WHERE k.scope = w.scope AND k.key = w.key AND k.created_ms < $4
+    RETURNING 1
+), last AS (
+    SELECT scope, key FROM walked ORDER BY scope DESC, key DESC LIMIT 1
+)
+SELECT (SELECT COUNT(*) FROM walked), (SELECT COUNT(*) FROM gone),
+       (SELECT scope FROM last), (SELECT key FROM last)";
+
+fn apply_op<'a>(
+    c: &'a Client,
+    st: &'a Statements,
+    op: PgOp<'a>,
+) -> std::pin::Pin<Box<dyn Future<Output = Result<PgDone, Error>> + 'a>> {
+    match op {
+        PgOp::Batch(b) => Box::pin(apply_batch(c, st, b)),
+        PgOp::CreateEvent {
+            title,
+            capacity,
+            max_per_user,
+            key,
+            now_ms,
+            keys_live_after_ms,
+        } => Box::pin(async move {
+            let r = c
+                .query_one(
+                    &st.create_event,
+                    &[
+                        &title,
+                        &capacity,
+                        &max_per_user,
+                        &key.map(|k| k.scope.as_str()),
+                        &key.map(|k| k.key.as_str()),
+                        &key.map(|k| k.fingerprint.as_str()),
+                        &now_ms,
+                        &keys_live_after_ms,
+                    ],
+                )
+                .await?;
+            let created: bool = r.get(0);
+            Ok(PgDone::Event(if created {
+                Ok(EventRow {
+                    id: r.get(1),
+                    title: title.to_string(),
+                    capacity,
+                    booked_count: 0,
+                    max_per_user,
+                    finalized_count: 0,
+                    fence: 0,
+                })
+            } else {
+                Err(KeyRecord {
+                    fingerprint: r.get::<_, Option<String>>(2).unwrap_or_default(),
+                    booking_id: r.get(3),
+                    event_id: r.get(4),
+                })
+            }))
+        }),
+        PgOp::Finalize { tickets, at } => Box::pin(async move {
+            let col = |f: fn(&IssuedTicket) -> i64| tickets.iter().map(f).collect::<Vec<i64>>();
+            let ids = col(|t| t.facts.booking_id);
+            let events = col(|t| t.facts.event_id);
+            let users = col(|t| t.facts.user_id);
+            let qtys = col(|t| t.facts.quantity);
+            let codes: Vec<&str> = tickets.iter().map(|t| t.code.as_str()).collect();
+            let r = c
+                .query_one(&st.finalize, &[&ids, &events, &users, &qtys, &codes, &at])
+                .await?;
+            Ok(PgDone::Finalized(r.get::<_, i64>(0) as usize, r.get(1)))
+        }),
+    }
+}
+
+async fn apply_batch(c: &Client, st: &Statements, b: &FencedBatch<'_>) -> Result<PgDone, Error> {
+    let users: Vec<i64> = b.bookings.iter().map(|n| n.user_id).collect();
+    let qtys: Vec<i64> = b.bookings.iter().map(|n| n.quantity).collect();
+    let scopes: Vec<Option<&str>> = b
+        .bookings
+        .iter()
+        .map(|n| n.key.map(|k| k.scope.as_str()))
+        .collect();
+    let keys: Vec<Option<&str>> = b
+        .bookings
+        .iter()
+        .map(|n| n.key.map(|k| k.key.as_str()))
+        .collect();
+    let fps: Vec<Option<&str>> = b
+        .bookings
+        .iter()
+        .map(|n| n.key.map(|k| k.fingerprint.as_str()))
+        .collect();
+    let r = c
+        .query_one(
+            &st.batch,
+            &[
+                &b.event_id,
+                &b.token,
+                &b.cancels,
+                &users,
+                &qtys,
+                &scopes,
+                &keys,
+                &fps,
+                &b.now,
+                &b.now_ms,
+                &b.keys_live_after_ms,
+            ],
+        )
+        .await?;
+    Ok(PgDone::Batch(batch_from(&r, b.event_id)))
+}
+
+/// `ticketd_apply_batch`'s row as the SQLite writer's types.
+fn batch_from(r: &tokio_postgres::Row, event_id: i64) -> Result<BatchApplied, Refusal> {
+    let status: i16 = r.get("status");
+    if status == 1 {
+        return Err(Refusal::NoEvent);
+    }
+    let row = EventRow {
+        id: event_id,
+        title: r.get("title"),
+        capacity: r.get("capacity"),
+        booked_count: r.get("booked"),
+        max_per_user: r.get("max_per_user"),
+        finalized_count: r.get("finalized"),
+        fence: r.get("fence"),
+    };
+    match status {
+        2 => return Err(Refusal::Fenced(row)),
+        3 => return Err(Refusal::NoSeats(row)),
+        _ => {}
+    }
+    let kind: Vec<i16> = r.get("b_kind");
+    let a: Vec<i64> = r.get("b_a");
+    let bb: Vec<i64> = r.get("b_b");
+    let fp: Vec<Option<String>> = r.get("b_fp");
+    let bookings = (0..kind.len())
+        .map(|i| match kind[i] {
+            0 => BookingOutcome::Booked(a[i]),
+            1 => BookingOutcome::Limit {
+                limit: a[i],
+                held: bb[i],
+            },
+            _ => BookingOutcome::KeyUsed {
+                booking_id: a[i],
+                fingerprint: fp[i].clone().unwrap_or_default(),
+            },
+        })
+        .collect();
+    let c_id: Vec<Option<i64>> = r.get("c_id");
+    let c_user: Vec<Option<i64>> = r.get("c_user");
+    let c_qty: Vec<Option<i64>> = r.get("c_qty");
+    let c_status: Vec<Option<String>> = r.get("c_status");
+    let c_created: Vec<Option<String>> = r.get("c_created");
+    let c_code: Vec<Option<String>> = r.get("c_code");
+    let c_fin: Vec<Option<String>> = r.get("c_fin");
+    let c_can: Vec<Option<String>> = r.get("c_can");
+    let cancels = (0..c_id.len())
+        .map(|i| match c_id[i] {
+            None => CancelOutcome::NotFound,
+            Some(id) => CancelOutcome::Cancelled(Booking {
+                id,
+                event_id,
+                user_id: c_user[i].unwrap_or_default(),
+                quantity: c_qty[i].unwrap_or_default(),
+                status: c_status[i]
+                    .as_deref()
+                    .and_then(BookingStatus::parse)
+                    .unwrap_or(BookingStatus::Cancelled),
+                created_at: iso_utc(c_created[i].as_deref().unwrap_or_default()),
+                ticket_code: c_code[i].clone(),
+                finalized_at: c_fin[i].as_deref().map(iso_utc),
+                cancelled_at: c_can[i].as_deref().map(iso_utc),
+            }),
+        })
+        .collect();
+    let took: Vec<bool> = r.get("u_took");
+    let u_user: Vec<i64> = r.get("u_user");
+    let u_seats: Vec<i64> = r.get("u_seats");
+    let users = (0..took.len())
+        .map(|i| match took[i] {
+            true => SeatsSeen::Took {
+                user_id: u_user[i],
+                seats: u_seats[i],
+            },
+            false => SeatsSeen::Holds {
+                user_id: u_user[i],
+                seats: u_seats[i],
+            },
+        })
+        .collect();
+    Ok(BatchApplied {
+        booked_after: row.booked_count,
+        cancelled: r.get("cancelled"),
+        freed: r.get("freed"),
+        freed_issued: r.get("freed_issued"),
+        bookings,
+        cancels,
+        users,
+    })
+}
