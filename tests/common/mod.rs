@@ -186,7 +186,19 @@ impl Backend {
 /// `$1`, `$2`… parameters (both SQLite and PostgreSQL read them).
 pub enum TestDb {
     Sqlite(rusqlite::Connection),
-    Postgres(std::sync::Mutex<::postgres::Client>),
+    /// `None` only once dropped.
+    Postgres(std::sync::Mutex<Option<::postgres::Client>>),
+}
+
+impl Drop for TestDb {
+    /// The blocking client closes by blocking: not on a thread of the test's runtime.
+    fn drop(&mut self) {
+        if let TestDb::Postgres(c) = self {
+            if let Some(c) = c.get_mut().ok().and_then(Option::take) {
+                let _ = std::thread::spawn(move || drop(c)).join();
+            }
+        }
+    }
 }
 
 /// A parameter of `Sql::ints`.
@@ -242,6 +254,7 @@ impl Sql for TestDb {
                 std::thread::scope(|s| {
                     s.spawn(|| {
                         let mut c = c.lock().unwrap();
+                        let c = c.as_mut().expect("connected");
                         let params: Vec<Box<dyn ::postgres::types::ToSql + Sync>> = args
                             .iter()
                             .map(|a| -> Box<dyn ::postgres::types::ToSql + Sync> {
@@ -382,7 +395,7 @@ impl TestApp {
     pub fn db(&self) -> TestDb {
         match &self.pg {
             None => TestDb::Sqlite(open_db(&self.db_path)),
-            Some(pg) => TestDb::Postgres(std::sync::Mutex::new(connect_pg(&pg.url()))),
+            Some(pg) => TestDb::Postgres(std::sync::Mutex::new(Some(connect_pg(&pg.url())))),
         }
     }
 }
