@@ -18,7 +18,8 @@ pub struct Config {
     /// Listen port (0 picks a free one).
     #[arg(long, env = "PORT", value_name = "PORT", default_value_t = 8000)]
     pub port: u16,
-    /// SQLite database file, `sqlite://path` (created and migrated on start).
+    /// The database: a SQLite file, `sqlite://path` (the default), or PostgreSQL,
+    /// `postgres://user@host:port/db` (replicas on several hosts); created or migrated on start.
     #[arg(long, env = "DATABASE_URL", value_name = "DATABASE_URL", default_value = "sqlite://ticket.db",
           value_parser = parse_database_url)]
     pub database_url: DatabaseUrl,
@@ -133,12 +134,65 @@ pub enum Command {
     },
 }
 
-/// Where the SQLite file lives; `sqlite://ticket.db` and `sqlite:///abs/path.db` both work,
+/// Which database, where. SQLite: `sqlite://ticket.db` and `sqlite:///abs/path.db` both work,
 /// as does a bare path, like SQLAlchemy's `sqlite:///./ticket.db` of the old service.
+/// PostgreSQL: `postgres://…` or `postgresql://…` (libpq's URL form), kept as written.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DatabaseUrl(pub PathBuf);
+pub enum DatabaseUrl {
+    Sqlite(PathBuf),
+    Postgres(String),
+}
+
+impl std::fmt::Display for DatabaseUrl {
+    /// For messages: the file, or the URL without its password.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DatabaseUrl::Sqlite(path) => write!(f, "{}", path.display()),
+            DatabaseUrl::Postgres(url) => match url.parse::<url_parts::Url>() {
+                Ok(u) => write!(f, "{u}"),
+                Err(()) => f.write_str("postgres://…"),
+            },
+        }
+    }
+}
+
+/// Just enough of a URL to print one without its password.
+mod url_parts {
+    pub struct Url(String);
+    impl std::str::FromStr for Url {
+        type Err = ();
+        fn from_str(s: &str) -> Result<Self, ()> {
+            let (scheme, rest) = s.split_once("://").ok_or(())?;
+            let (auth, tail) = match rest.find(['/', '?']) {
+                Some(i) => rest.split_at(i),
+                None => (rest, ""),
+            };
+            let auth = match auth.rsplit_once('@') {
+                Some((user, host)) => {
+                    let user = user.split(':').next().unwrap_or_default();
+                    format!("{user}@{host}")
+                }
+                None => auth.to_string(),
+            };
+            let tail = tail.split('?').next().unwrap_or_default();
+            Ok(Url(format!("{scheme}://{auth}{tail}")))
+        }
+    }
+    impl std::fmt::Display for Url {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str(&self.0)
+        }
+    }
+}
 
 fn parse_database_url(s: &str) -> Result<DatabaseUrl, String> {
+    if s.starts_with("postgres://") || s.starts_with("postgresql://") {
+        return match s.parse::<postgres::Config>() {
+            Ok(c) if c.get_hosts().is_empty() => Err("the PostgreSQL URL names no host".into()),
+            Ok(_) => Ok(DatabaseUrl::Postgres(s.to_string())),
+            Err(e) => Err(format!("not a PostgreSQL URL: {e}")),
+        };
+    }
     let path = if let Some(rest) = s.strip_prefix("sqlite://") {
         // `sqlite://ticket.db` and `sqlite:///abs.db` (sqlx) as written; SQLAlchemy's
         // `sqlite:///./rel.db` and `sqlite:////abs.db` (the old service's style) as it meant them.
@@ -148,7 +202,7 @@ fn parse_database_url(s: &str) -> Result<DatabaseUrl, String> {
             rest.to_string()
         }
     } else if s.contains("://") {
-        return Err("only sqlite:// URLs are supported".into());
+        return Err("only sqlite://, postgres:// and postgresql:// URLs are supported".into());
     } else {
         s.to_string()
     };
@@ -159,7 +213,7 @@ fn parse_database_url(s: &str) -> Result<DatabaseUrl, String> {
     if path == ":memory:" {
         return Err("an in-memory database would lose every booking on exit; give a file".into());
     }
-    Ok(DatabaseUrl(PathBuf::from(path)))
+    Ok(DatabaseUrl::Sqlite(PathBuf::from(path)))
 }
 
 /// How log lines are written.
@@ -271,7 +325,7 @@ impl Config {
         Config {
             host: "127.0.0.1".into(),
             port: 0,
-            database_url: DatabaseUrl(db.into()),
+            database_url: DatabaseUrl::Sqlite(db.into()),
             redis_url: None,
             finalize_delay_ms: 0,
             finalizer_workers: 4,
@@ -361,26 +415,37 @@ mod tests {
     #[test]
     fn database_urls() {
         assert_eq!(
-            parse_database_url("sqlite://ticket.db").unwrap().0,
-            PathBuf::from("ticket.db")
+            parse_database_url("sqlite://ticket.db").unwrap(),
+            DatabaseUrl::Sqlite(PathBuf::from("ticket.db"))
         );
         assert_eq!(
-            parse_database_url("sqlite:///./t.db").unwrap().0,
-            PathBuf::from("./t.db")
+            parse_database_url("sqlite:///./t.db").unwrap(),
+            DatabaseUrl::Sqlite(PathBuf::from("./t.db"))
         );
         assert_eq!(
-            parse_database_url("sqlite:////tmp/t.db").unwrap().0,
-            PathBuf::from("/tmp/t.db")
+            parse_database_url("sqlite:////tmp/t.db").unwrap(),
+            DatabaseUrl::Sqlite(PathBuf::from("/tmp/t.db"))
         );
         assert_eq!(
-            parse_database_url("/tmp/x.db").unwrap().0,
-            PathBuf::from("/tmp/x.db")
+            parse_database_url("/tmp/x.db").unwrap(),
+            DatabaseUrl::Sqlite(PathBuf::from("/tmp/x.db"))
         );
         assert_eq!(
-            parse_database_url("sqlite:///tmp/x.db").unwrap().0,
-            PathBuf::from("/tmp/x.db")
+            parse_database_url("sqlite:///tmp/x.db").unwrap(),
+            DatabaseUrl::Sqlite(PathBuf::from("/tmp/x.db"))
         );
-        assert!(parse_database_url("postgres://x").is_err());
+        assert_eq!(
+            parse_database_url("postgres://u:pw@db.example:5433/t").unwrap(),
+            DatabaseUrl::Postgres("postgres://u:pw@db.example:5433/t".into())
+        );
+        assert!(parse_database_url("postgresql://localhost/t").is_ok());
+        assert!(parse_database_url("postgres://host:notaport/t").is_err());
+        assert!(parse_database_url("mysql://x").is_err());
+        assert_eq!(
+            DatabaseUrl::Postgres("postgres://u:secret@h:1/d?sslmode=disable".into()).to_string(),
+            "postgres://u@h:1/d",
+            "messages never show the password"
+        );
         assert!(parse_database_url("sqlite://").is_err());
         assert!(parse_database_url("sqlite://:memory:").is_err());
     }
@@ -406,7 +471,10 @@ mod tests {
         // Only flags given here: the defaults of DESIGN.md.
         let c = parse(&["--host", "127.0.0.1"]).unwrap();
         assert_eq!(c.port, 8000);
-        assert_eq!(c.database_url.0, PathBuf::from("ticket.db"));
+        assert_eq!(
+            c.database_url,
+            DatabaseUrl::Sqlite(PathBuf::from("ticket.db"))
+        );
         assert_eq!(c.finalize_delay_ms, 5000);
         assert_eq!(c.finalizer_workers, 4);
         assert_eq!(c.body_timeout_ms, 10_000);

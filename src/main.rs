@@ -2,13 +2,20 @@
 
 use std::process::ExitCode;
 
-use ticketd::config::Command;
+use ticketd::config::{Command, DatabaseUrl};
 use ticketd::{telemetry, Application, Config, Tuning};
 
 fn main() -> ExitCode {
     let config = Config::from_env_or_exit();
     if let Some(Command::Backup { to }) = &config.command {
-        return match ticketd::store::backup::backup(&config.database_url.0, to) {
+        let DatabaseUrl::Sqlite(db) = &config.database_url else {
+            eprintln!(
+                "ticketd: backup is for SQLite; DATABASE_URL is PostgreSQL: use pg_dump \
+                 (e.g. pg_dump --format=custom --file=ticketd.dump \"$DATABASE_URL\")"
+            );
+            return ExitCode::from(2);
+        };
+        return match ticketd::store::backup::backup(db, to) {
             Ok(c) => {
                 println!(
                     "ticketd: backup written to {}: {} events, {} bookings, {} bytes",

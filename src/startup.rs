@@ -13,10 +13,10 @@ use crate::actors::event::EventDeps;
 use crate::actors::finalizer::{Finalization, FinalizerDeps, FinalizerPool, Source, READ_BLOCK};
 use crate::actors::{PersistenceActor, Registry};
 use crate::api::{self, AppState};
-use crate::config::{Config, Tuning};
+use crate::config::{Config, DatabaseUrl, Tuning};
 use crate::coord::stream::{Consumer, StreamPusher};
 use crate::coord::{Lease, LocalQueue, Outbox, RedisLease, RedisLink};
-use crate::store::{self, queries, ReadPool, StoreError};
+use crate::store::{self, ReadPool, StoreError, WriteConn};
 use crate::ticket::TicketSigner;
 
 /// Connections the kernel holds for us past `MAX_CONNECTIONS` (or while the workers are busy)
@@ -55,23 +55,43 @@ impl Application {
         // Before anything counts (a handle taken before the recorder exists counts into
         // nothing); and every series is scraped from the start, at 0, not from its first event.
         crate::metrics::handles();
-        let path = config.database_url.0.clone();
         let store_err = |source| StartError::Store {
-            path: path.display().to_string(),
+            path: config.database_url.to_string(),
             source,
         };
-        let conn = store::open_writer(&path).map_err(store_err)?;
-        let key = match &config.ticket_key {
-            Some(k) => k.clone(),
-            None => {
-                let fresh = TicketSigner::generate_key()
-                    .map_err(|e| StartError::Config(format!("TICKET_KEY: {e}")))?;
-                queries::meta_get_or_insert(&conn, "ticket_key", &fresh)
-                    .map_err(|e| store_err(e.into()))?
+        let fresh_key = || {
+            TicketSigner::generate_key().map_err(|e| StartError::Config(format!("TICKET_KEY: {e}")))
+        };
+        let (conn, stored_key, reads) = match &config.database_url {
+            DatabaseUrl::Sqlite(path) => {
+                let conn = store::open_writer(path).map_err(store_err)?;
+                let key = match &config.ticket_key {
+                    Some(_) => None,
+                    None => Some(
+                        store::sqlite::meta_get_or_insert(&conn, "ticket_key", &fresh_key()?)
+                            .map_err(|e| store_err(e.into()))?,
+                    ),
+                };
+                let reads = ReadPool::open(path, tuning.read_pool_size).map_err(store_err)?;
+                (WriteConn::from(conn), key, reads)
+            }
+            DatabaseUrl::Postgres(url) => {
+                let default = match &config.ticket_key {
+                    Some(_) => None,
+                    None => Some(fresh_key()?),
+                };
+                let (conn, key) = store::open_postgres(url, default).map_err(store_err)?;
+                let reads =
+                    ReadPool::open_postgres(url, tuning.read_pool_size).map_err(store_err)?;
+                (conn, key, reads)
             }
         };
+        let Some(key) = config.ticket_key.clone().or(stored_key) else {
+            return Err(StartError::Config(
+                "TICKET_KEY: none set and none stored".into(),
+            ));
+        };
         let signer = TicketSigner::new(key.as_bytes());
-        let reads = ReadPool::open(&path, tuning.read_pool_size).map_err(store_err)?;
 
         // Cluster mode: one Redis link for the leases, the finalize stream and `/ready`.
         let redis = match &config.redis_url {
@@ -266,7 +286,7 @@ impl Application {
                 crate::telemetry::report_held_back();
             }
         });
-        info!(%addr, port, db = %path.display(), mode, "ticketd listening");
+        info!(%addr, port, db = %config.database_url, mode, "ticketd listening");
         if config.admin_token.is_none() {
             tracing::warn!(
                 "ADMIN_TOKEN is not set: anyone may create events and read reports, as in the \

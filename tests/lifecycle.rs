@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::cluster::{replicas, Nginx, RedisProc, FAST};
-use common::{open_db, send, Proc, Resp, Target, TestApp};
+use common::{open_db, send, Proc, Resp, Sql, Target, TestApp};
 use futures::future::join_all;
 use serde_json::{json, Value};
 
@@ -52,324 +52,322 @@ async fn cancel(t: &impl Target, id: i64, secret: &str) -> Resp {
     .await
 }
 
-fn live_seats(db: &rusqlite::Connection, event: i64) -> (i64, i64) {
-    let booked: i64 = db
-        .query_row(
-            "SELECT booked_count FROM events WHERE id = ?1",
-            [event],
-            |r| r.get(0),
-        )
-        .unwrap();
-    let rows: i64 = db
-        .query_row(
-            "SELECT COALESCE(SUM(quantity), 0) FROM bookings
-             WHERE event_id = ?1 AND status != 'CANCELLED'",
-            [event],
-            |r| r.get(0),
-        )
-        .unwrap();
+fn live_seats(db: &impl Sql, event: i64) -> (i64, i64) {
+    let booked = db.ints(
+        "SELECT booked_count FROM events WHERE id = $1",
+        &[event.into()],
+    )[0];
+    let rows = db.ints(
+        "SELECT CAST(COALESCE(SUM(quantity), 0) AS BIGINT) FROM bookings
+         WHERE event_id = $1 AND status != 'CANCELLED'",
+        &[event.into()],
+    )[0];
     (booked, rows)
 }
 
-/// Capacity 100, 400 clients, 30 winners cancel while the sale runs (15 at once, 15 once their
-/// ticket is issued): the event ends with exactly 100 live seats, never more at any moment; the
-/// cancelled bookings are never FINALIZED afterwards and their codes stop verifying.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn cancellation_during_a_flash_sale() {
-    let app = Arc::new(TestApp::spawn_with(|c, _| c.finalize_delay_ms = 20));
-    let event = app.create_event("Refundable", 100).await;
+both_backends! {
+    /// Capacity 100, 400 clients, 30 winners cancel while the sale runs (15 at once, 15 once their
+    /// ticket is issued): the event ends with exactly 100 live seats, never more at any moment; the
+    /// cancelled bookings are never FINALIZED afterwards and their codes stop verifying.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn cancellation_during_a_flash_sale() {
+        let app = Arc::new(TestApp::spawn_with(|c, _| c.finalize_delay_ms = 20));
+        let event = app.create_event("Refundable", 100).await;
 
-    // A watcher reads the file all along: never more live seats than the capacity.
-    let stop = Arc::new(AtomicBool::new(false));
-    let worst = Arc::new(AtomicI64::new(0));
-    // Stops the watcher however the test ends: a failed assertion must fail the test, not
-    // leave the runtime waiting for a blocking loop that never ends.
-    struct StopOnDrop(Arc<AtomicBool>);
-    impl Drop for StopOnDrop {
-        fn drop(&mut self) {
-            self.0.store(true, Ordering::Relaxed);
-        }
-    }
-    let _stop_watcher = StopOnDrop(stop.clone());
-    let watcher = {
-        let (db, stop, worst) = (app.db_path.clone(), stop.clone(), worst.clone());
-        tokio::task::spawn_blocking(move || {
-            let db = open_db(&db);
-            while !stop.load(Ordering::Relaxed) {
-                let (booked, rows) = live_seats(&db, event);
-                worst.fetch_max(booked.max(rows), Ordering::Relaxed);
-                std::thread::sleep(Duration::from_millis(2));
+        // A watcher reads the file all along: never more live seats than the capacity.
+        let stop = Arc::new(AtomicBool::new(false));
+        let worst = Arc::new(AtomicI64::new(0));
+        // Stops the watcher however the test ends: a failed assertion must fail the test, not
+        // leave the runtime waiting for a blocking loop that never ends.
+        struct StopOnDrop(Arc<AtomicBool>);
+        impl Drop for StopOnDrop {
+            fn drop(&mut self) {
+                self.0.store(true, Ordering::Relaxed);
             }
-        })
-    };
+        }
+        let _stop_watcher = StopOnDrop(stop.clone());
+        let watcher = {
+            let (app, stop, worst) = (app.clone(), stop.clone(), worst.clone());
+            tokio::task::spawn_blocking(move || {
+                let db = app.db();
+                while !stop.load(Ordering::Relaxed) {
+                    let (booked, rows) = live_seats(&db, event);
+                    worst.fetch_max(booked.max(rows), Ordering::Relaxed);
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+            })
+        };
 
-    let winners = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let tasks = (1..=400).map(|u| {
-        let (app, winners) = (app.clone(), winners.clone());
-        tokio::spawn(async move {
+        let winners = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let tasks = (1..=400).map(|u| {
+            let (app, winners) = (app.clone(), winners.clone());
+            tokio::spawn(async move {
+                let r = app
+                    .post("/book", json!({"user_id": u, "event_id": event}))
+                    .await;
+                match r.status.as_u16() {
+                    200 => {
+                        let (id, secret) = (
+                            r.body["id"].as_i64().unwrap(),
+                            r.body["secret"].as_str().unwrap().to_string(),
+                        );
+                        let nth = {
+                            let mut w = winners.lock().unwrap();
+                            w.push((id, secret.clone()));
+                            w.len()
+                        };
+                        if nth <= 15 {
+                            // Cancelled at once, while its ticket is being issued.
+                            let c = cancel(&*app, id, &secret).await;
+                            assert_eq!(
+                                (c.status.as_u16(), &c.body["status"]),
+                                (200, &json!("CANCELLED"))
+                            );
+                            Some((id, secret, None))
+                        } else if nth <= 30 {
+                            // Cancelled once issued: its code must stop verifying.
+                            let mut code = None;
+                            for _ in 0..400 {
+                                let b = app.get_booking(id, &secret).await.body;
+                                if b["status"] == "FINALIZED" {
+                                    code = b["ticket_code"].as_str().map(str::to_string);
+                                    break;
+                                }
+                                tokio::time::sleep(Duration::from_millis(10)).await;
+                            }
+                            assert!(code.is_some(), "booking {id} was issued");
+                            let c = cancel(&*app, id, &secret).await;
+                            assert_eq!(c.status, 200);
+                            Some((id, secret, code))
+                        } else {
+                            None
+                        }
+                    }
+                    409 => None,
+                    other => panic!("unexpected {other}: {:?}", r.body),
+                }
+            })
+        });
+        let cancelled: Vec<(i64, String, Option<String>)> = join_all(tasks)
+            .await
+            .into_iter()
+            .filter_map(Result::unwrap)
+            .collect();
+        assert_eq!(cancelled.len(), 30);
+
+        // The seats the cancellations freed are on sale again: late clients take them, and no more.
+        let (mut late, mut sold_out) = (0, false);
+        for u in 1000..1100 {
             let r = app
                 .post("/book", json!({"user_id": u, "event_id": event}))
                 .await;
             match r.status.as_u16() {
-                200 => {
-                    let (id, secret) = (
-                        r.body["id"].as_i64().unwrap(),
-                        r.body["secret"].as_str().unwrap().to_string(),
-                    );
-                    let nth = {
-                        let mut w = winners.lock().unwrap();
-                        w.push((id, secret.clone()));
-                        w.len()
-                    };
-                    if nth <= 15 {
-                        // Cancelled at once, while its ticket is being issued.
-                        let c = cancel(&*app, id, &secret).await;
-                        assert_eq!(
-                            (c.status.as_u16(), &c.body["status"]),
-                            (200, &json!("CANCELLED"))
-                        );
-                        Some((id, secret, None))
-                    } else if nth <= 30 {
-                        // Cancelled once issued: its code must stop verifying.
-                        let mut code = None;
-                        for _ in 0..400 {
-                            let b = app.get_booking(id, &secret).await.body;
-                            if b["status"] == "FINALIZED" {
-                                code = b["ticket_code"].as_str().map(str::to_string);
-                                break;
-                            }
-                            tokio::time::sleep(Duration::from_millis(10)).await;
-                        }
-                        assert!(code.is_some(), "booking {id} was issued");
-                        let c = cancel(&*app, id, &secret).await;
-                        assert_eq!(c.status, 200);
-                        Some((id, secret, code))
-                    } else {
-                        None
-                    }
+                200 => late += 1,
+                409 => {
+                    sold_out = true;
+                    break;
                 }
-                409 => None,
                 other => panic!("unexpected {other}: {:?}", r.body),
             }
-        })
-    });
-    let cancelled: Vec<(i64, String, Option<String>)> = join_all(tasks)
-        .await
-        .into_iter()
-        .filter_map(Result::unwrap)
-        .collect();
-    assert_eq!(cancelled.len(), 30);
+        }
+        assert!(
+            sold_out && late >= 1,
+            "freed seats were sold again ({late}), and no more"
+        );
+        assert!(
+            common::eventually(Duration::from_secs(20), || {
+                common::count_status(&app.db(), "PENDING") == 0
+            })
+            .await
+        );
+        stop.store(true, Ordering::Relaxed);
+        watcher.await.unwrap();
+        assert!(
+            worst.load(Ordering::Relaxed) <= 100,
+            "never more than capacity"
+        );
 
-    // The seats the cancellations freed are on sale again: late clients take them, and no more.
-    let (mut late, mut sold_out) = (0, false);
-    for u in 1000..1100 {
-        let r = app
-            .post("/book", json!({"user_id": u, "event_id": event}))
-            .await;
-        match r.status.as_u16() {
-            200 => late += 1,
-            409 => {
-                sold_out = true;
-                break;
+        let db = app.db();
+        assert_eq!(live_seats(&db, event), (100, 100), "exactly 100 live seats");
+        let (_, _, finalized) = common::event_counts(&db, event);
+        assert_eq!(finalized, 100, "issued seats count live bookings only");
+        let stats = app.get(&format!("/event/{event}/stats")).await.body;
+        assert_eq!(
+            (&stats["booked_count"], &stats["finalized_count"]),
+            (&json!(100), &json!(100))
+        );
+        for (id, secret, code) in &cancelled {
+            let b = app.get_booking(*id, secret).await.body;
+            assert_eq!(b["status"], "CANCELLED", "booking {id} stays cancelled");
+            // Twice is the same answer.
+            let again = cancel(&*app, *id, secret).await;
+            assert_eq!((again.status.as_u16(), &again.body), (200, &b));
+            if let Some(code) = code {
+                let v = app.post("/ticket/verify", json!({"code": code})).await.body;
+                assert_eq!(
+                    (&v["valid"], &v["detail"]),
+                    (&json!(false), &json!("The booking was cancelled"))
+                );
             }
-            other => panic!("unexpected {other}: {:?}", r.body),
         }
+        assert!(
+            cancelled.iter().filter(|c| c.2.is_some()).count() == 15,
+            "15 codes were issued before their cancellation"
+        );
+        // A stranger cannot cancel: the 404 of an unknown booking.
+        let (id, _, _) = &cancelled[0];
+        let r = cancel(&*app, *id, "not-the-secret").await;
+        assert_eq!(
+            (r.status.as_u16(), &r.body),
+            (404, &json!({"detail": "Booking not found"}))
+        );
     }
-    assert!(
-        sold_out && late >= 1,
-        "freed seats were sold again ({late}), and no more"
-    );
-    assert!(
-        common::eventually(Duration::from_secs(20), || {
-            common::count_status(&open_db(&app.db_path), "PENDING") == 0
-        })
-        .await
-    );
-    stop.store(true, Ordering::Relaxed);
-    watcher.await.unwrap();
-    assert!(
-        worst.load(Ordering::Relaxed) <= 100,
-        "never more than capacity"
-    );
-
-    let db = open_db(&app.db_path);
-    assert_eq!(live_seats(&db, event), (100, 100), "exactly 100 live seats");
-    let (_, _, finalized) = common::event_counts(&db, event);
-    assert_eq!(finalized, 100, "issued seats count live bookings only");
-    let stats = app.get(&format!("/event/{event}/stats")).await.body;
-    assert_eq!(
-        (&stats["booked_count"], &stats["finalized_count"]),
-        (&json!(100), &json!(100))
-    );
-    for (id, secret, code) in &cancelled {
-        let b = app.get_booking(*id, secret).await.body;
-        assert_eq!(b["status"], "CANCELLED", "booking {id} stays cancelled");
-        // Twice is the same answer.
-        let again = cancel(&*app, *id, secret).await;
-        assert_eq!((again.status.as_u16(), &again.body), (200, &b));
-        if let Some(code) = code {
-            let v = app.post("/ticket/verify", json!({"code": code})).await.body;
-            assert_eq!(
-                (&v["valid"], &v["detail"]),
-                (&json!(false), &json!("The booking was cancelled"))
-            );
-        }
-    }
-    assert!(
-        cancelled.iter().filter(|c| c.2.is_some()).count() == 15,
-        "15 codes were issued before their cancellation"
-    );
-    // A stranger cannot cancel: the 404 of an unknown booking.
-    let (id, _, _) = &cancelled[0];
-    let r = cancel(&*app, *id, "not-the-secret").await;
-    assert_eq!(
-        (r.status.as_u16(), &r.body),
-        (404, &json!({"detail": "Booking not found"}))
-    );
 }
 
-/// 100 concurrent requests with one key make one booking: every 200 names it, the others are
-/// 409 "in flight" (with Retry-After) or replays; the key with another body is 422; a malformed
-/// key is 422 naming the header; a refusal is not remembered; a retry after the event sold out
-/// still gets its booking.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn one_key_one_booking() {
-    let app = Arc::new(TestApp::spawn());
-    let event = app.create_event("Retries", 3).await;
-    let body = json!({"user_id": 7, "event_id": event, "quantity": 1});
-    let rs = join_all((0..100).map(|_| {
-        let (app, body) = (app.clone(), body.clone());
-        tokio::spawn(async move { book_keyed(&*app, body, Some("order-7-attempt")).await })
-    }))
-    .await;
-    let mut ids = HashSet::new();
-    let (mut in_flight, mut replays) = (0, 0);
-    let mut first = None;
-    for r in rs {
-        let (r, replayed) = r.unwrap();
-        match r.status.as_u16() {
-            200 => {
-                ids.insert(r.body["id"].as_i64().unwrap());
-                if replayed {
-                    replays += 1;
-                } else {
-                    first = Some(r.body.clone());
+both_backends! {
+    /// 100 concurrent requests with one key make one booking: every 200 names it, the others are
+    /// 409 "in flight" (with Retry-After) or replays; the key with another body is 422; a malformed
+    /// key is 422 naming the header; a refusal is not remembered; a retry after the event sold out
+    /// still gets its booking.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn one_key_one_booking() {
+        let app = Arc::new(TestApp::spawn());
+        let event = app.create_event("Retries", 3).await;
+        let body = json!({"user_id": 7, "event_id": event, "quantity": 1});
+        let rs = join_all((0..100).map(|_| {
+            let (app, body) = (app.clone(), body.clone());
+            tokio::spawn(async move { book_keyed(&*app, body, Some("order-7-attempt")).await })
+        }))
+        .await;
+        let mut ids = HashSet::new();
+        let (mut in_flight, mut replays) = (0, 0);
+        let mut first = None;
+        for r in rs {
+            let (r, replayed) = r.unwrap();
+            match r.status.as_u16() {
+                200 => {
+                    ids.insert(r.body["id"].as_i64().unwrap());
+                    if replayed {
+                        replays += 1;
+                    } else {
+                        first = Some(r.body.clone());
+                    }
                 }
+                409 => {
+                    assert_eq!(r.retry_after.as_deref(), Some("1"), "{:?}", r.body);
+                    in_flight += 1;
+                }
+                other => panic!("unexpected {other}: {:?}", r.body),
             }
-            409 => {
-                assert_eq!(r.retry_after.as_deref(), Some("1"), "{:?}", r.body);
-                in_flight += 1;
-            }
-            other => panic!("unexpected {other}: {:?}", r.body),
         }
-    }
-    assert_eq!(ids.len(), 1, "one booking, named by every 200");
-    assert_eq!(in_flight + replays + 1, 100);
-    let first = first.expect("one request booked");
-    let db = open_db(&app.db_path);
-    assert_eq!(common::booking_sums(&db, event), (1, 1));
+        assert_eq!(ids.len(), 1, "one booking, named by every 200");
+        assert_eq!(in_flight + replays + 1, 100);
+        let first = first.expect("one request booked");
+        let db = app.db();
+        assert_eq!(common::booking_sums(&db, event), (1, 1));
 
-    // A replay is the same body, secret included.
-    let (r, replayed) = book_keyed(&*app, body.clone(), Some("order-7-attempt")).await;
-    assert!(replayed);
-    assert_eq!((r.status.as_u16(), &r.body), (200, &first));
-    // The same key with another body, or the same body formatted otherwise.
-    let (r, _) = book_keyed(
-        &*app,
-        json!({"user_id": 7, "event_id": event, "quantity": 2}),
-        Some("order-7-attempt"),
-    )
-    .await;
-    assert_eq!(r.status, 422);
-    assert_eq!(
-        r.body["detail"][0]["loc"],
-        json!(["header", "idempotency-key"])
-    );
-    let (r, replayed) = book_keyed(
-        &*app,
-        json!({"event_id": event, "user_id": 7}),
-        Some("order-7-attempt"),
-    )
-    .await;
-    assert!(replayed && r.status == 200, "same meaning, same request");
-    // Keys are per customer: another user's identical key is another booking.
-    let (r, replayed) = book_keyed(
-        &*app,
-        json!({"user_id": 8, "event_id": event}),
-        Some("order-7-attempt"),
-    )
-    .await;
-    assert!(!replayed && r.status == 200);
-    let (last, _) = book_keyed(&*app, json!({"user_id": 9, "event_id": event}), Some("k9")).await;
-    assert_eq!(last.status, 200);
-    // Sold out now: a refusal is not remembered...
-    let (r, _) = book_keyed(
-        &*app,
-        json!({"user_id": 10, "event_id": event}),
-        Some("k10"),
-    )
-    .await;
-    assert_eq!(r.status, 409);
-    // ...but a retry of a request that did book gets its booking, not "sold out".
-    let (r, replayed) =
-        book_keyed(&*app, json!({"user_id": 9, "event_id": event}), Some("k9")).await;
-    assert!(replayed);
-    assert_eq!((r.status.as_u16(), &r.body), (200, &last.body));
-    // A seat comes back: the refused key is free to book it.
-    let c = cancel(
-        &*app,
-        first["id"].as_i64().unwrap(),
-        first["secret"].as_str().unwrap(),
-    )
-    .await;
-    assert_eq!(c.status, 200);
-    let (r, replayed) = book_keyed(
-        &*app,
-        json!({"user_id": 10, "event_id": event}),
-        Some("k10"),
-    )
-    .await;
-    assert!(!replayed && r.status == 200, "{:?}", r.body);
-
-    // Malformed keys: 422 naming the header.
-    for bad in ["", &"k".repeat(256), "tab\there"] {
-        let r = send(
-            app.client
-                .post(format!("{}/book", app.base()))
-                .header("Idempotency-Key", bad)
-                .json(&json!({"user_id": 11, "event_id": event})),
+        // A replay is the same body, secret included.
+        let (r, replayed) = book_keyed(&*app, body.clone(), Some("order-7-attempt")).await;
+        assert!(replayed);
+        assert_eq!((r.status.as_u16(), &r.body), (200, &first));
+        // The same key with another body, or the same body formatted otherwise.
+        let (r, _) = book_keyed(
+            &*app,
+            json!({"user_id": 7, "event_id": event, "quantity": 2}),
+            Some("order-7-attempt"),
         )
         .await;
-        assert_eq!(r.status, 422, "{bad:?}");
+        assert_eq!(r.status, 422);
         assert_eq!(
             r.body["detail"][0]["loc"],
             json!(["header", "idempotency-key"])
         );
-    }
-    let r = send(
-        app.client
-            .post(format!("{}/book", app.base()))
-            .header(
-                "Idempotency-Key",
-                reqwest::header::HeaderValue::from_bytes(b"caf\xc3\xa9").unwrap(),
-            )
-            .json(&json!({"user_id": 11, "event_id": event})),
-    )
-    .await;
-    assert_eq!(r.status, 422);
+        let (r, replayed) = book_keyed(
+            &*app,
+            json!({"event_id": event, "user_id": 7}),
+            Some("order-7-attempt"),
+        )
+        .await;
+        assert!(replayed && r.status == 200, "same meaning, same request");
+        // Keys are per customer: another user's identical key is another booking.
+        let (r, replayed) = book_keyed(
+            &*app,
+            json!({"user_id": 8, "event_id": event}),
+            Some("order-7-attempt"),
+        )
+        .await;
+        assert!(!replayed && r.status == 200);
+        let (last, _) = book_keyed(&*app, json!({"user_id": 9, "event_id": event}), Some("k9")).await;
+        assert_eq!(last.status, 200);
+        // Sold out now: a refusal is not remembered...
+        let (r, _) = book_keyed(
+            &*app,
+            json!({"user_id": 10, "event_id": event}),
+            Some("k10"),
+        )
+        .await;
+        assert_eq!(r.status, 409);
+        // ...but a retry of a request that did book gets its booking, not "sold out".
+        let (r, replayed) =
+            book_keyed(&*app, json!({"user_id": 9, "event_id": event}), Some("k9")).await;
+        assert!(replayed);
+        assert_eq!((r.status.as_u16(), &r.body), (200, &last.body));
+        // A seat comes back: the refused key is free to book it.
+        let c = cancel(
+            &*app,
+            first["id"].as_i64().unwrap(),
+            first["secret"].as_str().unwrap(),
+        )
+        .await;
+        assert_eq!(c.status, 200);
+        let (r, replayed) = book_keyed(
+            &*app,
+            json!({"user_id": 10, "event_id": event}),
+            Some("k10"),
+        )
+        .await;
+        assert!(!replayed && r.status == 200, "{:?}", r.body);
 
-    // Events too: the organizer's key gives back the event it created.
-    let create = |title: &str| {
-        app.client
-            .post(format!("{}/event", app.base()))
-            .header("Idempotency-Key", "launch-1")
-            .json(&json!({"title": title, "capacity": 10}))
-    };
-    let a = send(create("Launch")).await;
-    let b = send(create("Launch")).await;
-    assert_eq!((a.status.as_u16(), b.status.as_u16()), (200, 200));
-    assert_eq!(a.body, b.body);
-    assert_eq!(send(create("Other")).await.status, 422);
+        // Malformed keys: 422 naming the header.
+        for bad in ["", &"k".repeat(256), "tab\there"] {
+            let r = send(
+                app.client
+                    .post(format!("{}/book", app.base()))
+                    .header("Idempotency-Key", bad)
+                    .json(&json!({"user_id": 11, "event_id": event})),
+            )
+            .await;
+            assert_eq!(r.status, 422, "{bad:?}");
+            assert_eq!(
+                r.body["detail"][0]["loc"],
+                json!(["header", "idempotency-key"])
+            );
+        }
+        let r = send(
+            app.client
+                .post(format!("{}/book", app.base()))
+                .header(
+                    "Idempotency-Key",
+                    reqwest::header::HeaderValue::from_bytes(b"caf\xc3\xa9").unwrap(),
+                )
+                .json(&json!({"user_id": 11, "event_id": event})),
+        )
+        .await;
+        assert_eq!(r.status, 422);
+
+        // Events too: the organizer's key gives back the event it created.
+        let create = |title: &str| {
+            app.client
+                .post(format!("{}/event", app.base()))
+                .header("Idempotency-Key", "launch-1")
+                .json(&json!({"title": title, "capacity": 10}))
+        };
+        let a = send(create("Launch")).await;
+        let b = send(create("Launch")).await;
+        assert_eq!((a.status.as_u16(), b.status.as_u16()), (200, 200));
+        assert_eq!(a.body, b.body);
+        assert_eq!(send(create("Other")).await.status, 422);
+    }
 }
 
 /// A customer who cancels the last seat and books it again at once gets it, even before the
@@ -745,5 +743,45 @@ mod customer_tokens {
             (r.status.as_u16(), &r.body["status"]),
             (200, &json!("CANCELLED"))
         );
+    }
+}
+
+both_backends! {
+    /// One process, either backend: 50 concurrent requests of one customer on `max_per_user: 4`
+    /// get exactly 4 seats; the others are 409 naming the limit; another customer still books.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn the_per_customer_limit_holds_in_one_process() {
+        let app = Arc::new(TestApp::spawn());
+        let r = app
+            .post(
+                "/event",
+                json!({"title": "Limited", "capacity": 1000, "max_per_user": 4}),
+            )
+            .await;
+        let event = r.body["id"].as_i64().expect("id");
+        let tasks = (0..50).map(|_| {
+            let app = app.clone();
+            tokio::spawn(async move {
+                app.post("/book", json!({"user_id": 9, "event_id": event}))
+                    .await
+            })
+        });
+        let rs: Vec<Resp> = futures::future::join_all(tasks)
+            .await
+            .into_iter()
+            .map(|r| r.expect("task"))
+            .collect();
+        let ok = rs.iter().filter(|r| r.status == 200).count();
+        assert_eq!(ok, 4, "exactly the limit");
+        assert!(
+            rs.iter().all(|r| r.status == 200 || r.status == 409),
+            "{:?}",
+            rs.iter().find(|r| r.status != 200 && r.status != 409)
+        );
+        assert_eq!(common::booking_sums(&app.db(), event), (4, 4));
+        let other = app
+            .post("/book", json!({"user_id": 10, "event_id": event}))
+            .await;
+        assert_eq!(other.status, 200);
     }
 }

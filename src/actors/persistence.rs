@@ -1,21 +1,26 @@
-//! The persistence actor: the one SQLite writer of the process, with group commit.
+//! The persistence actor: the one writer of the process, with group commit.
 //!
 //! It is an actor in the strict sense (it alone owns the writer connection and is reached only by
-//! messages) but runs on a dedicated OS thread instead of an actix context: every SQLite call
+//! messages) but runs on a dedicated OS thread instead of an actix context: every database call
 //! blocks, and group commit wants to take *everything* waiting at once, which an actix mailbox
 //! (one message per handler call) does not offer. While one transaction commits, the next group
 //! piles up in the hand-off queue; then it all goes into one transaction and one fsync.
 //!
-//! Each event batch gets a savepoint, so a batch refused by the fence (stale token, seats not
-//! there) is rolled back alone while the other batches of the group commit. Replies are sent only
-//! after COMMIT returns: a 200 from `POST /book` means the row is durable (promise 2).
+//! The group's transaction is the backend's (`sqlite`: a savepoint per batch; `postgres`: the
+//! whole group pipelined in two round trips): either way a batch refused by the fence (stale
+//! token, seats not there) is left out alone while the other batches of the group commit, and
+//! each op comes back as an `Applied`. What follows COMMIT is this module's, the same for both:
+//! replies are sent only after COMMIT returns — a 200 from `POST /book` means the row is durable
+//! (promise 2) — and committed bookings go to the finalization queue.
+
+mod postgres;
+mod sqlite;
 
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-use rusqlite::{Connection, TransactionBehavior};
 use tokio::sync::oneshot;
-use tracing::{debug, error, info_span, warn};
+use tracing::{debug, error, info_span};
 
 use crate::coord::Outbox;
 use crate::domain::{
@@ -23,11 +28,10 @@ use crate::domain::{
 };
 use crate::handoff::{Refused, WriteQueue};
 use crate::store::queries::{
-    self, BookingOutcome, CancelOutcome, FencedBatch, IssuedTicket, KeyRecord, NewBookingRow,
-    PurgeCursor, Refusal, SeatsSeen, TotalsDelta,
+    self, BatchApplied, BookingOutcome, CancelOutcome, IssuedTicket, KeyRecord, PurgeCursor,
+    Refusal, SeatsSeen, TotalsDelta,
 };
-use crate::store::wal::WalKeeper;
-use crate::store::{EventRow, StoreError};
+use crate::store::{EventRow, StoreError, WriteConn};
 use crate::sync::Arc;
 use crate::ticket::TicketFacts;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -209,8 +213,15 @@ pub struct PersistenceActor {
 }
 
 impl PersistenceActor {
-    /// Starts the writer thread on an opened, migrated connection.
-    pub fn start(conn: Connection, queue_limit: usize, max_group: usize, finalize: Outbox) -> Self {
+    /// Starts the writer thread on an opened, migrated database (a SQLite connection, or
+    /// PostgreSQL's `WriteConn`).
+    pub fn start(
+        conn: impl Into<WriteConn>,
+        queue_limit: usize,
+        max_group: usize,
+        finalize: Outbox,
+    ) -> Self {
+        let conn = conn.into();
         let queue = Arc::new(WriteQueue::new(queue_limit));
         let refusals = std::sync::Arc::new(Refusals::default());
         let (q, r) = (queue.clone(), refusals.clone());
@@ -255,33 +266,77 @@ impl Drop for CloseOnExit<'_> {
     }
 }
 
+/// The writer's database, as its thread holds it: one `match` per group, none per booking.
+enum Db {
+    Sqlite(sqlite::Db),
+    Postgres(postgres::Db),
+}
+
+impl Db {
+    fn open(conn: WriteConn) -> Db {
+        match conn {
+            WriteConn::Sqlite(conn) => Db::Sqlite(sqlite::Db::open(conn)),
+            WriteConn::Postgres { url, writer } => {
+                Db::Postgres(postgres::Db::open(url, writer.take()))
+            }
+        }
+    }
+
+    /// Writes the group in one transaction. `None`: it failed, and every op has been answered.
+    fn write(&mut self, group: Vec<WriteOp>, at: &Stamps<'_>) -> Option<Vec<Applied>> {
+        match self {
+            Db::Sqlite(db) => db.write(group, at),
+            Db::Postgres(db) => db.write(group, at),
+        }
+    }
+
+    /// Housekeeping between groups (SQLite: the WAL's checkpoints).
+    fn after_group(&mut self) {
+        match self {
+            Db::Sqlite(db) => db.after_group(),
+            Db::Postgres(_) => {}
+        }
+    }
+
+    fn purge_expired_keys(
+        &mut self,
+        cursor: &mut PurgeCursor,
+        before_ms: i64,
+        chunk: usize,
+    ) -> Result<usize, StoreError> {
+        match self {
+            Db::Sqlite(db) => db.purge_expired_keys(cursor, before_ms, chunk),
+            Db::Postgres(db) => db.purge_expired_keys(cursor, before_ms, chunk),
+        }
+    }
+
+    fn close(self) {
+        match self {
+            Db::Sqlite(db) => db.close(),
+            Db::Postgres(_) => {}
+        }
+    }
+}
+
 fn run(
-    mut conn: Connection,
+    conn: WriteConn,
     queue: &WriteQueue<WriteOp>,
     max_group: usize,
     finalize: &Outbox,
     refusals: &Refusals,
 ) {
     let _guard = CloseOnExit(queue);
-    let mut wal = match WalKeeper::install(&conn) {
-        Ok(k) => Some(k),
-        Err(e) => {
-            error!(error = %e, "cannot manage checkpoints; SQLite's automatic ones stay on");
-            None
-        }
-    };
+    let mut db = Db::open(conn);
     let (mut purged, mut cursor) = (Instant::now(), PurgeCursor::default());
     while let Some(group) = queue.next_group(max_group) {
-        commit_group(&mut conn, group, finalize, refusals);
-        if let Some(k) = wal.as_mut() {
-            k.after_commit(&conn);
-        }
+        commit_group(&mut db, group, finalize, refusals);
+        db.after_group();
         if purged.elapsed() >= PURGE_EVERY {
             purged = Instant::now();
-            purge_expired_keys(&conn, &mut cursor);
+            purge_expired_keys(&mut db, &mut cursor);
         }
     }
-    WalKeeper::at_exit(&conn);
+    db.close();
     debug!("writer drained and stopped");
 }
 
@@ -294,12 +349,12 @@ const PURGE_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 const PURGE_CHUNK: usize = 5_000;
 
 /// Deletes the expired idempotency keys of the next chunk (lookups ignore them anyway).
-fn purge_expired_keys(conn: &Connection, cursor: &mut PurgeCursor) {
+fn purge_expired_keys(db: &mut Db, cursor: &mut PurgeCursor) {
     let before = (chrono::Utc::now() - KEY_TTL).timestamp_millis();
-    match queries::purge_expired_keys(conn, cursor, before, PURGE_CHUNK) {
+    match db.purge_expired_keys(cursor, before, PURGE_CHUNK) {
         Ok(0) => {}
         Ok(n) => debug!(purged = n, "expired idempotency keys deleted"),
-        Err(e) => warn!(error = %e, "could not purge expired idempotency keys"),
+        Err(e) => tracing::warn!(error = %e, "could not purge expired idempotency keys"),
     }
 }
 
@@ -308,17 +363,6 @@ fn purge_expired_keys(conn: &Connection, cursor: &mut PurgeCursor) {
 fn push_committed(outbox: &Outbox, committed: Vec<TicketFacts>) {
     fail::fail_point!("finalize-before-push", |_| {});
     outbox.push(committed);
-}
-
-/// COMMITs the group. Tests make it fail (failpoint `writer-commit`, returning the error a full
-/// disk or an I/O error would): dropping the transaction rolls it back, as SQLite does after a
-/// failed COMMIT, so nothing of the group is written and none of its clients may hear 200.
-fn commit(tx: rusqlite::Transaction<'_>) -> rusqlite::Result<()> {
-    fail::fail_point!("writer-commit", |_| Err(rusqlite::Error::SqliteFailure(
-        rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_IOERR),
-        Some("injected COMMIT failure (failpoint writer-commit)".into()),
-    )));
-    tx.commit()
 }
 
 /// An op applied inside the open transaction, waiting for COMMIT before anyone is answered.
@@ -411,15 +455,7 @@ impl Applied {
     }
 }
 
-/// Times BEGIN IMMEDIATE is retried after SQLITE_BUSY (each after the busy timeout).
-const BEGIN_RETRIES: u32 = 3;
-
-fn commit_group(
-    conn: &mut Connection,
-    group: Vec<WriteOp>,
-    finalize: &Outbox,
-    refusals: &Refusals,
-) {
+fn commit_group(db: &mut Db, group: Vec<WriteOp>, finalize: &Outbox, refusals: &Refusals) {
     let started = Instant::now();
     let span = info_span!(
         "commit_group",
@@ -439,47 +475,9 @@ fn commit_group(
     // Tests pause the writer here (before it takes the write lock) to play a replica that
     // stalls between allocating a batch and writing it, past the end of its lease.
     fail::fail_point!("writer-before-begin");
-    // Other replicas share the file in cluster mode: BEGIN IMMEDIATE waits for their write lock
-    // (busy_timeout), and a few retries ride out a long checkpoint or a burst of theirs.
-    let mut attempt = 0;
-    let tx = loop {
-        match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
-            Ok(tx) => break tx,
-            Err(e) if crate::store::is_busy(&e) && attempt < BEGIN_RETRIES => {
-                attempt += 1;
-                warn!(attempt, "database busy; retrying the group transaction");
-                std::thread::sleep(std::time::Duration::from_millis(20 * attempt as u64));
-            }
-            Err(e) => {
-                warn!(error = %e, "could not begin the group transaction");
-                crate::metrics::handles().group_failures.increment(1);
-                let why = StoreError::Sqlite(e);
-                group.into_iter().for_each(|op| op.fail(&why));
-                return;
-            }
-        }
-    };
-    let mut applied = Vec::with_capacity(group.len());
-    let mut totals = TotalsDelta::default();
-    for op in group {
-        let a = apply(&tx, op, &stamps);
-        totals += a.totals();
-        applied.push(a);
-    }
-    // The report's totals move in the same transaction as the rows they sum.
-    let committed = match totals.is_zero() {
-        true => commit(tx),
-        false => queries::add_to_totals(&tx, &totals).and_then(|()| commit(tx)),
-    };
-    if let Err(e) = committed {
-        error!(error = %e, "group commit failed; every op of the group is answered as failed");
-        crate::metrics::handles().group_failures.increment(1);
-        let why = StoreError::Sqlite(e);
-        for a in applied {
-            a.fail(&why);
-        }
+    let Some(applied) = db.write(group, &stamps) else {
         return;
-    }
+    };
 
     // Tests kill the process right here (failpoint `writer-after-commit`): committed, nobody
     // answered — the client's retry with its Idempotency-Key must find the booking.
@@ -571,183 +569,76 @@ struct Stamps<'a> {
     keys_live_after_ms: i64,
 }
 
-fn apply(tx: &rusqlite::Transaction<'_>, op: WriteOp, at: &Stamps<'_>) -> Applied {
-    match op {
-        WriteOp::CreateEvent { event, reply } => {
-            let e = &event;
-            match queries::insert_event(
-                tx,
-                &e.title,
-                e.capacity,
-                e.max_per_user,
-                e.key.as_deref(),
-                at.now_ms,
-                at.keys_live_after_ms,
-            ) {
-                Ok(created) => Applied::Event(reply, created),
-                Err(err) => Applied::Error(WriteOp::CreateEvent { event, reply }, err.into()),
-            }
-        }
-        WriteOp::Finalize { tickets, reply } => match finalize_in_savepoint(tx, &tickets, at) {
-            Ok((written, seats)) => Applied::Finalized(reply, written, seats),
-            Err(e) => Applied::Error(WriteOp::Finalize { tickets, reply }, e.into()),
-        },
-        WriteOp::Seats(batch) => apply_seats(tx, batch, at),
-    }
-}
-
-/// Writes a finalizer's tickets all or nothing within the group: a failure undoes its own
-/// statements, not the group's other ops (their clients may still hear 200).
-fn finalize_in_savepoint(
-    tx: &rusqlite::Transaction<'_>,
-    tickets: &[IssuedTicket],
-    at: &Stamps<'_>,
-) -> rusqlite::Result<(usize, i64)> {
-    savepoint(tx)?;
-    match queries::finalize_many(tx, tickets, at.now) {
-        Ok(done) => {
-            release_savepoint(tx)?;
-            Ok(done)
-        }
-        Err(e) => {
-            let _ = rollback_savepoint(tx);
-            Err(e)
-        }
-    }
-}
-
-/// One op of the group (a batch, a finalizer's tickets) runs inside its own savepoint, so a
-/// refused or failed op is undone alone. The statements are prepared once: the hot path runs
-/// them for every batch.
-fn savepoint(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<()> {
-    tx.prepare_cached("SAVEPOINT op")?.execute([])?;
-    Ok(())
-}
-
-fn release_savepoint(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<()> {
-    tx.prepare_cached("RELEASE op")?.execute([])?;
-    Ok(())
-}
-
-/// Undoes the op inside the group transaction.
-fn rollback_savepoint(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<()> {
-    tx.prepare_cached("ROLLBACK TO op")?.execute([])?;
-    release_savepoint(tx)
-}
-
-fn apply_seats(tx: &rusqlite::Transaction<'_>, batch: SeatBatch, at: &Stamps<'_>) -> Applied {
-    let _span = info_span!(
-        "batch",
-        event_id = batch.event_id,
-        size = batch.requests.len(),
-        cancels = batch.cancels.len(),
-        token = batch.token
-    )
-    .entered();
-    let rows: Vec<NewBookingRow<'_>> = batch
+/// A batch the transaction wrote, as the answers its clients and its actor will get once the
+/// group commits (both backends).
+fn seats_written(batch: SeatBatch, done: BatchApplied, now: &str) -> Applied {
+    let created_at = queries::iso_utc(now);
+    let event_id = batch.event_id;
+    let mut seats = 0;
+    let answers = batch
         .requests
-        .iter()
-        .map(|r| NewBookingRow {
-            user_id: r.user_id,
-            quantity: r.quantity,
-            key: r.key.as_deref(),
+        .into_iter()
+        .zip(done.bookings)
+        .map(|(req, outcome)| {
+            let answer = match outcome {
+                BookingOutcome::Booked(id) => {
+                    seats += req.quantity;
+                    Ok(Booked {
+                        id,
+                        event_id,
+                        user_id: req.user_id,
+                        quantity: req.quantity,
+                        status: BookingStatus::Pending,
+                        created_at: created_at.clone(),
+                    })
+                }
+                BookingOutcome::Limit { limit, held } => Err(BookError::LimitReached {
+                    limit,
+                    may_take: (limit - held).max(0),
+                }),
+                BookingOutcome::KeyUsed {
+                    booking_id,
+                    fingerprint,
+                } => Err(BookError::KeyUsed {
+                    booking_id,
+                    fingerprint,
+                }),
+            };
+            (req, answer)
         })
         .collect();
-    let cancel_ids: Vec<i64> = batch.cancels.iter().map(|c| c.booking_id).collect();
-    let fenced = FencedBatch {
-        event_id: batch.event_id,
-        token: batch.token,
-        cancels: &cancel_ids,
-        bookings: &rows,
-        now: at.now,
-        now_ms: at.now_ms,
-        keys_live_after_ms: at.keys_live_after_ms,
-    };
-    // A savepoint per batch: a refused or failed batch is undone alone.
-    let result = savepoint(tx)
-        .and_then(|()| queries::apply_fenced_batch(tx, &fenced))
-        .and_then(|r| {
-            if r.is_ok() {
-                release_savepoint(tx)?;
-            }
-            Ok(r)
-        });
-    drop(rows);
-    match result {
-        Ok(Ok(done)) => {
-            let created_at = queries::iso_utc(at.now);
-            let event_id = batch.event_id;
-            let mut seats = 0;
-            let answers = batch
-                .requests
-                .into_iter()
-                .zip(done.bookings)
-                .map(|(req, outcome)| {
-                    let answer = match outcome {
-                        BookingOutcome::Booked(id) => {
-                            seats += req.quantity;
-                            Ok(Booked {
-                                id,
-                                event_id,
-                                user_id: req.user_id,
-                                quantity: req.quantity,
-                                status: BookingStatus::Pending,
-                                created_at: created_at.clone(),
-                            })
-                        }
-                        BookingOutcome::Limit { limit, held } => Err(BookError::LimitReached {
-                            limit,
-                            may_take: (limit - held).max(0),
-                        }),
-                        BookingOutcome::KeyUsed {
-                            booking_id,
-                            fingerprint,
-                        } => Err(BookError::KeyUsed {
-                            booking_id,
-                            fingerprint,
-                        }),
-                    };
-                    (req, answer)
-                })
-                .collect();
-            let cancelled = batch
-                .cancels
-                .into_iter()
-                .zip(done.cancels)
-                .map(|(c, outcome)| {
-                    let answer = match outcome {
-                        CancelOutcome::Cancelled(b) => Ok(b),
-                        CancelOutcome::NotFound => Err(BookError::BookingNotFound),
-                    };
-                    (c, answer)
-                })
-                .collect();
-            Applied::Seats {
-                batch_done: batch.done,
-                answers,
-                cancelled,
-                seats: seats - done.freed,
-                cancellations: done.cancelled,
-                returned: done.freed,
-                unissued: done.freed_issued,
-                booked_after: done.booked_after,
-                users: done.users,
-            }
-        }
-        Ok(Err(refusal)) => {
-            let _ = rollback_savepoint(tx);
-            debug!(?refusal, "batch refused by the fenced update");
-            Applied::SeatsRefused {
-                done: batch.done,
-                refusal,
-                requests: batch.requests,
-                cancels: batch.cancels,
-            }
-        }
-        Err(e) => {
-            let _ = rollback_savepoint(tx);
-            warn!(error = %e, "batch failed");
-            Applied::Error(WriteOp::Seats(batch), e.into())
-        }
+    let cancelled = batch
+        .cancels
+        .into_iter()
+        .zip(done.cancels)
+        .map(|(c, outcome)| {
+            let answer = match outcome {
+                CancelOutcome::Cancelled(b) => Ok(b),
+                CancelOutcome::NotFound => Err(BookError::BookingNotFound),
+            };
+            (c, answer)
+        })
+        .collect();
+    Applied::Seats {
+        batch_done: batch.done,
+        answers,
+        cancelled,
+        seats: seats - done.freed,
+        cancellations: done.cancelled,
+        returned: done.freed,
+        unissued: done.freed_issued,
+        booked_after: done.booked_after,
+        users: done.users,
+    }
+}
+
+/// A batch the fenced update refused: nothing of it written.
+fn seats_refused(batch: SeatBatch, refusal: Refusal) -> Applied {
+    debug!(?refusal, "batch refused by the fenced update");
+    Applied::SeatsRefused {
+        done: batch.done,
+        refusal,
+        requests: batch.requests,
+        cancels: batch.cancels,
     }
 }

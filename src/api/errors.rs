@@ -88,6 +88,10 @@ impl From<StoreError> for ApiError {
                 ApiError::Unavailable("database busy".into())
             }
             StoreError::Busy => ApiError::Unavailable("database busy".into()),
+            StoreError::Unavailable(_) => ApiError::Unavailable("database unavailable".into()),
+            StoreError::Postgres(e) if crate::store::pg_unavailable(&e) => {
+                ApiError::Unavailable("database unavailable".into())
+            }
             StoreError::Pool(_) => ApiError::Unavailable("no database connection available".into()),
             other => ApiError::Internal(other.to_string()),
         }

@@ -78,10 +78,7 @@ pub struct Readiness {
     )
 )]
 pub async fn ready(state: web::Data<AppState>, req: HttpRequest) -> Result<HttpResponse, ApiError> {
-    let db = state
-        .reads
-        .read(|c| c.query_row("SELECT 1", [], |r| r.get::<_, i64>(0)))
-        .await;
+    let db = state.reads.read(crate::store::queries::ping).await;
     let writer = state.writer.is_running();
     let db_ok = db.is_ok();
     let redis = match &state.redis {

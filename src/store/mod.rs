@@ -1,18 +1,23 @@
-//! SQLite storage: the schema, the queries, the writer connection and the read pool.
+//! The storage seam: one writer connection per process (`WriteConn`, owned by the persistence
+//! actor) and a pool of read connections (`ReadPool`, lending a `ReadConn`), each SQLite's or
+//! PostgreSQL's as `DATABASE_URL` says; the reads every caller uses (`queries`) dispatch on the
+//! connection, the group commit on the writer's (`actors::persistence`). Nothing above this
+//! module names a backend.
 //!
-//! Exactly one connection per process writes (owned by the persistence actor); every read goes
-//! through a small pool of read-only connections, which in WAL mode never block the writer and
-//! never wait for it.
+//! SQLite: in WAL mode the read-only connections never block the writer and never wait for it.
+//! PostgreSQL: see `postgres`.
 
 pub mod backup;
 pub mod postgres;
 pub mod queries;
 pub mod schema;
+pub mod sqlite;
 pub mod wal;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use r2d2_postgres::PostgresConnectionManager;
 use r2d2_sqlite::SqliteConnectionManager;
 use rusqlite::{Connection, OpenFlags};
 
@@ -25,6 +30,13 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 pub enum StoreError {
     #[error("sqlite: {0}")]
     Sqlite(#[from] rusqlite::Error),
+    #[error("postgres: {0}")]
+    Postgres(#[from] ::postgres::Error),
+    #[error("postgres migration: {0}")]
+    PgMigration(#[from] self::postgres::schema::MigrateError),
+    /// The database cannot be reached (PostgreSQL down, restarting, cut off): retry later.
+    #[error("the database is unavailable: {0}")]
+    Unavailable(String),
     #[error("read pool: {0}")]
     Pool(#[from] r2d2::Error),
     #[error("migration: {0}")]
@@ -47,6 +59,8 @@ impl StoreError {
         match self {
             StoreError::Sqlite(e) if is_busy(e) => StoreError::Busy,
             StoreError::Busy => StoreError::Busy,
+            StoreError::Postgres(e) if pg_unavailable(e) => StoreError::Unavailable(e.to_string()),
+            StoreError::Unavailable(e) => StoreError::Unavailable(e.clone()),
             StoreError::WriterClosed => StoreError::WriterClosed,
             StoreError::WriterFull => StoreError::WriterFull,
             other => StoreError::Task(other.to_string()),
@@ -117,9 +131,49 @@ fn setup_writer(path: &Path) -> Result<Connection, StoreError> {
     conn.pragma_update(None, "journal_size_limit", 64 * 1024 * 1024)?;
     schema::migrations().to_latest(&mut conn)?;
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-    queries::ensure_totals(&tx)?;
+    sqlite::ensure_totals(&tx)?;
     tx.commit()?;
     Ok(conn)
+}
+
+/// Opens PostgreSQL at `url` for a start: migrates it (under the advisory lock, so replicas
+/// starting together take turns), reads the ticket key stored there — inserting `key_default`
+/// first when there is none — and connects the writer. Blocking, on a thread of its own: the
+/// blocking `postgres` client must not run inside the caller's async runtime.
+pub fn open_postgres(
+    url: &str,
+    key_default: Option<String>,
+) -> Result<(WriteConn, Option<String>), StoreError> {
+    let url = url.to_string();
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let mut config: ::postgres::Config = url.parse()?;
+            if config.get_connect_timeout().is_none() {
+                config.connect_timeout(PG_CONNECT_TIMEOUT);
+            }
+            let mut client = config.connect(::postgres::NoTls)?;
+            self::postgres::schema::migrate(&mut client)?;
+            let key = match key_default {
+                Some(k) => Some(self::postgres::queries::meta_get_or_insert(
+                    &mut client,
+                    "ticket_key",
+                    &k,
+                )?),
+                None => None,
+            };
+            drop(client);
+            let writer = self::postgres::writer::PgWriter::connect(&url)?;
+            Ok((
+                WriteConn::Postgres {
+                    url: url.clone(),
+                    writer: PgStart(Some(writer)),
+                },
+                key,
+            ))
+        })
+        .join()
+        .map_err(|_| StoreError::Task("the PostgreSQL setup panicked".into()))?
+    })
 }
 
 /// True for SQLITE_BUSY / SQLITE_LOCKED: another connection (another replica) holds the lock.
@@ -128,13 +182,121 @@ pub fn is_busy(e: &rusqlite::Error) -> bool {
         if matches!(f.code, rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked))
 }
 
-/// The pool of read-only connections used by routes, event actors (loading) and finalizers.
-#[derive(Clone)]
-pub struct ReadPool {
-    pool: r2d2::Pool<SqliteConnectionManager>,
+/// True when a PostgreSQL error says the server cannot be reached or is going away (connection
+/// lost or refused, shutdown, too many connections): a 503 to retry, not a 500. An error the
+/// server answered about a statement is not.
+pub fn pg_unavailable(e: &::postgres::Error) -> bool {
+    match e.code() {
+        None => e.as_db_error().is_none(),
+        Some(code) => {
+            let c = code.code();
+            c.starts_with("08") || c.starts_with("57P") || c.starts_with("53")
+        }
+    }
 }
 
+/// Drops `v` on a thread of its own when called on an async runtime's thread: the blocking
+/// `postgres` client and the writer's runtime panic if dropped there (they block to close).
+pub fn drop_off_runtime<T: Send + 'static>(v: T) {
+    if tokio::runtime::Handle::try_current().is_ok() {
+        let _ = std::thread::spawn(move || drop(v)).join();
+    } else {
+        drop(v);
+    }
+}
+
+/// The connection of the one writer of the process, for `actors::PersistenceActor`.
+pub enum WriteConn {
+    Sqlite(Connection),
+    /// PostgreSQL: the writer connects (and reconnects after a loss) by itself; `writer` holds
+    /// the connection made at start.
+    Postgres {
+        url: String,
+        writer: PgStart,
+    },
+}
+
+/// The writer's PostgreSQL connection made at start, on its way to the writer thread; a start
+/// that fails before it gets there drops it off the runtime (`drop_off_runtime`).
+pub struct PgStart(Option<self::postgres::writer::PgWriter>);
+
+impl PgStart {
+    pub fn take(mut self) -> Option<self::postgres::writer::PgWriter> {
+        self.0.take()
+    }
+}
+
+impl Drop for PgStart {
+    fn drop(&mut self) {
+        if let Some(w) = self.0.take() {
+            drop_off_runtime(w);
+        }
+    }
+}
+
+/// The PostgreSQL read pool; its last handle dropped (at stop, often on an actix thread)
+/// closes its connections off the runtime.
+struct PgPool(Option<r2d2::Pool<PgManager>>);
+
+impl Drop for PgPool {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.take() {
+            drop_off_runtime(p);
+        }
+    }
+}
+
+impl From<Connection> for WriteConn {
+    fn from(c: Connection) -> Self {
+        WriteConn::Sqlite(c)
+    }
+}
+
+/// A read connection lent by `ReadPool::read`; `queries::*` run on either.
+pub enum ReadConn<'a> {
+    Sqlite(&'a Connection),
+    Postgres(&'a mut ::postgres::Client),
+}
+
+type PgManager = PostgresConnectionManager<::postgres::NoTls>;
+
+#[derive(Clone)]
+enum Pool {
+    Sqlite(r2d2::Pool<SqliteConnectionManager>),
+    Postgres(std::sync::Arc<PgPool>),
+}
+
+/// The pool of read connections used by routes, event actors (loading) and finalizers.
+#[derive(Clone)]
+pub struct ReadPool {
+    pool: Pool,
+}
+
+/// How long a PostgreSQL read waits for a connection (the server down: a quick 503, not a
+/// stalled route), and how long connecting may take.
+const PG_POOL_WAIT: Duration = Duration::from_secs(2);
+pub const PG_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
 impl ReadPool {
+    /// Read connections to PostgreSQL at `url` (already migrated).
+    pub fn open_postgres(url: &str, size: u32) -> Result<Self, StoreError> {
+        let mut config: ::postgres::Config = url
+            .parse()
+            .map_err(|e: ::postgres::Error| StoreError::Task(format!("DATABASE_URL: {e}")))?;
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(PG_CONNECT_TIMEOUT);
+        }
+        let manager = PgManager::new(config, ::postgres::NoTls);
+        let pool = r2d2::Pool::builder()
+            .max_size(size.max(1))
+            .connection_timeout(PG_POOL_WAIT)
+            .build(manager)?;
+        Ok(ReadPool {
+            pool: Pool::Postgres(std::sync::Arc::new(PgPool(Some(pool)))),
+        })
+    }
+
+    /// Read-only connections to the SQLite file at `path`.
     pub fn open(path: &Path, size: u32) -> Result<Self, StoreError> {
         let manager = SqliteConnectionManager::file(path)
             .with_flags(
@@ -150,11 +312,13 @@ impl ReadPool {
             .max_size(size.max(1))
             .connection_timeout(Duration::from_secs(10))
             .build(manager)?;
-        Ok(ReadPool { pool })
+        Ok(ReadPool {
+            pool: Pool::Sqlite(pool),
+        })
     }
 
-    /// Runs `f` on a read connection on the blocking thread pool, so no reactor thread waits
-    /// on SQLite.
+    /// Runs `f` (one of `queries::*`, mostly) on a read connection on the blocking thread pool,
+    /// so no reactor thread waits on the database.
     /// The future owns what it needs (`'static`), so actors can keep it past `&self`.
     pub fn read<T, F>(
         &self,
@@ -162,13 +326,20 @@ impl ReadPool {
     ) -> impl std::future::Future<Output = Result<T, StoreError>> + 'static
     where
         T: Send + 'static,
-        F: FnOnce(&Connection) -> Result<T, rusqlite::Error> + Send + 'static,
+        F: FnOnce(&mut ReadConn<'_>) -> Result<T, StoreError> + Send + 'static,
     {
         let pool = self.pool.clone();
         async move {
-            tokio::task::spawn_blocking(move || {
-                let conn = pool.get()?;
-                Ok(f(&conn)?)
+            tokio::task::spawn_blocking(move || match pool {
+                Pool::Sqlite(pool) => {
+                    let conn = pool.get()?;
+                    f(&mut ReadConn::Sqlite(&conn))
+                }
+                Pool::Postgres(pool) => {
+                    let pool = pool.0.as_ref().ok_or(StoreError::WriterClosed)?;
+                    let mut conn = pool.get()?;
+                    f(&mut ReadConn::Postgres(&mut conn))
+                }
             })
             .await
             .map_err(|e| StoreError::Task(e.to_string()))?

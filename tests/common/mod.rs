@@ -120,6 +120,174 @@ pub trait Target {
     }
 }
 
+/// Runs each test on both backends, as `name::sqlite` and `name::postgres` (a private server,
+/// `postgres::PgServer`, started by `TestApp::spawn*`): the same body, not a copy.
+///
+/// ```ignore
+/// both_backends! {
+///     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+///     async fn booking_contract() { let app = TestApp::spawn(); … }
+/// }
+/// ```
+#[macro_export]
+macro_rules! both_backends {
+    ($( $(#[$attr:meta])* async fn $name:ident() $body:block )*) => { $(
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+
+            $(#[$attr])*
+            async fn sqlite() $body
+
+            $(#[$attr])*
+            async fn postgres() {
+                let _on = $crate::common::Backend::Postgres.select();
+                $body
+            }
+        }
+    )* };
+}
+
+/// Which database `TestApp::spawn*` starts the application on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+thread_local! {
+    /// The test's backend: a test's body (and so its `TestApp::spawn`) runs on the thread of its
+    /// runtime's `block_on`.
+    static BACKEND: std::cell::Cell<Backend> = const { std::cell::Cell::new(Backend::Sqlite) };
+}
+
+/// Puts the backend back to SQLite when dropped.
+pub struct Selected(());
+
+impl Drop for Selected {
+    fn drop(&mut self) {
+        BACKEND.with(|b| b.set(Backend::Sqlite));
+    }
+}
+
+impl Backend {
+    /// The backend of the apps this thread spawns from now on, until the guard drops.
+    pub fn select(self) -> Selected {
+        BACKEND.with(|b| b.set(self));
+        Selected(())
+    }
+
+    pub fn current() -> Backend {
+        BACKEND.with(|b| b.get())
+    }
+}
+
+/// A test's view of the application's database, whichever backend: integer rows by SQL with
+/// `$1`, `$2`… parameters (both SQLite and PostgreSQL read them).
+pub enum TestDb {
+    Sqlite(rusqlite::Connection),
+    /// `None` only once dropped.
+    Postgres(std::sync::Mutex<Option<::postgres::Client>>),
+}
+
+impl Drop for TestDb {
+    /// The blocking client closes by blocking: not on a thread of the test's runtime.
+    fn drop(&mut self) {
+        if let TestDb::Postgres(c) = self {
+            if let Some(c) = c.get_mut().ok().and_then(Option::take) {
+                let _ = std::thread::spawn(move || drop(c)).join();
+            }
+        }
+    }
+}
+
+/// A parameter of `Sql::ints`.
+#[derive(Debug, Clone, Copy)]
+pub enum Arg<'a> {
+    Int(i64),
+    Text(&'a str),
+}
+
+impl From<i64> for Arg<'_> {
+    fn from(v: i64) -> Self {
+        Arg::Int(v)
+    }
+}
+
+impl<'a> From<&'a str> for Arg<'a> {
+    fn from(v: &'a str) -> Self {
+        Arg::Text(v)
+    }
+}
+
+pub trait Sql {
+    /// The integer columns of the first row of `sql` (it must return one).
+    fn ints(&self, sql: &str, args: &[Arg<'_>]) -> Vec<i64>;
+}
+
+impl Sql for rusqlite::Connection {
+    fn ints(&self, sql: &str, args: &[Arg<'_>]) -> Vec<i64> {
+        let params: Vec<Box<dyn rusqlite::ToSql>> = args
+            .iter()
+            .map(|a| -> Box<dyn rusqlite::ToSql> {
+                match *a {
+                    Arg::Int(v) => Box::new(v),
+                    Arg::Text(v) => Box::new(v.to_string()),
+                }
+            })
+            .collect();
+        self.query_row(sql, rusqlite::params_from_iter(params.iter()), |r| {
+            (0..r.as_ref().column_count())
+                .map(|i| r.get::<_, i64>(i))
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+    }
+}
+
+impl Sql for TestDb {
+    fn ints(&self, sql: &str, args: &[Arg<'_>]) -> Vec<i64> {
+        match self {
+            TestDb::Sqlite(c) => c.ints(sql, args),
+            TestDb::Postgres(c) => {
+                // The blocking client runs a runtime of its own: not on a thread of the test's.
+                std::thread::scope(|s| {
+                    s.spawn(|| {
+                        let mut c = c.lock().unwrap();
+                        let c = c.as_mut().expect("connected");
+                        let params: Vec<Box<dyn ::postgres::types::ToSql + Sync>> = args
+                            .iter()
+                            .map(|a| -> Box<dyn ::postgres::types::ToSql + Sync> {
+                                match *a {
+                                    Arg::Int(v) => Box::new(v),
+                                    Arg::Text(v) => Box::new(v.to_string()),
+                                }
+                            })
+                            .collect();
+                        let refs: Vec<&(dyn ::postgres::types::ToSql + Sync)> =
+                            params.iter().map(|p| p.as_ref()).collect();
+                        let row = c
+                            .query_one(sql, &refs)
+                            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+                        (0..row.len()).map(|i| row.get::<_, i64>(i)).collect()
+                    })
+                    .join()
+                    .expect("query thread")
+                })
+            }
+        }
+    }
+}
+
+/// Connects to PostgreSQL at `url` (off the test's runtime threads).
+pub fn connect_pg(url: &str) -> ::postgres::Client {
+    std::thread::scope(|s| {
+        s.spawn(|| ::postgres::Client::connect(url, ::postgres::NoTls).expect("connects"))
+            .join()
+            .expect("connect thread")
+    })
+}
+
 /// The application in this process, in its own actix System on its own thread.
 pub struct TestApp {
     pub port: u16,
@@ -129,6 +297,8 @@ pub struct TestApp {
     thread: Option<std::thread::JoinHandle<()>>,
     pub client: reqwest::Client,
     _dir: Option<TempDir>,
+    /// The private PostgreSQL server of a test on that backend (dropped after the app).
+    pub pg: Option<postgres::PgServer>,
 }
 
 impl Target for TestApp {
@@ -148,11 +318,24 @@ impl TestApp {
         Self::spawn_with(|_, _| {})
     }
 
-    /// Spawns with a fresh temporary database, after `f` adjusts the settings.
+    /// Spawns with a fresh database, after `f` adjusts the settings: a temporary SQLite file, or
+    /// a private PostgreSQL server when the test runs on that backend (`both_backends!`).
     pub fn spawn_with(f: impl FnOnce(&mut Config, &mut Tuning)) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let db = dir.path().join("ticket.db");
-        let mut app = Self::spawn_on(&db, f);
+        let mut app = match Backend::current() {
+            Backend::Sqlite => Self::spawn_on(&db, f),
+            Backend::Postgres => {
+                let pg = postgres::PgServer::start();
+                let url = pg.url();
+                let mut app = Self::spawn_on(&db, move |c, t| {
+                    c.database_url = ticketd::config::DatabaseUrl::Postgres(url);
+                    f(c, t)
+                });
+                app.pg = Some(pg);
+                app
+            }
+        };
         app._dir = Some(dir);
         app
     }
@@ -194,6 +377,7 @@ impl TestApp {
             thread: Some(thread),
             client: client(),
             _dir: None,
+            pg: None,
         }
     }
 
@@ -207,8 +391,12 @@ impl TestApp {
         }
     }
 
-    pub fn db(&self) -> rusqlite::Connection {
-        open_db(&self.db_path)
+    /// The application's database, whichever backend.
+    pub fn db(&self) -> TestDb {
+        match &self.pg {
+            None => TestDb::Sqlite(open_db(&self.db_path)),
+            Some(pg) => TestDb::Postgres(std::sync::Mutex::new(Some(connect_pg(&pg.url())))),
+        }
     }
 }
 
@@ -341,33 +529,30 @@ pub async fn eventually(timeout: Duration, mut check: impl FnMut() -> bool) -> b
     }
 }
 
-/// `(booked_count, capacity, finalized_count)` of an event, read straight from the file.
-pub fn event_counts(db: &rusqlite::Connection, id: i64) -> (i64, i64, i64) {
-    db.query_row(
-        "SELECT booked_count, capacity, finalized_count FROM events WHERE id = ?1",
-        [id],
-        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-    )
-    .expect("event row")
+/// `(booked_count, capacity, finalized_count)` of an event, read straight from the database.
+pub fn event_counts(db: &impl Sql, id: i64) -> (i64, i64, i64) {
+    let v = db.ints(
+        "SELECT booked_count, capacity, finalized_count FROM events WHERE id = $1",
+        &[id.into()],
+    );
+    (v[0], v[1], v[2])
 }
 
 /// Sum of quantities of the event's bookings (all statuses) and their number.
-pub fn booking_sums(db: &rusqlite::Connection, id: i64) -> (i64, i64) {
-    db.query_row(
-        "SELECT COALESCE(SUM(quantity), 0), COUNT(*) FROM bookings WHERE event_id = ?1",
-        [id],
-        |r| Ok((r.get(0)?, r.get(1)?)),
-    )
-    .expect("sums")
+pub fn booking_sums(db: &impl Sql, id: i64) -> (i64, i64) {
+    let v = db.ints(
+        "SELECT CAST(COALESCE(SUM(quantity), 0) AS BIGINT), COUNT(*) FROM bookings
+         WHERE event_id = $1",
+        &[id.into()],
+    );
+    (v[0], v[1])
 }
 
-pub fn count_status(db: &rusqlite::Connection, status: &str) -> i64 {
-    db.query_row(
-        "SELECT COUNT(*) FROM bookings WHERE status = ?1",
-        [status],
-        |r| r.get(0),
-    )
-    .unwrap()
+pub fn count_status(db: &impl Sql, status: &str) -> i64 {
+    db.ints(
+        "SELECT COUNT(*) FROM bookings WHERE status = $1",
+        &[status.into()],
+    )[0]
 }
 
 /// Ticket codes of the FINALIZED bookings, by booking id.
