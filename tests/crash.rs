@@ -459,7 +459,7 @@ async fn bad_configuration_stops_the_start_with_one_line() {
         ("PORT", "eighty"),
         ("FINALIZER_WORKERS", "0"),
         ("FINALIZE_DELAY_MS", "-1"),
-        ("DATABASE_URL", "postgres://x"),
+        ("DATABASE_URL", "mysql://x"),
         ("RUST_LOG", "[[["),
     ] {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_ticketd"))
