@@ -223,16 +223,22 @@ async fn graceful_stop_during_a_burst(signal: i32) {
         0,
         "every request accepted before the stop is answered for real"
     );
-    let acks = acks.lock().unwrap().clone();
-    let db = open_db(&db_path);
-    assert_acks_committed(&db, &events, &acks);
     // A graceful stop answers what it committed: no row without its 200.
-    let rows: i64 = events.iter().map(|&e| booking_sums(&db, e).1).sum();
-    assert_eq!(
-        rows as usize,
-        acks.len(),
-        "every committed booking was answered"
+    assert_acked_exactly(
+        &db_path,
+        &events,
+        &acks,
+        "every committed booking was answered",
     );
+}
+
+/// Every 200 is committed and every committed booking got its 200: the rows are the acks.
+fn assert_acked_exactly(db_path: &std::path::Path, events: &[i64], acks: &Acks, what: &str) {
+    let acks = acks.lock().unwrap().clone();
+    let db = open_db(db_path);
+    assert_acks_committed(&db, events, &acks);
+    let rows: i64 = events.iter().map(|&e| booking_sums(&db, e).1).sum();
+    assert_eq!(rows as usize, acks.len(), "{what}");
 }
 
 /// `make cluster` (scripts/cluster.sh: Redis, three replicas, nginx in front) stopped by Ctrl-C
@@ -261,14 +267,11 @@ async fn ctrl_c_on_make_cluster_answers_every_committed_booking() {
         t.await.unwrap();
     }
     let exit = script.wait().await;
-    let acks = acks.lock().unwrap().clone();
-    let db = open_db(&db_path);
-    assert_acks_committed(&db, &events, &acks);
-    let rows: i64 = events.iter().map(|&e| booking_sums(&db, e).1).sum();
-    assert_eq!(
-        rows as usize,
-        acks.len(),
-        "every booking committed during Ctrl-C was answered through nginx"
+    assert_acked_exactly(
+        &db_path,
+        &events,
+        &acks,
+        "every booking committed during Ctrl-C was answered through nginx",
     );
     assert_eq!(exit, Some(0), "the script stops cleanly");
 }
@@ -345,17 +348,7 @@ impl ClusterScript {
     }
 
     async fn wait(mut self) -> Option<i32> {
-        let deadline = std::time::Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Some(status) = self.child.try_wait().expect("wait") {
-                return status.code();
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the script did not stop"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        common::wait_child(&mut self.child, "the script").await
     }
 }
 

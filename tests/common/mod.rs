@@ -497,14 +497,7 @@ impl Proc {
 
     /// Waits for the process to exit; returns its exit code (None if killed by a signal).
     pub async fn wait(mut self) -> Option<i32> {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Some(status) = self.child.try_wait().expect("wait") {
-                return status.code();
-            }
-            assert!(Instant::now() < deadline, "ticketd did not exit");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        wait_child(&mut self.child, "ticketd").await
     }
 }
 
@@ -512,6 +505,18 @@ impl Drop for Proc {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// Waits (up to a minute) for a child process to exit; its exit code, None if a signal ended it.
+pub async fn wait_child(child: &mut Child, what: &str) -> Option<i32> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            return status.code();
+        }
+        assert!(Instant::now() < deadline, "{what} did not exit");
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
