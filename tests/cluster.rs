@@ -1,7 +1,7 @@
 //! Cluster mode with real processes: a private redis-server, three replicas of the binary on one
-//! SQLite file, nginx in front. Replicas are SIGKILLed and SIGSTOPped, Redis is killed and
-//! restarted empty; the database must never hold more than capacity, and must hold every
-//! booking a client was told about.
+//! database (a SQLite file, or a private PostgreSQL: `both_backends!`), nginx in front. Replicas
+//! are SIGKILLed and SIGSTOPped, Redis is killed and restarted empty; the database must never
+//! hold more than capacity, and must hold every booking a client was told about.
 
 mod common;
 
@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::cluster::{replicas, AnyRedis, Nginx, RedisProc, FAST};
-use common::{booking_sums, count_status, event_counts, open_db, Resp, Target};
+use common::{booking_sums, count_status, event_counts, Resp, Sql, Store, Target};
 use futures::future::join_all;
 use serde_json::{json, Value};
 
@@ -79,8 +79,8 @@ async fn wait_acks(acks: &Acks, n: usize) {
 }
 
 /// No oversell, the counters agree with the rows, every acknowledged booking is there as told.
-fn check_db(db_path: &std::path::Path, event_id: i64, acks: &HashMap<i64, Value>) -> i64 {
-    let db = open_db(db_path);
+fn check_db(store: &Store, event_id: i64, acks: &HashMap<i64, Value>) -> i64 {
+    let db = store.db();
     let (booked, capacity, _) = event_counts(&db, event_id);
     assert!(booked <= capacity, "oversold: {booked} > {capacity}");
     assert_eq!(
@@ -89,50 +89,45 @@ fn check_db(db_path: &std::path::Path, event_id: i64, acks: &HashMap<i64, Value>
         "booked_count equals the rows' seats"
     );
     for (id, v) in acks {
-        let q: Option<(i64, i64)> = db
-            .query_row(
-                "SELECT user_id, quantity FROM bookings WHERE id = ?1 AND event_id = ?2",
-                [*id, event_id],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
-            .ok();
+        let q = db.ints_opt(
+            "SELECT user_id, quantity FROM bookings WHERE id = $1 AND event_id = $2",
+            &[(*id).into(), event_id.into()],
+        );
         assert_eq!(
             q,
-            Some((
+            Some(vec![
                 v["user_id"].as_i64().unwrap(),
                 v["quantity"].as_i64().unwrap()
-            )),
+            ]),
             "ack {id}"
         );
     }
     booked
 }
 
-async fn all_finalized(db_path: &std::path::Path) {
-    let db = open_db(db_path);
+async fn all_finalized(store: &Store) {
+    let db = store.db();
     assert!(
         common::eventually(Duration::from_secs(60), || count_status(&db, "PENDING")
             == 0)
         .await,
         "every booking ends FINALIZED"
     );
-    let (fin, booked): (i64, i64) = db
-        .query_row(
-            "SELECT SUM(finalized_count), SUM(booked_count) FROM events",
-            [],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )
-        .unwrap();
+    let v = db.ints(
+        "SELECT CAST(SUM(finalized_count) AS BIGINT), CAST(SUM(booked_count) AS BIGINT) FROM events",
+        &[],
+    );
+    let (fin, booked) = (v[0], v[1]);
     assert_eq!(fin, booked, "every seat issued exactly once");
 }
 
+both_backends! {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn three_replicas_three_thousand_clients_five_hundred_seats() {
     let _serial = SERIAL.lock().await;
-    let dir = tempfile::tempdir().unwrap();
-    let db_path = dir.path().join("ticket.db");
+    let store = Store::fresh();
     let redis = AnyRedis::get().await;
-    let reps = replicas(3, &db_path, &redis.url, FAST).await;
+    let reps = replicas(3, &store, &redis.url, FAST).await;
     let lb = Nginx::start(&reps.iter().map(|r| r.port).collect::<Vec<_>>()).await;
     let event_id = lb.create_event("Cluster flash sale", 500).await;
 
@@ -163,22 +158,23 @@ async fn three_replicas_three_thousand_clients_five_hundred_seats() {
         .map(|r| (r.body["id"].as_i64().unwrap(), r.body.clone()))
         .collect();
     assert_eq!(acks.len(), 500);
-    assert_eq!(check_db(&db_path, event_id, &acks), 500);
+    assert_eq!(check_db(&store, event_id, &acks), 500);
     assert_eq!(
-        booking_sums(&open_db(&db_path), event_id).1,
+        booking_sums(&store.db(), event_id).1,
         500,
         "exactly those 500 rows, none more"
     );
-    all_finalized(&db_path).await;
+    all_finalized(&store).await;
+}
 }
 
+both_backends! {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_replica_sigkilled_mid_sale() {
     let _serial = SERIAL.lock().await;
-    let dir = tempfile::tempdir().unwrap();
-    let db_path = dir.path().join("ticket.db");
+    let store = Store::fresh();
     let redis = RedisProc::start().await;
-    let mut reps = replicas(3, &db_path, &redis.url(), FAST).await;
+    let mut reps = replicas(3, &store, &redis.url(), FAST).await;
     let lb = Nginx::start(&reps.iter().map(|r| r.port).collect::<Vec<_>>()).await;
     let event_id = lb.create_event("Kill sale", 1500).await;
     let (acks, _, tasks) = hammer(&lb, event_id, 96);
@@ -190,18 +186,19 @@ async fn a_replica_sigkilled_mid_sale() {
         t.await.unwrap();
     }
     let acks = acks.lock().unwrap().clone();
-    let booked = check_db(&db_path, event_id, &acks);
+    let booked = check_db(&store, event_id, &acks);
     assert!(booked >= 1499, "the survivors sold the rest ({booked})");
-    all_finalized(&db_path).await;
+    all_finalized(&store).await;
+}
 }
 
+both_backends! {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_replica_paused_past_its_lease_then_resumed() {
     let _serial = SERIAL.lock().await;
-    let dir = tempfile::tempdir().unwrap();
-    let db_path = dir.path().join("ticket.db");
+    let store = Store::fresh();
     let redis = RedisProc::start().await;
-    let reps = replicas(3, &db_path, &redis.url(), FAST).await;
+    let reps = replicas(3, &store, &redis.url(), FAST).await;
     let lb = Nginx::start(&reps.iter().map(|r| r.port).collect::<Vec<_>>()).await;
     let event_id = lb.create_event("Pause sale", 1500).await;
     let (acks, _, tasks) = hammer(&lb, event_id, 96);
@@ -213,16 +210,17 @@ async fn a_replica_paused_past_its_lease_then_resumed() {
         t.await.unwrap();
     }
     let acks = acks.lock().unwrap().clone();
-    let booked = check_db(&db_path, event_id, &acks);
+    let booked = check_db(&store, event_id, &acks);
     assert!(booked >= 1499, "sold out ({booked})");
-    all_finalized(&db_path).await;
+    all_finalized(&store).await;
+}
 }
 
+both_backends! {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn fencing_refuses_a_holder_whose_lease_expired() {
     let _serial = SERIAL.lock().await;
-    let dir = tempfile::tempdir().unwrap();
-    let db_path = dir.path().join("ticket.db");
+    let store = Store::fresh();
     let redis = RedisProc::start().await;
     // A's writer stalls 2.5 s on its first seat batch: longer than its 500 ms lease.
     let a_env = [
@@ -230,10 +228,10 @@ async fn fencing_refuses_a_holder_whose_lease_expired() {
         ("FAILPOINTS", "writer-before-begin=1*sleep(2500)"),
         ("FINALIZE_DELAY_MS", "50"),
     ];
-    let a = replicas(1, &db_path, &redis.url(), &a_env).await.remove(0);
+    let a = replicas(1, &store, &redis.url(), &a_env).await.remove(0);
     let b = replicas(
         1,
-        &db_path,
+        &store,
         &redis.url(),
         &[("LEASE_TTL_MS", "500"), ("FINALIZE_DELAY_MS", "50")],
     )
@@ -300,21 +298,22 @@ async fn fencing_refuses_a_holder_whose_lease_expired() {
         (r.status.as_u16(), &r.body),
         (409, &json!({"detail": "Event is sold out."}))
     );
-    let db = open_db(&db_path);
+    let db = store.db();
     assert_eq!(event_counts(&db, event_id).0, 20);
     assert_eq!(booking_sums(&db, event_id), (20, 3));
 }
+}
 
+both_backends! {
 /// The capacity check of the fenced update, deterministically: A's view says 9 seats are free
 /// when B has sold them all. A's batch carries a new, valid token, so the fence lets it through;
 /// only `booked_count + n <= capacity` in the store stands between it and an oversell.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_stale_view_cannot_sell_seats_another_replica_sold() {
     let _serial = SERIAL.lock().await;
-    let dir = tempfile::tempdir().unwrap();
-    let db_path = dir.path().join("ticket.db");
+    let store = Store::fresh();
     let redis = RedisProc::start().await;
-    let mut reps = replicas(2, &db_path, &redis.url(), FAST).await;
+    let mut reps = replicas(2, &store, &redis.url(), FAST).await;
     let (b, a) = (reps.remove(1), reps.remove(0));
     let event_id = a.create_event("Stale view", 10).await;
     let r = a
@@ -342,18 +341,19 @@ async fn a_stale_view_cannot_sell_seats_another_replica_sold() {
         (&json!(0), &json!(1)),
         "the capacity, not the fence, refused A's batch: {ready}"
     );
-    let db = open_db(&db_path);
+    let db = store.db();
     assert_eq!(event_counts(&db, event_id).0, 10);
     assert_eq!(booking_sums(&db, event_id), (10, 2));
 }
+}
 
+both_backends! {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn redis_killed_and_restarted_empty_mid_sale() {
     let _serial = SERIAL.lock().await;
-    let dir = tempfile::tempdir().unwrap();
-    let db_path = dir.path().join("ticket.db");
+    let store = Store::fresh();
     let mut redis = RedisProc::start().await;
-    let reps = replicas(3, &db_path, &redis.url(), FAST).await;
+    let reps = replicas(3, &store, &redis.url(), FAST).await;
     let lb = Nginx::start(&reps.iter().map(|r| r.port).collect::<Vec<_>>()).await;
     let event_id = lb.create_event("Redis chaos", 1500).await;
     let (acks, retried, tasks) = hammer(&lb, event_id, 64);
@@ -390,21 +390,21 @@ async fn redis_killed_and_restarted_empty_mid_sale() {
         acks.len() > during,
         "bookings resumed without restarting a replica"
     );
-    let booked = check_db(&db_path, event_id, &acks);
+    let booked = check_db(&store, event_id, &acks);
     assert!(booked >= 1499, "sold out after recovery ({booked})");
     for r in &reps {
         assert_eq!(r.get("/ready").await.status, 200);
     }
-    all_finalized(&db_path).await;
+    all_finalized(&store).await;
+}
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn replicas_share_a_hot_event_fairly() {
     let _serial = SERIAL.lock().await;
-    let dir = tempfile::tempdir().unwrap();
-    let db_path = dir.path().join("ticket.db");
+    let store = Store::fresh();
     let redis = AnyRedis::get().await;
-    let reps = replicas(2, &db_path, &redis.url, FAST).await;
+    let reps = replicas(2, &store, &redis.url, FAST).await;
     let event_id = reps[0].create_event("Fair", 3000).await;
     // The same load straight at each replica (no balancer): each must get its share.
     let (a, _, ta) = hammer(&reps[0], event_id, 32);
@@ -464,15 +464,15 @@ async fn lease_protocol_on_redis_fences_and_takes_turns() {
     assert_eq!(after, 42);
 }
 
+both_backends! {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn replicas_starting_together_on_a_new_file_all_come_up() {
     let _serial = SERIAL.lock().await;
-    let dir = tempfile::tempdir().unwrap();
-    let db_path = dir.path().join("fresh.db");
+    let store = Store::fresh();
     let redis = AnyRedis::get().await;
     let env = [("REDIS_URL", redis.url.as_str())];
     // Started at the same instant: the migrations must not run twice.
-    let reps = join_all((0..3).map(|_| common::Proc::start(&db_path, &env))).await;
+    let reps = join_all((0..3).map(|_| common::Proc::start(&store, &env))).await;
     for r in &reps {
         assert_eq!(r.get("/ready").await.status, 200);
     }
@@ -485,6 +485,7 @@ async fn replicas_starting_together_on_a_new_file_all_come_up() {
             200
         );
     }
+}
 }
 
 /// Publishes `event` on the lease-free channel until the watcher reports it (a subscription

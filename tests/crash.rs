@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{booking_sums, codes, count_status, event_counts, open_db, Proc, Target};
+use common::{booking_sums, codes, count_status, event_counts, Proc, Sql, Store, Target};
 use serde_json::{json, Value};
 use ticketd::ticket::{TicketFacts, TicketSigner};
 
@@ -69,20 +69,17 @@ async fn wait_for_acks(acks: &Acks, n: usize) {
 
 /// Every acknowledged booking is in the file, as it was acknowledged; the counters agree with
 /// the rows and never pass capacity.
-fn assert_acks_committed(db: &rusqlite::Connection, events: &[i64], acks: &HashMap<i64, Value>) {
+fn assert_acks_committed(db: &impl Sql, events: &[i64], acks: &HashMap<i64, Value>) {
     for (id, v) in acks {
-        let row: Option<(i64, i64, i64)> = db
-            .query_row(
-                "SELECT event_id, user_id, quantity FROM bookings WHERE id = ?1",
-                [id],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-            )
-            .ok();
-        let expect = (
+        let row = db.ints_opt(
+            "SELECT event_id, user_id, quantity FROM bookings WHERE id = $1",
+            &[(*id).into()],
+        );
+        let expect = vec![
             v["event_id"].as_i64().unwrap(),
             v["user_id"].as_i64().unwrap(),
             v["quantity"].as_i64().unwrap(),
-        );
+        ];
         assert_eq!(
             row,
             Some(expect),
@@ -100,17 +97,17 @@ fn assert_acks_committed(db: &rusqlite::Connection, events: &[i64], acks: &HashM
     }
 }
 
-async fn all_finalized(db_path: &std::path::Path, timeout: Duration) -> bool {
-    let db = open_db(db_path);
+async fn all_finalized(store: &Store, timeout: Duration) -> bool {
+    let db = store.db();
     common::eventually(timeout, || count_status(&db, "PENDING") == 0).await
 }
 
+both_backends! {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigkill_mid_sale_loses_no_acknowledged_booking() {
-    let dir = tempfile::tempdir().unwrap();
-    let db_path = dir.path().join("ticket.db");
+    let store = Store::fresh();
     // Issuance is slow here, so the kill finds bookings both issued and not yet issued.
-    let p = Proc::start(&db_path, &[("FINALIZE_DELAY_MS", "300")]).await;
+    let p = Proc::start(&store, &[("FINALIZE_DELAY_MS", "300")]).await;
     let event_id = p.create_event("Crash sale", 1_000_000).await;
     let stop = Arc::new(AtomicBool::new(false));
     let (acks, _, tasks) = hammer(&p, &[event_id], 48, stop.clone());
@@ -123,7 +120,7 @@ async fn sigkill_mid_sale_loses_no_acknowledged_booking() {
     assert_eq!(p.wait().await, None, "killed by the signal");
     let acks = acks.lock().unwrap().clone();
 
-    let db = open_db(&db_path);
+    let db = store.db();
     assert_acks_committed(&db, &[event_id], &acks);
     let issued_before = codes(&db);
     assert!(
@@ -132,13 +129,13 @@ async fn sigkill_mid_sale_loses_no_acknowledged_booking() {
     );
     drop(db);
 
-    // Restart on the same file: the PENDING bookings are picked up and issued.
-    let p = Proc::start(&db_path, &[("FINALIZE_DELAY_MS", "20")]).await;
+    // Restart on the same database: the PENDING bookings are picked up and issued.
+    let p = Proc::start(&store, &[("FINALIZE_DELAY_MS", "20")]).await;
     assert!(
-        all_finalized(&db_path, Duration::from_secs(60)).await,
+        all_finalized(&store, Duration::from_secs(60)).await,
         "every booking ends FINALIZED"
     );
-    let db = open_db(&db_path);
+    let db = store.db();
     assert_acks_committed(&db, &[event_id], &acks);
     let (booked, _, finalized) = event_counts(&db, event_id);
     assert_eq!(
@@ -150,23 +147,23 @@ async fn sigkill_mid_sale_loses_no_acknowledged_booking() {
         assert_eq!(after.get(id), Some(code), "an issued code never changes");
     }
     let signer = TicketSigner::new(common::TEST_KEY.as_bytes());
-    let mut st = db
-        .prepare("SELECT id, event_id, user_id, quantity, ticket_code FROM bookings")
-        .unwrap();
-    let rows: Vec<(TicketFacts, String)> = st
-        .query_map([], |r| {
-            Ok((
+    let rows: Vec<(TicketFacts, String)> = db
+        .rows(
+            "SELECT id, event_id, user_id, quantity, ticket_code FROM bookings",
+            &[],
+        )
+        .into_iter()
+        .map(|r| {
+            (
                 TicketFacts {
-                    booking_id: r.get(0)?,
-                    event_id: r.get(1)?,
-                    user_id: r.get(2)?,
-                    quantity: r.get(3)?,
+                    booking_id: r[0].int(),
+                    event_id: r[1].int(),
+                    user_id: r[2].int(),
+                    quantity: r[3].int(),
                 },
-                r.get(4)?,
-            ))
+                r[4].text(),
+            )
         })
-        .unwrap()
-        .map(Result::unwrap)
         .collect();
     for (facts, code) in rows {
         assert!(
@@ -198,11 +195,11 @@ async fn sigterm_during_a_burst_commits_every_acknowledged_booking() {
 async fn sigint_during_a_burst_commits_every_acknowledged_booking() {
     graceful_stop_during_a_burst(libc::SIGINT).await;
 }
+}
 
 async fn graceful_stop_during_a_burst(signal: i32) {
-    let dir = tempfile::tempdir().unwrap();
-    let db_path = dir.path().join("ticket.db");
-    let p = Proc::start(&db_path, &[("FINALIZE_DELAY_MS", "1000")]).await;
+    let store = Store::fresh();
+    let p = Proc::start(&store, &[("FINALIZE_DELAY_MS", "1000")]).await;
     let mut events = Vec::new();
     for i in 0..16 {
         events.push(
@@ -225,7 +222,7 @@ async fn graceful_stop_during_a_burst(signal: i32) {
     );
     // A graceful stop answers what it committed: no row without its 200.
     assert_acked_exactly(
-        &db_path,
+        &store.db(),
         &events,
         &acks,
         "every committed booking was answered",
@@ -233,11 +230,10 @@ async fn graceful_stop_during_a_burst(signal: i32) {
 }
 
 /// Every 200 is committed and every committed booking got its 200: the rows are the acks.
-fn assert_acked_exactly(db_path: &std::path::Path, events: &[i64], acks: &Acks, what: &str) {
+fn assert_acked_exactly(db: &impl Sql, events: &[i64], acks: &Acks, what: &str) {
     let acks = acks.lock().unwrap().clone();
-    let db = open_db(db_path);
-    assert_acks_committed(&db, events, &acks);
-    let rows: i64 = events.iter().map(|&e| booking_sums(&db, e).1).sum();
+    assert_acks_committed(db, events, &acks);
+    let rows: i64 = events.iter().map(|&e| booking_sums(db, e).1).sum();
     assert_eq!(rows as usize, acks.len(), "{what}");
 }
 
@@ -268,7 +264,7 @@ async fn ctrl_c_on_make_cluster_answers_every_committed_booking() {
     }
     let exit = script.wait().await;
     assert_acked_exactly(
-        &db_path,
+        &common::open_db(&db_path),
         &events,
         &acks,
         "every booking committed during Ctrl-C was answered through nginx",
@@ -361,6 +357,7 @@ impl Drop for ClusterScript {
     }
 }
 
+both_backends! {
 /// Promise 2, deterministically: the writer's COMMIT fails for twenty groups in a row (failpoint
 /// `writer-commit`, what a full disk or an I/O error does) while 64 clients book. Every client of
 /// a failed group gets 503 and nothing of it is written; every 200 has its row; every row was
@@ -368,16 +365,15 @@ impl Drop for ClusterScript {
 /// failed groups 200 for rows that do not exist.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_failed_commit_acknowledges_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    let db_path = dir.path().join("ticket.db");
-    let p = Proc::start(&db_path, &[]).await;
+    let store = Store::fresh();
+    let p = Proc::start(&store, &[]).await;
     let event_id = p.create_event("Failing disk", 1_000_000).await;
     p.signal(libc::SIGTERM);
     assert_eq!(p.wait().await, Some(0));
 
     // Issuance waits a minute, so every group of this test is a group of bookings.
     let p = Proc::start(
-        &db_path,
+        &store,
         &[
             ("FAILPOINTS", "writer-commit=20*return"),
             ("FINALIZE_DELAY_MS", "60000"),
@@ -420,7 +416,7 @@ async fn a_failed_commit_acknowledges_nothing() {
     );
     assert!(!acked.is_empty(), "the writer recovered after the failures");
 
-    let db = open_db(&db_path);
+    let db = store.db();
     let acks: HashMap<i64, Value> = acked
         .into_iter()
         .map(|v| (v["id"].as_i64().unwrap(), v))
@@ -435,15 +431,13 @@ async fn a_failed_commit_acknowledges_nothing() {
     let acked_seats: i64 = acks.values().map(|v| v["quantity"].as_i64().unwrap()).sum();
     assert_eq!(seats, acked_seats);
     for user_id in refused {
-        let n: i64 = db
-            .query_row(
-                "SELECT COUNT(*) FROM bookings WHERE user_id = ?1",
-                [user_id],
-                |r| r.get(0),
-            )
-            .unwrap();
+        let n = db.ints(
+            "SELECT COUNT(*) FROM bookings WHERE user_id = $1",
+            &[user_id.into()],
+        )[0];
         assert_eq!(n, 0, "user {user_id} was answered 503 but has a booking");
     }
+}
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -5,11 +5,10 @@
 
 mod common;
 
-use std::path::Path;
 use std::time::Duration;
 
 use common::cluster::{replicas, RedisProc};
-use common::{count_status, open_db, Proc, Target};
+use common::{count_status, open_db, Proc, Sql, Store, Target};
 use serde_json::{json, Value};
 
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -49,45 +48,36 @@ async fn book_many(target: &impl Target, event_id: i64, n: i64) -> Vec<(i64, Str
 }
 
 /// All bookings FINALIZED, each seat counted once, each code genuine.
-async fn all_issued_once(db_path: &Path, timeout: Duration) {
-    let db = open_db(db_path);
+async fn all_issued_once(db: &impl Sql, timeout: Duration) {
     assert!(
-        common::eventually(timeout, || count_status(&db, "PENDING") == 0).await,
+        common::eventually(timeout, || count_status(db, "PENDING") == 0).await,
         "every booking ends FINALIZED ({} still PENDING)",
-        count_status(&db, "PENDING")
+        count_status(db, "PENDING")
     );
-    let (fin, booked, issued_seats): (i64, i64, i64) = db
-        .query_row(
-            "SELECT (SELECT SUM(finalized_count) FROM events), (SELECT SUM(booked_count) FROM events),
-                    (SELECT SUM(quantity) FROM bookings WHERE status = 'FINALIZED')",
-            [],
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-        )
-        .unwrap();
+    let v = db.ints(
+        "SELECT CAST((SELECT SUM(finalized_count) FROM events) AS BIGINT),
+                CAST((SELECT SUM(booked_count) FROM events) AS BIGINT),
+                CAST((SELECT SUM(quantity) FROM bookings WHERE status = 'FINALIZED') AS BIGINT)",
+        &[],
+    );
+    let (fin, booked, issued_seats) = (v[0], v[1], v[2]);
     assert_eq!(
         (fin, issued_seats),
         (booked, booked),
         "each seat issued exactly once"
     );
     let signer = ticketd::ticket::TicketSigner::new(common::TEST_KEY.as_bytes());
-    let mut st = db
-        .prepare("SELECT id, event_id, user_id, quantity, ticket_code FROM bookings")
-        .unwrap();
-    for row in st
-        .query_map([], |r| {
-            Ok((
-                ticketd::ticket::TicketFacts {
-                    booking_id: r.get(0)?,
-                    event_id: r.get(1)?,
-                    user_id: r.get(2)?,
-                    quantity: r.get(3)?,
-                },
-                r.get::<_, String>(4)?,
-            ))
-        })
-        .unwrap()
-    {
-        let (facts, code) = row.unwrap();
+    for r in db.rows(
+        "SELECT id, event_id, user_id, quantity, ticket_code FROM bookings",
+        &[],
+    ) {
+        let facts = ticketd::ticket::TicketFacts {
+            booking_id: r[0].int(),
+            event_id: r[1].int(),
+            user_id: r[2].int(),
+            quantity: r[3].int(),
+        };
+        let code = r[4].text();
         assert!(
             signer.verify(&code, &facts),
             "booking {} has its genuine code",
@@ -141,6 +131,7 @@ async fn stream_drains(redis: &RedisProc) {
     panic!("the stream still holds entries (len, pending) = {state:?}");
 }
 
+both_backends! {
 /// A consumer reads only what it can start at once. Here: room for two issuances, each taking
 /// 150 ms, a 400 ms visibility timeout and two deliveries allowed, so the thirty bookings take
 /// over two seconds to drain. A consumer that read ahead held entries past the timeout while
@@ -160,18 +151,20 @@ async fn a_backlog_waits_in_the_stream_not_in_a_consumer() {
     });
     let event = app.create_event("Backlog", 100).await;
     book_many(&app, event, 30).await;
-    all_issued_once(&app.db_path, Duration::from_secs(30)).await;
+    all_issued_once(&app.db(), Duration::from_secs(30)).await;
     stream_drains(&redis).await;
     assert_eq!(app.admin_get("/report").await.body["dead_letters"], 0);
     app.stop().await;
 }
+}
 
+both_backends! {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn never_pushed_bookings_are_found_by_the_sweeper_in_both_modes() {
     let _serial = SERIAL.lock().await;
     // Every push after commit is lost (the failpoint plays a crash between commit and push).
     for cluster in [false, true] {
-        let (_dir, db, redis) = db_and_redis().await;
+        let (db, redis) = db_and_redis().await;
         let env = quick(&[("FAILPOINTS", "finalize-before-push=return")]);
         let p = if cluster {
             replicas(1, &db, &redis.url(), &env).await.remove(0)
@@ -180,31 +173,27 @@ async fn never_pushed_bookings_are_found_by_the_sweeper_in_both_modes() {
         };
         let event = p.create_event("Outbox", 100).await;
         book_many(&p, event, 30).await;
-        all_issued_once(&db, Duration::from_secs(30)).await;
+        all_issued_once(&db.db(), Duration::from_secs(30)).await;
         if cluster {
             stream_drains(&redis).await;
         }
     }
 }
+}
 
-/// A fresh database path (in a directory that lives as long as the returned guard) and a private
-/// redis-server.
-async fn db_and_redis() -> (tempfile::TempDir, std::path::PathBuf, RedisProc) {
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("t.db");
-    (dir, db, RedisProc::start().await)
+/// A fresh database on the test's backend and a private redis-server.
+async fn db_and_redis() -> (Store, RedisProc) {
+    (Store::fresh(), RedisProc::start().await)
 }
 
 /// One cluster replica with `failpoints` (and at most 5 deliveries), 20 bookings made through it.
-async fn twenty_bookings_with(
-    failpoints: &str,
-) -> (tempfile::TempDir, std::path::PathBuf, RedisProc, Proc) {
-    let (dir, db, redis) = db_and_redis().await;
+async fn twenty_bookings_with(failpoints: &str) -> (Store, RedisProc, Proc) {
+    let (db, redis) = db_and_redis().await;
     let env = quick(&[("FAILPOINTS", failpoints), ("FINALIZE_MAX_DELIVERIES", "5")]);
     let p = replicas(1, &db, &redis.url(), &env).await.remove(0);
     let event = p.create_event("Failpoints", 100).await;
     book_many(&p, event, 20).await;
-    (dir, db, redis, p)
+    (db, redis, p)
 }
 
 /// Polls `GET /report` until `dead_letters` is `n`; returns the last value seen.
@@ -220,37 +209,42 @@ async fn wait_dead_letters(target: &impl Target, n: u64) -> Value {
     dead
 }
 
+both_backends! {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn failed_issuances_are_redelivered_and_issued_once() {
     let _serial = SERIAL.lock().await;
     // The first 10 issuances fail after the delivery delay, before the write.
-    let (_dir, db, _redis, p) = twenty_bookings_with("finalize-issue=10*return").await;
-    all_issued_once(&db, Duration::from_secs(30)).await;
+    let (db, _redis, p) = twenty_bookings_with("finalize-issue=10*return").await;
+    all_issued_once(&db.db(), Duration::from_secs(30)).await;
     assert_eq!(p.admin_get("/report").await.body["dead_letters"], 0);
 }
+}
 
+both_backends! {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_crash_before_the_ack_redelivers_without_reissuing() {
     let _serial = SERIAL.lock().await;
     // The first 10 issuances stop right before their XACK.
-    let (_dir, db, redis, _p) = twenty_bookings_with("finalize-before-ack=10*return").await;
-    all_issued_once(&db, Duration::from_secs(30)).await;
-    let first = common::codes(&open_db(&db));
+    let (db, redis, _p) = twenty_bookings_with("finalize-before-ack=10*return").await;
+    all_issued_once(&db.db(), Duration::from_secs(30)).await;
+    let first = common::codes(&db.db());
     // The unacknowledged entries come back after the visibility timeout, find their bookings
     // FINALIZED, and are only acknowledged: same codes, same counters.
     stream_drains(&redis).await;
     assert_eq!(
-        common::codes(&open_db(&db)),
+        common::codes(&db.db()),
         first,
         "redelivery never changes a code"
     );
-    all_issued_once(&db, Duration::from_secs(1)).await;
+    all_issued_once(&db.db(), Duration::from_secs(1)).await;
+}
 }
 
+both_backends! {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_killed_replicas_unacknowledged_entries_are_reclaimed() {
     let _serial = SERIAL.lock().await;
-    let (_dir, db, redis) = db_and_redis().await;
+    let (db, redis) = db_and_redis().await;
     // Slow delivery: the victim holds its entries, unacknowledged, when it dies.
     let slow = [
         ("FINALIZE_DELAY_MS", "2000"),
@@ -282,7 +276,7 @@ async fn a_killed_replicas_unacknowledged_entries_are_reclaimed() {
     victim.signal(libc::SIGKILL);
     victim.wait().await;
     assert!(
-        count_status(&open_db(&db), "PENDING") > 0,
+        count_status(&db.db(), "PENDING") > 0,
         "killed mid-issuance"
     );
 
@@ -293,13 +287,15 @@ async fn a_killed_replicas_unacknowledged_entries_are_reclaimed() {
         &[slow.as_slice(), &[("REPLICA_ID", "survivor")]].concat(),
     )
     .await;
-    all_issued_once(&db, Duration::from_secs(30)).await;
+    all_issued_once(&db.db(), Duration::from_secs(30)).await;
+}
 }
 
+both_backends! {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn redis_restarted_empty_mid_issuance() {
     let _serial = SERIAL.lock().await;
-    let (_dir, db, mut redis) = db_and_redis().await;
+    let (db, mut redis) = db_and_redis().await;
     let env = [
         ("FINALIZE_DELAY_MS", "1500"),
         ("FINALIZE_VISIBILITY_MS", "2000"),
@@ -311,13 +307,15 @@ async fn redis_restarted_empty_mid_issuance() {
     book_many(&reps[1], event, 40).await;
     // Every entry (queued or delivered) vanishes with Redis.
     redis.restart().await;
-    all_issued_once(&db, Duration::from_secs(40)).await;
+    all_issued_once(&db.db(), Duration::from_secs(40)).await;
+}
 }
 
+both_backends! {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn poison_entries_are_dead_lettered_counted_and_replayable() {
     let _serial = SERIAL.lock().await;
-    let (_dir, db, redis) = db_and_redis().await;
+    let (db, redis) = db_and_redis().await;
     // Every issuance fails on this replica: its booking's entry is poison here.
     let env = quick(&[
         ("FAILPOINTS", "finalize-issue=return"),
@@ -349,7 +347,7 @@ async fn poison_entries_are_dead_lettered_counted_and_replayable() {
     // Parked means parked: the sweeper does not push the booking again.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(sick.admin_get("/report").await.body["dead_letters"], 2);
-    assert_eq!(count_status(&open_db(&db), "PENDING"), 1);
+    assert_eq!(count_status(&db.db(), "PENDING"), 1);
     let len: u64 = redis::cmd("XLEN")
         .arg("ticketd:finalize")
         .query_async(&mut c)
@@ -390,19 +388,20 @@ async fn poison_entries_are_dead_lettered_counted_and_replayable() {
     )
     .await;
     assert_eq!((r.status.as_u16(), &r.body), (200, &json!({"replayed": 2})));
-    all_issued_once(&db, Duration::from_secs(20)).await;
+    all_issued_once(&db.db(), Duration::from_secs(20)).await;
     let b = healthy.admin_get(&format!("/book/{}", ids[0])).await.body;
     assert_eq!(b["status"], "FINALIZED");
     // The unreadable entry is still poison: back in the dead letters, counted again.
     let dead = wait_dead_letters(&healthy, 1).await;
     assert_eq!(dead, 1);
 }
+}
 
+both_backends! {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn embedded_dead_letters_and_replay() {
     let _serial = SERIAL.lock().await;
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("t.db");
+    let db = Store::fresh();
     let env = quick(&[
         ("FAILPOINTS", "finalize-issue=3*return"),
         ("FINALIZE_MAX_DELIVERIES", "3"),
@@ -414,7 +413,7 @@ async fn embedded_dead_letters_and_replay() {
     assert_eq!(dead, 1, "three failed deliveries park the booking");
     tokio::time::sleep(Duration::from_millis(800)).await;
     assert_eq!(
-        count_status(&open_db(&db), "PENDING"),
+        count_status(&db.db(), "PENDING"),
         1,
         "parked, not retried"
     );
@@ -425,8 +424,9 @@ async fn embedded_dead_letters_and_replay() {
     )
     .await;
     assert_eq!(r.body, json!({"replayed": 1}));
-    all_issued_once(&db, Duration::from_secs(20)).await;
+    all_issued_once(&db.db(), Duration::from_secs(20)).await;
     assert_eq!(p.admin_get("/report").await.body["dead_letters"], 0);
+}
 }
 
 /// A booking cancelled while its ticket is being issued (read PENDING, the delivery under way)
@@ -476,7 +476,7 @@ async fn ticket_verification() {
     let event = app.create_event("Door", 10).await;
     let booked = book_many(&app, event, 4).await;
     let ids: Vec<i64> = booked.iter().map(|b| b.0).collect();
-    all_issued_once(&app.db_path, Duration::from_secs(20)).await;
+    all_issued_once(&app.db(), Duration::from_secs(20)).await;
     let code = app.get_booking(ids[0], &booked[0].1).await.body["ticket_code"]
         .as_str()
         .unwrap()
@@ -598,7 +598,7 @@ async fn each_ticket_waits_its_delivery_and_no_longer() {
         .buffer_unordered(64)
         .for_each(|r| async move { assert_eq!(r.status, 200, "{:?}", r.body) })
         .await;
-    all_issued_once(&app.db_path, Duration::from_secs(60)).await;
+    all_issued_once(&app.db(), Duration::from_secs(60)).await;
     let (n, min, max): (i64, f64, f64) = open_db(&app.db_path)
         .query_row(
             "SELECT COUNT(*), MIN(lag), MAX(lag) FROM (SELECT (julianday(finalized_at) - \

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::cluster::{replicas, Nginx, RedisProc, FAST};
-use common::{open_db, send, Proc, Resp, Sql, Target, TestApp};
+use common::{send, Proc, Resp, Sql, Store, Target, TestApp};
 use futures::future::join_all;
 use serde_json::{json, Value};
 
@@ -370,15 +370,16 @@ both_backends! {
     }
 }
 
+both_backends! {
 /// A customer who cancels the last seat and books it again at once gets it, even before the
 /// event's actor has heard of the commit (failpoint `writer-before-outcome` holds that news back
 /// 300 ms): the seat must not be refused by the sold-out fast path meanwhile.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_cancelled_seat_can_be_booked_again_at_once() {
     let _serial = SERIAL.lock().await;
-    let dir = tempfile::tempdir().unwrap();
+    let store = Store::fresh();
     let p = Proc::start(
-        &dir.path().join("ticket.db"),
+        &store,
         &[("FAILPOINTS", "writer-before-outcome=sleep(300)")],
     )
     .await;
@@ -395,22 +396,23 @@ async fn a_cancelled_seat_can_be_booked_again_at_once() {
     let (again, _) = book_keyed(&p, json!({"user_id": 2, "event_id": event}), None).await;
     assert_eq!(again.status, 200, "{:?}", again.body);
 }
+}
 
+both_backends! {
 /// Promise 2 with retries: the binary dies between COMMIT and the reply (failpoint
 /// `writer-after-commit` aborts it); after a restart, the retry with the same key gets the
 /// original booking, and there is exactly one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_retry_after_a_crash_gets_the_original_booking() {
     let _serial = SERIAL.lock().await;
-    let dir = tempfile::tempdir().unwrap();
-    let db_path = dir.path().join("ticket.db");
-    let p = Proc::start(&db_path, &[]).await;
+    let store = Store::fresh();
+    let p = Proc::start(&store, &[]).await;
     let event = p.create_event("Crash retry", 10).await;
     p.signal(libc::SIGTERM);
     assert_eq!(p.wait().await, Some(0));
 
     let body = json!({"user_id": 5, "event_id": event, "quantity": 2});
-    let p = Proc::start(&db_path, &[("FAILPOINTS", "writer-after-commit=return")]).await;
+    let p = Proc::start(&store, &[("FAILPOINTS", "writer-after-commit=return")]).await;
     let lost = p
         .client
         .post(format!("{}/book", p.base()))
@@ -420,14 +422,12 @@ async fn a_retry_after_a_crash_gets_the_original_booking() {
         .await;
     assert!(lost.is_err(), "the process died before answering: {lost:?}");
     assert_eq!(p.wait().await, None, "killed (abort) by the failpoint");
-    let db = open_db(&db_path);
-    let committed: i64 = db
-        .query_row("SELECT id FROM bookings WHERE user_id = 5", [], |r| {
-            r.get(0)
-        })
-        .expect("the booking was committed");
+    let db = store.db();
+    let committed = db
+        .ints_opt("SELECT id FROM bookings WHERE user_id = 5", &[])
+        .expect("the booking was committed")[0];
 
-    let p = Proc::start(&db_path, &[]).await;
+    let p = Proc::start(&store, &[]).await;
     let (r, replayed) = book_keyed(&p, body.clone(), Some("checkout-5")).await;
     assert_eq!(r.status, 200, "{:?}", r.body);
     assert!(replayed);
@@ -442,19 +442,20 @@ async fn a_retry_after_a_crash_gets_the_original_booking() {
     let secret = r.body["secret"].as_str().unwrap();
     assert_eq!(p.get_booking(committed, secret).await.status, 200);
 }
+}
 
+both_backends! {
 /// The same across replicas: the first attempt reaches a replica that dies after its COMMIT;
 /// the retry goes through nginx to the survivors and gets the original booking.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_retry_through_nginx_after_a_replica_died_gets_the_original_booking() {
     let _serial = SERIAL.lock().await;
-    let dir = tempfile::tempdir().unwrap();
-    let db_path = dir.path().join("ticket.db");
+    let store = Store::fresh();
     let redis = RedisProc::start().await;
-    let mut reps = replicas(2, &db_path, &redis.url(), FAST).await;
+    let mut reps = replicas(2, &store, &redis.url(), FAST).await;
     let mut crashing_env = FAST.to_vec();
     crashing_env.push(("FAILPOINTS", "writer-after-commit=return"));
-    let doomed = replicas(1, &db_path, &redis.url(), &crashing_env)
+    let doomed = replicas(1, &store, &redis.url(), &crashing_env)
         .await
         .remove(0);
     let lb = Nginx::start(&[reps[0].port, reps[1].port, doomed.port]).await;
@@ -474,13 +475,14 @@ async fn a_retry_through_nginx_after_a_replica_died_gets_the_original_booking() 
         assert_eq!(r.status, 200, "{:?}", r.body);
         assert!(replayed);
     }
-    let db = open_db(&db_path);
+    let db = store.db();
     assert_eq!(
         common::booking_sums(&db, event),
         (1, 1),
         "exactly one booking"
     );
     reps.clear();
+}
 }
 
 async fn limited_burst(targets: &[&Proc], event: i64, user: i64, n: usize) -> (usize, Vec<Value>) {
@@ -507,15 +509,15 @@ async fn limited_burst(targets: &[&Proc], event: i64, user: i64, n: usize) -> (u
     (ok, refused)
 }
 
+both_backends! {
 /// `max_per_user: 4`: 50 concurrent requests of one customer get exactly 4 seats, in one process
 /// and across two replicas at once; after a cancellation they may book again up to the limit.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_per_customer_limit_holds_under_concurrency_and_across_replicas() {
     let _serial = SERIAL.lock().await;
-    let dir = tempfile::tempdir().unwrap();
-    let db_path = dir.path().join("ticket.db");
+    let store = Store::fresh();
     let redis = RedisProc::start().await;
-    let reps = replicas(2, &db_path, &redis.url(), FAST).await;
+    let reps = replicas(2, &store, &redis.url(), FAST).await;
     let (a, b) = (&reps[0], &reps[1]);
     let r = a
         .post(
@@ -533,13 +535,15 @@ async fn the_per_customer_limit_holds_under_concurrency_and_across_replicas() {
         .all(|b| b["detail"] == "Limit of 4 seats per customer reached; you may book 0 more."));
     let (ok, _) = limited_burst(&[a, b], event, 2, 50).await;
     assert_eq!(ok, 4, "two replicas at once: still 4");
-    let db = open_db(&db_path);
+    let db = store.db();
     let per_user: HashMap<i64, i64> = db
-        .prepare("SELECT user_id, SUM(quantity) FROM bookings WHERE event_id = ?1 GROUP BY user_id")
-        .unwrap()
-        .query_map([event], |r| Ok((r.get(0)?, r.get(1)?)))
-        .unwrap()
-        .map(Result::unwrap)
+        .rows(
+            "SELECT user_id, CAST(SUM(quantity) AS BIGINT) FROM bookings WHERE event_id = $1
+             GROUP BY user_id",
+            &[event.into()],
+        )
+        .into_iter()
+        .map(|r| (r[0].int(), r[1].int()))
         .collect();
     assert_eq!(per_user, HashMap::from([(1, 4), (2, 4)]));
 
@@ -591,16 +595,17 @@ async fn the_per_customer_limit_holds_under_concurrency_and_across_replicas() {
         assert_eq!(r.status, 422, "{bad}");
     }
 }
+}
 
+both_backends! {
 /// Cancelled seats reopen a sold-out event in every replica: the other replica's fast path hears
 /// of it (Redis) and its actor reads the row before refusing anyone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_cancellation_reopens_a_sold_out_event_on_every_replica() {
     let _serial = SERIAL.lock().await;
-    let dir = tempfile::tempdir().unwrap();
-    let db_path = dir.path().join("ticket.db");
+    let store = Store::fresh();
     let redis = RedisProc::start().await;
-    let reps = replicas(2, &db_path, &redis.url(), FAST).await;
+    let reps = replicas(2, &store, &redis.url(), FAST).await;
     let (a, b) = (&reps[0], &reps[1]);
     let event = a.create_event("Reopens", 2).await;
     let first = a
@@ -643,8 +648,9 @@ async fn a_cancellation_reopens_a_sold_out_event_on_every_replica() {
         .post("/book", json!({"user_id": 4, "event_id": event}))
         .await;
     assert_eq!(r.status, 409);
-    let db = open_db(&db_path);
+    let db = store.db();
     assert_eq!(live_seats(&db, event), (2, 2));
+}
 }
 
 mod customer_tokens {

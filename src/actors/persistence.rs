@@ -73,12 +73,21 @@ impl SeatBatch {
     /// Answers every client of a batch that will not be written (503), and its actor.
     fn fail(self, why: &StoreError) {
         for r in self.requests {
-            let _ = r.reply.send(Err(BookError::Unavailable(why.to_string())));
+            let _ = r.reply.send(Err(book_error(why)));
         }
         for c in self.cancels {
-            let _ = c.reply.send(Err(BookError::Unavailable(why.to_string())));
+            let _ = c.reply.send(Err(book_error(why)));
         }
         let _ = self.done.send(BatchOutcome::Failed);
+    }
+}
+
+/// What a client of a failed batch hears: unavailable (nothing written), or — the connection
+/// lost during COMMIT — that nobody knows.
+fn book_error(why: &StoreError) -> BookError {
+    match why {
+        StoreError::OutcomeUnknown(e) => BookError::OutcomeUnknown(e.clone()),
+        other => BookError::Unavailable(other.to_string()),
     }
 }
 
@@ -429,10 +438,10 @@ impl Applied {
                 ..
             } => {
                 for (req, _) in answers {
-                    let _ = req.reply.send(Err(BookError::Unavailable(why.to_string())));
+                    let _ = req.reply.send(Err(book_error(why)));
                 }
                 for (c, _) in cancelled {
-                    let _ = c.reply.send(Err(BookError::Unavailable(why.to_string())));
+                    let _ = c.reply.send(Err(book_error(why)));
                 }
                 let _ = batch_done.send(BatchOutcome::Failed);
             }
@@ -443,10 +452,10 @@ impl Applied {
                 ..
             } => {
                 for req in requests {
-                    let _ = req.reply.send(Err(BookError::Unavailable(why.to_string())));
+                    let _ = req.reply.send(Err(book_error(why)));
                 }
                 for c in cancels {
-                    let _ = c.reply.send(Err(BookError::Unavailable(why.to_string())));
+                    let _ = c.reply.send(Err(book_error(why)));
                 }
                 let _ = done.send(BatchOutcome::Failed);
             }

@@ -193,7 +193,7 @@ fn count_refusal(e: &BookError) {
         BookError::SoldOut { .. } => &m.refused_sold_out,
         BookError::LimitReached { .. } => &m.refused_limit,
         BookError::Overloaded => &m.refused_overloaded,
-        BookError::Unavailable(_) => &m.refused_unavailable,
+        BookError::Unavailable(_) | BookError::OutcomeUnknown(_) => &m.refused_unavailable,
         BookError::EventNotFound => &m.refused_unknown_event,
         BookError::BookingNotFound | BookError::KeyUsed { .. } => return,
     };

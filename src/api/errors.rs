@@ -46,6 +46,11 @@ pub enum ApiError {
     /// The cause goes to the log, not to the client (it names internals: Redis, the database).
     #[error("Service temporarily unavailable; retry shortly")]
     Unavailable(String),
+    /// The request may or may not have taken effect (the database connection was lost during its
+    /// COMMIT); the cause goes to the log. A 503, so clients retry — with their key, they learn
+    /// which.
+    #[error("The database connection was lost while this request was being committed: it may or may not have taken effect. Retry with the same Idempotency-Key to learn which.")]
+    OutcomeUnknown(String),
     /// A cross-origin request CORS refused (an origin, method or header not allowed).
     #[error("{0}")]
     CorsRefused(String),
@@ -69,6 +74,7 @@ impl From<BookError> for ApiError {
             BookError::KeyUsed { .. } => ApiError::Internal("idempotency key not resolved".into()),
             BookError::Overloaded => ApiError::Overloaded,
             BookError::Unavailable(why) => ApiError::Unavailable(why),
+            BookError::OutcomeUnknown(why) => ApiError::OutcomeUnknown(why),
         }
     }
 }
@@ -89,6 +95,7 @@ impl From<StoreError> for ApiError {
             }
             StoreError::Busy => ApiError::Unavailable("database busy".into()),
             StoreError::Unavailable(_) => ApiError::Unavailable("database unavailable".into()),
+            StoreError::OutcomeUnknown(why) => ApiError::OutcomeUnknown(why),
             StoreError::Postgres(e) if crate::store::pg_unavailable(&e) => {
                 ApiError::Unavailable("database unavailable".into())
             }
@@ -112,7 +119,9 @@ impl ResponseError for ApiError {
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::SoldOut(_) | ApiError::KeyInFlight => StatusCode::CONFLICT,
-            ApiError::Overloaded | ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Overloaded | ApiError::Unavailable(_) | ApiError::OutcomeUnknown(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ApiError::CorsRefused(_) => StatusCode::BAD_REQUEST,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -150,7 +159,7 @@ impl ResponseError for ApiError {
                 tracing::error!(error = %why, "internal error");
                 res.json(Detail::of(self))
             }
-            ApiError::Unavailable(why) => {
+            ApiError::Unavailable(why) | ApiError::OutcomeUnknown(why) => {
                 tracing::warn!(cause = %why, "answered 503");
                 res.json(Detail::of(self))
             }

@@ -139,4 +139,8 @@ pub enum BookError {
     Overloaded,
     #[error("booking unavailable: {0}")]
     Unavailable(String),
+    /// The database connection was lost while the request's transaction committed: it may or
+    /// may not have taken effect (PostgreSQL; the cause goes to the log).
+    #[error("outcome unknown: {0}")]
+    OutcomeUnknown(String),
 }

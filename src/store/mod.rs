@@ -37,6 +37,10 @@ pub enum StoreError {
     /// The database cannot be reached (PostgreSQL down, restarting, cut off): retry later.
     #[error("the database is unavailable: {0}")]
     Unavailable(String),
+    /// The connection was lost after COMMIT was sent and before its answer: written or not,
+    /// nobody knows here. Retrying with the same idempotency key tells.
+    #[error("the outcome of the commit is unknown: {0}")]
+    OutcomeUnknown(String),
     #[error("read pool: {0}")]
     Pool(#[from] r2d2::Error),
     #[error("migration: {0}")]
@@ -61,6 +65,7 @@ impl StoreError {
             StoreError::Busy => StoreError::Busy,
             StoreError::Postgres(e) if pg_unavailable(e) => StoreError::Unavailable(e.to_string()),
             StoreError::Unavailable(e) => StoreError::Unavailable(e.clone()),
+            StoreError::OutcomeUnknown(e) => StoreError::OutcomeUnknown(e.clone()),
             StoreError::WriterClosed => StoreError::WriterClosed,
             StoreError::WriterFull => StoreError::WriterFull,
             other => StoreError::Task(other.to_string()),

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::{client, free_port, Proc, Target};
+use super::{client, free_port, DbTarget, Proc, Target};
 
 /// A redis-server child process without persistence (a restart loses everything, on purpose).
 pub struct RedisProc {
@@ -207,8 +207,13 @@ impl AnyRedis {
     }
 }
 
-/// Starts `n` replicas in cluster mode on one database file and one Redis.
-pub async fn replicas(n: usize, db: &Path, redis_url: &str, env: &[(&str, &str)]) -> Vec<Proc> {
+/// Starts `n` replicas in cluster mode on one database (a SQLite file or a `Store`) and one Redis.
+pub async fn replicas(
+    n: usize,
+    db: &(impl DbTarget + ?Sized),
+    redis_url: &str,
+    env: &[(&str, &str)],
+) -> Vec<Proc> {
     let url = redis_url.to_string();
     let mut all = Vec::new();
     for _ in 0..n {

@@ -220,13 +220,49 @@ impl<'a> From<&'a str> for Arg<'a> {
     }
 }
 
+/// A column's value in a row of `Sql::rows`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Cell {
+    Int(i64),
+    Text(String),
+    Null,
+}
+
+impl Cell {
+    pub fn int(&self) -> i64 {
+        match self {
+            Cell::Int(v) => *v,
+            other => panic!("not an integer: {other:?}"),
+        }
+    }
+    pub fn text(&self) -> String {
+        match self {
+            Cell::Text(v) => v.clone(),
+            other => panic!("not a text: {other:?}"),
+        }
+    }
+}
+
+/// Tests' reads of the application's database, whichever backend.
 pub trait Sql {
+    /// Every row of `sql`, as integers, texts and nulls.
+    fn rows(&self, sql: &str, args: &[Arg<'_>]) -> Vec<Vec<Cell>>;
+
     /// The integer columns of the first row of `sql` (it must return one).
-    fn ints(&self, sql: &str, args: &[Arg<'_>]) -> Vec<i64>;
+    fn ints(&self, sql: &str, args: &[Arg<'_>]) -> Vec<i64> {
+        self.ints_opt(sql, args)
+            .unwrap_or_else(|| panic!("{sql}: no row"))
+    }
+
+    /// The integer columns of the first row of `sql`, if there is one.
+    fn ints_opt(&self, sql: &str, args: &[Arg<'_>]) -> Option<Vec<i64>> {
+        let row = self.rows(sql, args).into_iter().next()?;
+        Some(row.iter().map(Cell::int).collect())
+    }
 }
 
 impl Sql for rusqlite::Connection {
-    fn ints(&self, sql: &str, args: &[Arg<'_>]) -> Vec<i64> {
+    fn rows(&self, sql: &str, args: &[Arg<'_>]) -> Vec<Vec<Cell>> {
         let params: Vec<Box<dyn rusqlite::ToSql>> = args
             .iter()
             .map(|a| -> Box<dyn rusqlite::ToSql> {
@@ -236,19 +272,31 @@ impl Sql for rusqlite::Connection {
                 }
             })
             .collect();
-        self.query_row(sql, rusqlite::params_from_iter(params.iter()), |r| {
-            (0..r.as_ref().column_count())
-                .map(|i| r.get::<_, i64>(i))
-                .collect::<Result<Vec<_>, _>>()
+        let mut st = self.prepare(sql).unwrap_or_else(|e| panic!("{sql}: {e}"));
+        let n = st.column_count();
+        st.query_map(rusqlite::params_from_iter(params.iter()), |r| {
+            (0..n)
+                .map(|i| {
+                    Ok(match r.get_ref(i)? {
+                        rusqlite::types::ValueRef::Integer(v) => Cell::Int(v),
+                        rusqlite::types::ValueRef::Text(t) => {
+                            Cell::Text(String::from_utf8_lossy(t).into_owned())
+                        }
+                        rusqlite::types::ValueRef::Null => Cell::Null,
+                        other => panic!("{sql}: unexpected column {other:?}"),
+                    })
+                })
+                .collect::<Result<Vec<_>, rusqlite::Error>>()
         })
+        .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
         .unwrap_or_else(|e| panic!("{sql}: {e}"))
     }
 }
 
 impl Sql for TestDb {
-    fn ints(&self, sql: &str, args: &[Arg<'_>]) -> Vec<i64> {
+    fn rows(&self, sql: &str, args: &[Arg<'_>]) -> Vec<Vec<Cell>> {
         match self {
-            TestDb::Sqlite(c) => c.ints(sql, args),
+            TestDb::Sqlite(c) => c.rows(sql, args),
             TestDb::Postgres(c) => {
                 // The blocking client runs a runtime of its own: not on a thread of the test's.
                 std::thread::scope(|s| {
@@ -266,10 +314,8 @@ impl Sql for TestDb {
                             .collect();
                         let refs: Vec<&(dyn ::postgres::types::ToSql + Sync)> =
                             params.iter().map(|p| p.as_ref()).collect();
-                        let row = c
-                            .query_one(sql, &refs)
-                            .unwrap_or_else(|e| panic!("{sql}: {e}"));
-                        (0..row.len()).map(|i| row.get::<_, i64>(i)).collect()
+                        let rows = c.query(sql, &refs).unwrap_or_else(|e| panic!("{sql}: {e}"));
+                        rows.iter().map(pg_cells).collect()
                     })
                     .join()
                     .expect("query thread")
@@ -277,6 +323,28 @@ impl Sql for TestDb {
             }
         }
     }
+}
+
+/// A PostgreSQL row as cells: integers of any width, texts, nulls.
+fn pg_cells(row: &::postgres::Row) -> Vec<Cell> {
+    use ::postgres::types::Type;
+    (0..row.len())
+        .map(|i| {
+            let t = row.columns()[i].type_().clone();
+            let cell = if t == Type::INT8 {
+                row.get::<_, Option<i64>>(i).map(Cell::Int)
+            } else if t == Type::INT4 {
+                row.get::<_, Option<i32>>(i).map(|v| Cell::Int(v.into()))
+            } else if t == Type::INT2 {
+                row.get::<_, Option<i16>>(i).map(|v| Cell::Int(v.into()))
+            } else if t == Type::BOOL {
+                row.get::<_, Option<bool>>(i).map(|v| Cell::Int(v.into()))
+            } else {
+                row.get::<_, Option<String>>(i).map(Cell::Text)
+            };
+            cell.unwrap_or(Cell::Null)
+        })
+        .collect()
 }
 
 /// Connects to PostgreSQL at `url` (off the test's runtime threads).
@@ -413,6 +481,77 @@ pub fn open_db(path: &Path) -> rusqlite::Connection {
     c
 }
 
+/// Where a child process's database is: its `DATABASE_URL`.
+pub trait DbTarget {
+    fn database_url(&self) -> String;
+}
+
+impl DbTarget for Path {
+    fn database_url(&self) -> String {
+        format!("sqlite://{}", self.display())
+    }
+}
+
+impl DbTarget for PathBuf {
+    fn database_url(&self) -> String {
+        self.as_path().database_url()
+    }
+}
+
+impl<T: DbTarget + ?Sized> DbTarget for &T {
+    fn database_url(&self) -> String {
+        (**self).database_url()
+    }
+}
+
+/// The database of one test's processes (`Proc::start(&store, …)`, `replicas`), on the test's
+/// backend (`both_backends!`): a SQLite file in a temporary directory, or a private PostgreSQL
+/// server. Dropped after the processes, it deletes both.
+pub struct Store {
+    /// The SQLite file (also the place for a test's other files on PostgreSQL).
+    pub path: PathBuf,
+    pub pg: Option<postgres::PgServer>,
+    dir: TempDir,
+}
+
+impl Store {
+    pub fn fresh() -> Store {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pg = (Backend::current() == Backend::Postgres).then(postgres::PgServer::start);
+        Store {
+            path: dir.path().join("ticket.db"),
+            pg,
+            dir,
+        }
+    }
+
+    /// The test's directory (logs, scripts' files).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The database as the application sees it.
+    pub fn db(&self) -> TestDb {
+        match &self.pg {
+            None => TestDb::Sqlite(open_db(&self.path)),
+            Some(pg) => TestDb::Postgres(std::sync::Mutex::new(Some(connect_pg(&pg.url())))),
+        }
+    }
+
+    pub fn pg(&mut self) -> &mut postgres::PgServer {
+        self.pg.as_mut().expect("a test on PostgreSQL")
+    }
+}
+
+impl DbTarget for Store {
+    fn database_url(&self) -> String {
+        match &self.pg {
+            None => self.path.database_url(),
+            Some(pg) => pg.url(),
+        }
+    }
+}
+
 /// The ticketd binary as a child process.
 pub struct Proc {
     pub child: Child,
@@ -442,18 +581,22 @@ pub fn free_port() -> u16 {
 }
 
 impl Proc {
-    /// Starts the binary on `db` and waits until `/health` answers.
-    pub async fn start(db: &Path, env: &[(&str, &str)]) -> Self {
+    /// Starts the binary on `db` (a SQLite file or a `Store`) and waits until `/health` answers.
+    pub async fn start(db: &(impl DbTarget + ?Sized), env: &[(&str, &str)]) -> Self {
         Self::start_logging(db, env, None).await
     }
 
     /// As `start`, with the child's log (its stdout) written to `log`.
-    pub async fn start_logging(db: &Path, env: &[(&str, &str)], log: Option<&Path>) -> Self {
+    pub async fn start_logging(
+        db: &(impl DbTarget + ?Sized),
+        env: &[(&str, &str)],
+        log: Option<&Path>,
+    ) -> Self {
         let port = free_port();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_ticketd"));
         cmd.env_clear()
             .env("PORT", port.to_string())
-            .env("DATABASE_URL", format!("sqlite://{}", db.display()))
+            .env("DATABASE_URL", db.database_url())
             .env("TICKET_KEY", TEST_KEY)
             .env("RUST_LOG", "warn")
             .stderr(Stdio::inherit())
@@ -561,12 +704,12 @@ pub fn count_status(db: &impl Sql, status: &str) -> i64 {
 }
 
 /// Ticket codes of the FINALIZED bookings, by booking id.
-pub fn codes(db: &rusqlite::Connection) -> std::collections::HashMap<i64, String> {
-    let mut st = db
-        .prepare("SELECT id, ticket_code FROM bookings WHERE status = 'FINALIZED'")
-        .unwrap();
-    st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
-        .unwrap()
-        .map(Result::unwrap)
-        .collect()
+pub fn codes(db: &impl Sql) -> std::collections::HashMap<i64, String> {
+    db.rows(
+        "SELECT id, ticket_code FROM bookings WHERE status = 'FINALIZED'",
+        &[],
+    )
+    .into_iter()
+    .map(|r| (r[0].int(), r[1].text()))
+    .collect()
 }

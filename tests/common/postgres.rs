@@ -190,6 +190,12 @@ impl PgServer {
         self.pg_ctl_stop("fast");
     }
 
+    /// Stops the server as a crash would (`-m immediate`: no shutdown checkpoint, sessions cut);
+    /// `restart` recovers from its WAL.
+    pub fn crash(&mut self) {
+        self.pg_ctl_stop("immediate");
+    }
+
     /// Starts it again on the same port and data (after `stop`).
     pub fn restart(&mut self) {
         assert!(self.try_start(), "restart: {}", self.server_log());

@@ -5,7 +5,8 @@
 //! The connection is the writer's to keep: lost (the server restarted, the network cut it), the
 //! next group connects again — at most once per `RECONNECT_PAUSE`; meanwhile groups are answered
 //! 503 at once. A group whose COMMIT was cut off may or may not have committed: its clients hear
-//! 503, and a retry with the same `Idempotency-Key` finds the booking if it was written.
+//! so (`StoreError::OutcomeUnknown`: a 503 saying the outcome is unknown), and a retry with the
+//! same `Idempotency-Key` finds the booking if it was written, or makes it if it was not.
 
 use std::time::{Duration, Instant};
 
@@ -165,12 +166,17 @@ impl Db {
                 fail_all(group, &why);
                 None
             }
-            Err(e) => {
-                error!(error = %e, "group commit failed; every op of the group is answered as failed");
-                if writer.is_closed() || crate::store::pg_unavailable(&e) {
+            Err(failed) => {
+                error!(error = %failed, "group commit failed; every op of the group is answered as failed");
+                if writer.is_closed() || crate::store::pg_unavailable(&failed.error) {
                     self.writer = None;
                 }
-                fail_all(group, &StoreError::Postgres(e));
+                let why = if failed.maybe_committed {
+                    StoreError::OutcomeUnknown(failed.error.to_string())
+                } else {
+                    StoreError::Postgres(failed.error)
+                };
+                fail_all(group, &why);
                 None
             }
         }

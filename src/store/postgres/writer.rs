@@ -46,6 +46,36 @@ use crate::store::queries::{
 
 pub type Error = tokio_postgres::Error;
 
+/// Why a group did not commit, and whether it still may have.
+#[derive(Debug)]
+pub struct GroupFailed {
+    pub error: Error,
+    /// The COMMIT was sent and the connection was lost before its answer came (or the server
+    /// was going away): the group may or may not have committed. Only idempotency keys can tell
+    /// a client which (its retry finds the booking, or makes it).
+    pub maybe_committed: bool,
+}
+
+impl GroupFailed {
+    /// Failed before COMMIT was sent, or the server answered it with an error: nothing written.
+    fn not_written(error: Error) -> Self {
+        GroupFailed {
+            error,
+            maybe_committed: false,
+        }
+    }
+}
+
+impl std::fmt::Display for GroupFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.maybe_committed {
+            write!(f, "the COMMIT's answer was lost: {}", self.error)
+        } else {
+            self.error.fmt(f)
+        }
+    }
+}
+
 /// An op of a group, as the writer applies it.
 #[derive(Debug, Clone, Copy)]
 pub enum PgOp<'a> {
@@ -203,7 +233,10 @@ impl PgWriter {
     /// outcome — an op that failed alone (its error), the others committed — or, if the group
     /// itself could not commit (BEGIN, COMMIT, the connection), that error: then nothing of it is
     /// known to be written (a COMMIT cut off may still have happened: idempotency keys tell).
-    pub fn commit_group(&mut self, ops: &[PgOp<'_>]) -> Result<Vec<Result<PgDone, Error>>, Error> {
+    pub fn commit_group(
+        &mut self,
+        ops: &[PgOp<'_>],
+    ) -> Result<Vec<Result<PgDone, Error>>, GroupFailed> {
         let mut failed: Vec<Option<Error>> = ops.iter().map(|_| None).collect();
         let mut attempt = 0;
         loop {
@@ -215,7 +248,7 @@ impl PgWriter {
                     if !self.client.is_closed() {
                         let _ = self.rollback();
                     }
-                    return Err(e);
+                    return Err(GroupFailed::not_written(e));
                 }
             };
             // The first op that failed for itself (the ones after it only saw the aborted
@@ -241,7 +274,7 @@ impl PgWriter {
                     })
                     .collect());
             };
-            self.rollback()?;
+            self.rollback().map_err(GroupFailed::not_written)?;
             attempt += 1;
             let err = answers.into_iter().nth(culprit).unwrap().unwrap_err();
             let transient = matches!(
@@ -249,7 +282,7 @@ impl PgWriter {
                 Some(&SqlState::T_R_DEADLOCK_DETECTED) | Some(&SqlState::T_R_SERIALIZATION_FAILURE)
             );
             if attempt > GROUP_RETRIES {
-                return Err(err);
+                return Err(GroupFailed::not_written(err));
             }
             if !transient {
                 tracing::warn!(error = %err, "an op of the group failed; the group runs again without it");
@@ -291,11 +324,13 @@ impl PgWriter {
         })
     }
 
-    /// Round trip 2: the totals and COMMIT.
-    fn commit(&mut self, d: &TotalsDelta) -> Result<(), Error> {
+    /// Round trip 2: the totals and COMMIT. An error that is the connection's (lost, the server
+    /// shutting down: `pg_unavailable`) leaves the outcome unknown — the COMMIT may have been
+    /// carried out before the answer was lost; one the server answered means rolled back.
+    fn commit(&mut self, d: &TotalsDelta) -> Result<(), GroupFailed> {
         let (c, st, slot) = (&self.client, &self.st, self.slot);
         self.round_trips += 1;
-        self.rt.block_on(async {
+        let committed = self.rt.block_on(async {
             if d.is_zero() {
                 return c.batch_execute("COMMIT").await;
             }
@@ -308,7 +343,25 @@ impl PgWriter {
             // "ROLLBACK", not an error): the group failed.
             added?;
             committed
+        });
+        let committed = committed.and_then(|()| self.answer_lost());
+        committed.map_err(|error| GroupFailed {
+            maybe_committed: crate::store::pg_unavailable(&error),
+            error,
         })
+    }
+
+    /// Tests (failpoint `pg-commit-answer-lost`): the COMMIT went through and the connection is
+    /// cut before the writer reads its answer — the server ends this session, as a network cut or
+    /// a server crash right after COMMIT would. Its error stands for the lost answer.
+    fn answer_lost(&mut self) -> Result<(), Error> {
+        fail::fail_point!("pg-commit-answer-lost", |_| {
+            self.rt.block_on(
+                self.client
+                    .batch_execute("SELECT pg_terminate_backend(pg_backend_pid())"),
+            )
+        });
+        Ok(())
     }
 
     fn rollback(&mut self) -> Result<(), Error> {
