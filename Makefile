@@ -71,7 +71,7 @@ test-docker:
 	docker-compose -f docker-compose.test.yml run --rm tests
 
 compose-check:
-	ADMIN_TOKEN=compose-check-organizer TICKET_KEY=compose-check-ticket-key \
+	ADMIN_TOKEN=compose-check-organizer TICKET_KEY=compose-check-ticket-key POSTGRES_PASSWORD=compose-check-pg \
 		docker-compose -f docker-compose.yml config -q
 	docker-compose -f docker-compose.test.yml config -q
 
