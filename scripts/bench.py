@@ -20,6 +20,7 @@ import json, os, re, shutil, signal, socket, sqlite3, subprocess, sys, tempfile,
 import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.dont_write_bytecode = True  # no scripts/__pycache__ left behind
 from pgserver import PgServer  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
