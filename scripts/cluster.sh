@@ -117,6 +117,8 @@ start_postgres() {
     -c listen_addresses=127.0.0.1 -c unix_socket_directories='$PG_SOCK' -c fsync=on \
     -c synchronous_commit=on -c full_page_writes=on -c max_connections=200" >/dev/null || {
     pg_started=""
+    # A start that timed out may have left a server behind.
+    pg pg_ctl stop -D "$PG_DIR/data" -m immediate >/dev/null 2>&1 || true
     echo "PostgreSQL did not start on 127.0.0.1:$PG_PORT (PG_PORT taken?); $PG_DIR/server.log:" >&2
     tail -n 5 "$PG_DIR/server.log" >&2
     exit 1
