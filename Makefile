@@ -60,16 +60,18 @@ bench: deps
 	$(CARGO) build --release --bin ticketd
 	python3 scripts/bench.py
 
-## cluster: redis-server + three replicas + nginx on :8000, without Docker (Ctrl-C stops all)
+## cluster: redis-server + three replicas + nginx on :8000, without Docker (Ctrl-C stops all);
+## DB=postgres: on a PostgreSQL server of its own (./cluster-pg, PG_PORT 6391) instead of ./cluster.db
+DB ?= sqlite
 cluster: deps
-	./scripts/cluster.sh
+	DB=$(DB) ./scripts/cluster.sh
 
 ## test-docker: the test suite in a container next to a Redis service (needs a Docker engine)
 test-docker:
 	docker-compose -f docker-compose.test.yml run --rm tests
 
 compose-check:
-	ADMIN_TOKEN=compose-check-organizer TICKET_KEY=compose-check-ticket-key \
+	ADMIN_TOKEN=compose-check-organizer TICKET_KEY=compose-check-ticket-key POSTGRES_PASSWORD=compose-check-pg \
 		docker-compose -f docker-compose.yml config -q
 	docker-compose -f docker-compose.test.yml config -q
 
@@ -96,7 +98,7 @@ deps:
 
 ## clean-test: remove build and test leftovers
 clean-test:
-	rm -rf $(LOOM_TARGET) $(VENV) cluster.db cluster.db-wal cluster.db-shm
+	rm -rf $(LOOM_TARGET) $(VENV) cluster.db cluster.db-wal cluster.db-shm cluster-pg
 	$(CARGO) clean
 
 FORCE:

@@ -11,9 +11,17 @@ Scenario 2s, the sustained sale (issue 14), is the headline: selling and issuing
 PENDING left at the window's end), never by what the window merely started. Row 2, the 10 s hot
 event, defers issuance past its window at the default delay and is kept for comparison.
 `BENCH_ONLY=1,2s` runs the ceiling and both sustained rows (`2s0`, `2s5000`: one of them).
+
+Rows 2pg and 5pg are rows 2 and 5 on PostgreSQL (`DATABASE_URL=postgres://`): a private server
+the bench starts (scripts/pgserver.py: initdb, fsync on, never the machine's instance), a fresh
+database per row, judged against the SQLite rows of the same run (`BENCH_ONLY=1,2,2pg,5,5pg`).
 """
 import json, os, re, shutil, signal, socket, sqlite3, subprocess, sys, tempfile, time
 import urllib.request
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.dont_write_bytecode = True  # no scripts/__pycache__ left behind
+from pgserver import PgServer  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # TICKETD_BIN benches another build (an older commit, for a before/after in one sitting).
@@ -37,6 +45,15 @@ DEFAULT_DELAY_MS = 5000
 BESIDE_S = int(os.environ.get("BENCH_HEALTH_BESIDE_SECONDS", "5"))
 
 procs = []
+# The private PostgreSQL server of the PG rows: started by the first of them, stopped at the end.
+pg_server = None
+
+
+def pg():
+    global pg_server
+    if pg_server is None:
+        pg_server = PgServer()
+    return pg_server
 
 
 def free_port():
@@ -71,8 +88,10 @@ def wait_http(url, timeout=30):
 
 class Ticketd:
     def __init__(self, db, **env):
+        """`db`: a SQLite file, or a database URL (postgres://...)."""
         self.port = free_port()
-        e = dict(os.environ, PORT=str(self.port), DATABASE_URL=f"sqlite://{db}", RUST_LOG="warn",
+        url = db if "://" in db else f"sqlite://{db}"
+        e = dict(os.environ, PORT=str(self.port), DATABASE_URL=url, RUST_LOG="warn",
                  TICKET_KEY="bench-ticket-key-0123456789")
         e.update({k: str(v) for k, v in env.items()})
         self.proc = subprocess.Popen([BIN], env=e, stdout=subprocess.DEVNULL)
@@ -210,6 +229,10 @@ def main():
             S["4_spread"] = r
         one.stop()
 
+        if not ONLY or "2pg" in ONLY:
+            print("2pg. hot event on PostgreSQL, one replica (fresh process, fresh database)", flush=True)
+            S["2pg_hot_event_postgres"] = hot_postgres(ceiling, S.get("2_hot_event"))
+
         if not ONLY or "2b" in ONLY:
             print("2b. hot event, Idempotency-Key and max_per_user (beside a plain one, each fresh)",
                   flush=True)
@@ -225,6 +248,13 @@ def main():
             print("5. cluster: redis + 3 replicas + nginx, one hot event", flush=True)
             S["5_cluster"] = cluster(tmp, ceiling)
 
+        if not ONLY or "5pg" in ONLY:
+            print("5pg. cluster on PostgreSQL: redis + 3 replicas + nginx, one hot event", flush=True)
+            r = cluster(tmp, ceiling, pg_db="bench_5pg")
+            if "5_cluster" in S:
+                r["vs_sqlite"] = r["rps"] / S["5_cluster"]["rps"]
+            S["5pg_cluster_postgres"] = r
+
         if not ONLY or "6" in ONLY:
             print("6. issuance", flush=True)
             S["6_issuance"] = issuance(tmp)
@@ -236,6 +266,8 @@ def main():
         for p in procs:
             if p.poll() is None:
                 p.kill()
+        if pg_server is not None:
+            pg_server.stop()
         shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
     with open(RESULTS, "w") as f:
@@ -352,6 +384,17 @@ class Window:
         self.samples = []
 
     def read(self, full=False):
+        if isinstance(self.db, PgDb):
+            s = self.db.window_read(self.event_id, full)
+        else:
+            s = self.read_sqlite(full)
+        if full:
+            s["metrics"] = {k: sum(metric_sum(x.url, self.COUNTERS)[k] for x in self.servers) for k in self.COUNTERS}
+            s["cpu"] = thread_cpu([x.proc.pid for x in self.servers])
+            s["machine"] = machine_cpu()
+        return s
+
+    def read_sqlite(self, full):
         c = sqlite3.connect(self.db, timeout=30)
         try:
             c.execute("BEGIN")  # one snapshot for the counters and the PENDING rows
@@ -364,10 +407,6 @@ class Window:
             c.execute("COMMIT")
         finally:
             c.close()
-        if full:
-            s["metrics"] = {k: sum(metric_sum(x.url, self.COUNTERS)[k] for x in self.servers) for k in self.COUNTERS}
-            s["cpu"] = thread_cpu([x.proc.pid for x in self.servers])
-            s["machine"] = machine_cpu()
         return s
 
     def run(self):
@@ -488,15 +527,64 @@ def create_events_fast(url, n, capacity):
     return first
 
 
-def cluster(tmp, ceiling):
-    db = os.path.join(tmp, "cluster.db")
+class PgDb:
+    """One fresh database of the bench's PostgreSQL server: the SQLite rows' counts, read there."""
+    def __init__(self, name):
+        self.name = name
+        self.url = pg().create_database(name)
+
+    def counts(self, event_id):
+        """(booked_count, capacity, finalized_count) of the event."""
+        return tuple(pg().ints(self.name, "SELECT booked_count, capacity, finalized_count FROM events "
+                                          f"WHERE id = {int(event_id)}"))
+
+    def rows(self, event_id):
+        """(seats, rows) of the event's bookings."""
+        return tuple(pg().ints(self.name, "SELECT COALESCE(SUM(quantity), 0), COUNT(*) FROM bookings "
+                                          f"WHERE event_id = {int(event_id)}"))
+
+    def window_read(self, event_id, full):
+        """Window.read's snapshot: one statement, so one snapshot."""
+        t = time.time()
+        pending = "(SELECT COUNT(*) FROM bookings WHERE status = 'PENDING')" if full else "0"
+        booked, finalized, n = pg().ints(self.name, f"SELECT booked_count, finalized_count, {pending} "
+                                                    f"FROM events WHERE id = {int(event_id)}")
+        s = {"t": t, "booked": booked, "finalized": finalized}
+        if full:
+            s["pending"] = n
+        return s
+
+
+def hot_postgres(ceiling, sqlite_row):
+    """Row 2pg: row 2 (one hot event, issuance at the default 5 s delay, so it runs in the second
+    half of the window) on PostgreSQL: a fresh process on a fresh database of the bench's server."""
+    db = PgDb("bench_2pg")
+    t = Ticketd(db.url, FINALIZE_DELAY_MS=5000)
+    ev = create_event(t.url, 1_000_000_000)
+    r = wrk(t.url, "book.lua", EVENT_ID=ev)
+    # Stopped before counting: what was queued when wrk left commits meanwhile.
+    t.stop()
+    booked, cap, _ = db.counts(ev)
+    seats, nrows = db.rows(ev)
+    r.update(booked=booked, rows=nrows, ratio=r["rps"] / ceiling,
+             ok=r["requests"] - r["status_errors"], oversold=booked > cap or seats != booked)
+    if sqlite_row:
+        r["vs_sqlite"] = r["rps"] / sqlite_row["rps"]
+    return r
+
+
+def cluster(tmp, ceiling, pg_db=None):
+    """Row 5 (SQLite: three replicas sharing one file) or, with `pg_db` (the name of a fresh
+    database of the bench's PostgreSQL server), row 5pg."""
+    pgdb = PgDb(pg_db) if pg_db else None
+    db = pgdb.url if pgdb else os.path.join(tmp, "cluster.db")
     rport = free_port()
     procs.append(subprocess.Popen(["redis-server", "--port", str(rport), "--bind", "127.0.0.1", "--save", "",
                                    "--appendonly", "no", "--loglevel", "warning"], stdout=subprocess.DEVNULL))
     time.sleep(0.3)
     reps = [Ticketd(db, REDIS_URL=f"redis://127.0.0.1:{rport}/", FINALIZE_DELAY_MS=5000, REPLICA_ID=f"r{i}")
             for i in range(3)]
-    run = os.path.join(tmp, "nginx")
+    run = os.path.join(tmp, "nginx-" + (pg_db or "sqlite"))
     os.makedirs(run)
     port = free_port()
     with open(os.path.join(run, "nginx.conf"), "w") as f:
@@ -509,15 +597,26 @@ def cluster(tmp, ceiling):
     cap = 10_000_000
     ev = create_event(url, cap)
     # issuance (through the Redis Stream, every replica's finalizers) over the same window
-    with Window(db, ev, reps) as w:
+    with Window(pgdb or db, ev, reps) as w:
         r = wrk(url, "book.lua", EVENT_ID=ev)
-    booked, capacity, _ = db_counts(db, ev)
-    seats, nrows = rows(db, ev)
-    r.update(ratio=r["rps"] / ceiling, booked=booked, capacity=capacity, rows=nrows,
-             oversold=booked > capacity or seats != booked, window=w.summary())
+    if pgdb is None:
+        booked, capacity, _ = db_counts(db, ev)
+        seats, nrows = rows(db, ev)
+        r.update(ratio=r["rps"] / ceiling, booked=booked, capacity=capacity, rows=nrows,
+                 oversold=booked > capacity or seats != booked, window=w.summary())
     ng.send_signal(signal.SIGTERM)
     for rep in reps:
         rep.stop()
+    if pgdb is not None:
+        # Counted once every replica has stopped: what wrk left in flight is committed (or not)
+        # by then. Every 200 is a row; a row beyond them is a request wrk stopped waiting for (at
+        # most one per connection).
+        booked, capacity, _ = pgdb.counts(ev)
+        seats, nrows = pgdb.rows(ev)
+        ok = r["requests"] - r["status_errors"]
+        r.update(ratio=r["rps"] / ceiling, booked=booked, capacity=capacity, rows=nrows, ok=ok,
+                 oversold=booked > capacity or seats != booked or not 0 <= nrows - ok <= CONNS,
+                 window=w.summary())
     return r
 
 
@@ -646,6 +745,13 @@ def table(res):
                      f"default 5 s delay) | {r['rps']:.0f} bookings/s, {r['status_errors']} non-200, "
                      f"{r['errors']} errors; {r['rows']} rows | {100 * r['ratio']:.0f} % | {ms(r['p99_us'])} "
                      f"| ≥ 40 %, p99 ≤ 10 ms, 0 errors |")
+    if "2pg_hot_event_postgres" in S:
+        r = S["2pg_hot_event_postgres"]
+        vs = f" = {100 * r['vs_sqlite']:.0f} % of 2" if "vs_sqlite" in r else ""
+        lines.append(f"| 2pg hot event on PostgreSQL, one replica, fsync on (fresh process and database) | "
+                     f"{r['rps']:.0f} bookings/s{vs}, {r['status_errors']} non-200, {r['errors']} errors; "
+                     f"{r['rows']} rows, booked {r['booked']}, oversold: {'YES' if r['oversold'] else 'no'} | "
+                     f"{100 * r['ratio']:.0f} % | {ms(r['p99_us'])} | ≥ 50 % of 2 |")
     for key in sorted(k for k in S if k.startswith("2m_hot_scraped_")):
         r = S[key]
         every = f"scraped every {r['every_ms']} ms" if r["every_ms"] else "not scraped (control)"
@@ -681,6 +787,14 @@ def table(res):
                          f"{w['after_s']:.0f} s {w['issued_per_s_after']:.0f} issued/s "
                          f"({w['bookings_per_s_after']:.0f} bookings/s); PENDING at end {w['pending_end']} | | | "
                          f"issuance keeps pace with sales (issue 14) |")
+    if "5pg_cluster_postgres" in S:
+        r = S["5pg_cluster_postgres"]
+        vs = f" = {r['vs_sqlite']:.2f}× row 5" if "vs_sqlite" in r else ""
+        lines.append(f"| 5pg cluster on PostgreSQL: 3 replicas + nginx + Redis, fsync on | {r['rps']:.0f} bookings/s{vs}, "
+                     f"{r['status_errors']} non-200, {r['errors']} errors; booked {r['booked']} = {r['rows']} rows "
+                     f"({r['ok']} answered 200, {r['rows'] - r['ok']} in flight at wrk's end), oversold: "
+                     f"{'YES' if r['oversold'] else 'no'} | {100 * r['ratio']:.0f} % | {ms(r['p99_us'])} | "
+                     f"≥ 1.5× row 5, p99 ≤ 50 ms, 0 oversell |")
     if "6_issuance" in S:
         a, b = S["6_issuance"]["zero_delay"], S["6_issuance"]["default_delay"]
         lines.append(f"| 6a issuance, 0 ms delay | {a['bookings']} tickets in {a['seconds']:.1f} s = "
