@@ -15,8 +15,9 @@ use ticketd::ticket::{TicketFacts, TicketSigner};
 /// Acknowledged bookings, by id.
 type Acks = Arc<Mutex<HashMap<i64, Value>>>;
 
-/// `workers` clients booking in a loop until told to stop, the event sells out or the server
-/// goes away. Returns the acknowledged bookings and the number of 503s.
+/// `workers` clients booking in a loop over `events` until told to stop or the server goes away;
+/// a sold-out event (409) moves on to the next. Returns the acknowledged bookings and the number
+/// of 503s.
 fn hammer(
     p: &impl Target,
     events: &[i64],
@@ -43,7 +44,7 @@ fn hammer(
                             assert_eq!(v["user_id"], body["user_id"]);
                             acks.lock().unwrap().insert(v["id"].as_i64().unwrap(), v);
                         }
-                        409 => break,
+                        409 => {} // sold out (a small event): on to the next event
                         503 => {
                             busy.fetch_add(1, Ordering::Relaxed);
                             tokio::time::sleep(Duration::from_millis(5)).await;
@@ -237,48 +238,83 @@ fn assert_acked_exactly(db: &impl Sql, events: &[i64], acks: &Acks, what: &str) 
     assert_eq!(rows as usize, acks.len(), "{what}");
 }
 
-/// `make cluster` (scripts/cluster.sh: Redis, three replicas, nginx in front) stopped by Ctrl-C
-/// under load, as a terminal sends it: SIGINT to the script's whole process group. Every booking
-/// committed got its 200 through nginx, and every 200 is committed. Before, the group's SIGINT
-/// reached nginx too (its fast shutdown cut the clients whose bookings the replicas were
-/// committing), and the script's cleanup signalled the replicas a second time (a forced stop).
+both_backends! {
+/// `make cluster` (scripts/cluster.sh: Redis, three replicas, nginx in front; with `DB=postgres`
+/// its own PostgreSQL) stopped by Ctrl-C under load, as a terminal sends it: SIGINT to the
+/// script's whole process group. Every booking committed got its 200 through nginx, every 200 is
+/// committed, no event is oversold (two small ones sell out meanwhile), and nothing is left
+/// running. Before, the group's SIGINT reached nginx too (its fast shutdown cut the clients whose
+/// bookings the replicas were committing), and the script's cleanup signalled the replicas a
+/// second time (a forced stop). On PostgreSQL the server stops last, its data kept: the test
+/// starts it again on that data to read what the replicas committed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn ctrl_c_on_make_cluster_answers_every_committed_booking() {
-    let dir = tempfile::tempdir().unwrap();
-    let db_path = dir.path().join("cluster.db");
-    let script = ClusterScript::start(&db_path).await;
+    let script = ClusterScript::start().await;
     let mut events = Vec::new();
-    for i in 0..8 {
+    for i in 0..6 {
         events.push(
             script
                 .create_event(&format!("Cluster sale {i}"), 1_000_000)
                 .await,
         );
     }
+    let small = [
+        script.create_event("Cluster small 0", 300).await,
+        script.create_event("Cluster small 1", 300).await,
+    ];
+    events.extend(small);
     let stop = Arc::new(AtomicBool::new(false));
     let (acks, _busy, tasks) = hammer(&script, &events, 48, stop.clone());
-    wait_for_acks(&acks, 300).await;
+    // Sold out: fewer seats left than the largest quantity asked (3).
+    let seats_of = |e: i64| -> i64 {
+        let acks = acks.lock().unwrap();
+        acks.values()
+            .filter(|v| v["event_id"] == e)
+            .map(|v| v["quantity"].as_i64().unwrap())
+            .sum()
+    };
+    let busy = common::eventually(Duration::from_secs(120), || {
+        acks.lock().unwrap().len() >= 300 && small.iter().all(|&e| seats_of(e) > 297)
+    })
+    .await;
+    assert!(busy, "300 bookings acknowledged, both small events sold out");
     script.ctrl_c();
     for t in tasks {
         t.await.unwrap();
     }
-    let exit = script.wait().await;
+    let mut script = script;
+    assert_eq!(script.wait().await, Some(0), "the script stops cleanly");
+    for (port, what) in script.ports() {
+        assert!(
+            common::postgres::wait_closed(port, Duration::from_secs(5)),
+            "{what} is still listening on {port} after the script exited"
+        );
+    }
+    let db = script.left();
     assert_acked_exactly(
-        &common::open_db(&db_path),
+        &db.db,
         &events,
         &acks,
         "every booking committed during Ctrl-C was answered through nginx",
     );
-    assert_eq!(exit, Some(0), "the script stops cleanly");
+    for e in small {
+        let (booked, capacity, _) = event_counts(&db.db, e);
+        assert!(capacity - booked < 3, "event {e} sold out: {booked} of {capacity}");
+    }
+}
 }
 
 /// scripts/cluster.sh running the debug binary, in a process group of its own (the test's
-/// Ctrl-C must not reach the test runner), on free ports.
+/// Ctrl-C must not reach the test runner), on free ports, on the test's backend.
 struct ClusterScript {
     child: std::process::Child,
     port: u16,
+    redis_port: u16,
+    /// The script's own PostgreSQL (`DB=postgres`).
+    pg_port: Option<u16>,
     client: reqwest::Client,
     admin: String,
+    dir: tempfile::TempDir,
 }
 
 impl Target for ClusterScript {
@@ -293,8 +329,17 @@ impl Target for ClusterScript {
     }
 }
 
+/// What the script left: its database, to read.
+struct Left {
+    db: common::TestDb,
+    /// The cluster's PostgreSQL, started again on its data.
+    _pg: Option<common::postgres::PgServer>,
+    /// The SQLite file's directory.
+    _dir: Option<tempfile::TempDir>,
+}
+
 impl ClusterScript {
-    async fn start(db: &std::path::Path) -> Self {
+    async fn start() -> Self {
         use std::os::unix::process::CommandExt;
         // nginx on `port`, the replicas on the three ports after it: all four must be free.
         let port = loop {
@@ -305,30 +350,60 @@ impl ClusterScript {
                 break p;
             }
         };
+        // The script chowns it to `postgres` (when we are root) and keeps the server's data in it.
+        let dir = tempfile::Builder::new()
+            .prefix("ticketd-cluster-")
+            .tempdir()
+            .unwrap();
+        let redis_port = common::free_port();
+        let pg_port =
+            (common::Backend::current() == common::Backend::Postgres).then(common::free_port);
         let admin = "cluster-script-organizer-token".to_string();
         let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/cluster.sh");
-        let child = std::process::Command::new("bash")
-            .arg(script)
+        let mut cmd = std::process::Command::new("bash");
+        cmd.arg(script)
             .env("TICKETD_BIN", env!("CARGO_BIN_EXE_ticketd"))
             .env("PORT", port.to_string())
-            .env("REDIS_PORT", common::free_port().to_string())
-            .env("DATABASE_URL", format!("sqlite://{}", db.display()))
+            .env("REDIS_PORT", redis_port.to_string())
             .env("ADMIN_TOKEN", &admin)
             .env("TICKET_KEY", common::TEST_KEY)
             .env("FINALIZE_DELAY_MS", "1000")
             .env("RUST_LOG", "warn")
             .stdout(std::process::Stdio::null())
-            .process_group(0)
-            .spawn()
-            .expect("run scripts/cluster.sh");
+            .process_group(0);
+        match pg_port {
+            None => cmd.env(
+                "DATABASE_URL",
+                format!("sqlite://{}", dir.path().join("cluster.db").display()),
+            ),
+            Some(pg_port) => cmd
+                .env("DB", "postgres")
+                .env("PG_DIR", dir.path())
+                .env("PG_PORT", pg_port.to_string())
+                .env_remove("DATABASE_URL"),
+        };
+        // A terminal's foreground job takes SIGINT: so does the script, even when this test runs
+        // where SIGINT is ignored (a background job of a script), which bash could not trap.
+        // SAFETY: signal() is async-signal-safe; nothing else runs between fork and exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::signal(libc::SIGINT, libc::SIG_DFL);
+                libc::signal(libc::SIGQUIT, libc::SIG_DFL);
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().expect("run scripts/cluster.sh");
         let s = ClusterScript {
             child,
             port,
+            redis_port,
+            pg_port,
             client: common::client(),
             admin,
+            dir,
         };
-        // Up when nginx reaches all three replicas.
-        let ready = common::eventually(Duration::from_secs(60), || {
+        // Up when nginx reaches all three replicas (after initdb and the server's start).
+        let ready = common::eventually(Duration::from_secs(180), || {
             (1..=3).all(|i| std::net::TcpStream::connect(("127.0.0.1", port + i)).is_ok())
                 && std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
         })
@@ -343,12 +418,49 @@ impl ClusterScript {
         assert_eq!(rc, 0, "kill failed");
     }
 
-    async fn wait(mut self) -> Option<i32> {
+    /// The ports of everything the script started.
+    fn ports(&self) -> Vec<(u16, &'static str)> {
+        let mut ports = vec![
+            (self.port, "nginx"),
+            (self.port + 1, "replica 1"),
+            (self.port + 2, "replica 2"),
+            (self.port + 3, "replica 3"),
+            (self.redis_port, "redis"),
+        ];
+        ports.extend(self.pg_port.map(|p| (p, "PostgreSQL")));
+        ports
+    }
+
+    /// Waits for the script to exit; its exit code.
+    async fn wait(&mut self) -> Option<i32> {
         common::wait_child(&mut self.child, "the script").await
+    }
+
+    /// The database the script left (PostgreSQL: its server started again on the data).
+    fn left(mut self) -> Left {
+        let dir = tempfile::Builder::new().tempdir().unwrap();
+        let dir = std::mem::replace(&mut self.dir, dir);
+        let left = match self.pg_port {
+            None => Left {
+                db: common::TestDb::Sqlite(common::open_db(&dir.path().join("cluster.db"))),
+                _pg: None,
+                _dir: Some(dir),
+            },
+            Some(port) => {
+                let pg = common::postgres::PgServer::adopt(dir, port);
+                Left {
+                    db: common::TestDb::Postgres(Mutex::new(Some(common::connect_pg(&pg.url())))),
+                    _pg: Some(pg),
+                    _dir: None,
+                }
+            }
+        };
+        left
     }
 }
 
 impl Drop for ClusterScript {
+    /// A failed test: the script's own cleanup stops everything, its PostgreSQL too.
     fn drop(&mut self) {
         if let Ok(None) = self.child.try_wait() {
             unsafe { libc::kill(-(self.child.id() as i32), libc::SIGTERM) };

@@ -149,6 +149,27 @@ impl PgServer {
         pg
     }
 
+    /// Starts a server again on the data another program left in `dir` (`dir/data`, as
+    /// `make cluster DB=postgres` keeps it), on `port`; the directory is deleted on drop.
+    pub fn adopt(dir: tempfile::TempDir, port: u16) -> PgServer {
+        let mut pg = PgServer {
+            port,
+            bin: bin_dir(),
+            data: dir.path().join("data"),
+            log: dir.path().join("adopted.log"),
+            as_postgres: unsafe { libc::geteuid() } == 0,
+            running: false,
+            database: "ticketd".into(),
+            dir,
+        };
+        assert!(
+            pg.try_start(),
+            "PostgreSQL starts again on its data: {}",
+            pg.server_log()
+        );
+        pg
+    }
+
     /// `postgres://postgres@127.0.0.1:PORT/ticketd`
     pub fn url(&self) -> String {
         self.url_of(&self.database)
