@@ -127,6 +127,11 @@ pub enum ImportError {
     )]
     SourceTooNew { path: PathBuf, at: i64, latest: i64 },
     #[error(
+        "the target's tables stayed locked by another session for {LOCK_TIMEOUT}: stop the \
+         ticketd replicas that write to it, then import; nothing was written"
+    )]
+    TargetInUse,
+    #[error(
         "the target is not empty ({events} events, {bookings} bookings, {keys} idempotency \
          keys, {customers} customer counts): an import only fills an empty database, it never \
          merges; nothing was written"
@@ -201,7 +206,13 @@ pub fn import(from: &Path, to: &str) -> Result<Imported, ImportError> {
         "SET LOCAL lock_timeout = '{LOCK_TIMEOUT}';
          LOCK TABLE events, bookings, customer_seats, idempotency_keys, report_totals,
              ticketd_meta IN EXCLUSIVE MODE"
-    ))?;
+    ))
+    .map_err(|e| match e.code() {
+        Some(c) if *c == ::postgres::error::SqlState::LOCK_NOT_AVAILABLE => {
+            ImportError::TargetInUse
+        }
+        _ => e.into(),
+    })?;
     refuse_unless_empty(&mut tx)?;
 
     // One read transaction over the source: every read below sees the same commit.
