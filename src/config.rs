@@ -117,7 +117,7 @@ pub struct Config {
         default_value = "info"
     )]
     pub rust_log: String,
-    /// Something else than serving: `backup`.
+    /// Something else than serving: `backup`, `import`.
     #[command(subcommand)]
     pub command: Option<Command>,
 }
@@ -132,6 +132,40 @@ pub enum Command {
         #[arg(long, value_name = "FILE")]
         to: PathBuf,
     },
+    /// Moves a sale from SQLite to PostgreSQL: copies the SQLite database's events, bookings,
+    /// fences, ticket codes, idempotency keys, per-customer counts and stored ticket key into an
+    /// empty PostgreSQL database, in one transaction, and refuses a database that is not empty.
+    /// The SQLite file is only read (as of one commit: it may be live).
+    Import {
+        /// The SQLite database to copy (`sqlite://path`, as DATABASE_URL takes it); never written.
+        #[arg(long, value_name = "SQLITE_URL", value_parser = parse_import_from)]
+        from: PathBuf,
+        /// The PostgreSQL database to fill (`postgres://…`): migrated, then it must be empty.
+        #[arg(long, value_name = "POSTGRES_URL", value_parser = parse_import_to)]
+        to: String,
+    },
+}
+
+/// `import --from`: a SQLite database, named as DATABASE_URL names one.
+fn parse_import_from(s: &str) -> Result<PathBuf, String> {
+    match parse_database_url(s)? {
+        DatabaseUrl::Sqlite(path) => Ok(path),
+        DatabaseUrl::Postgres(_) => {
+            Err("the source of an import is a SQLite database (sqlite://path)".into())
+        }
+    }
+}
+
+/// `import --to`: a PostgreSQL URL (an import into another SQLite file is a `backup`).
+fn parse_import_to(s: &str) -> Result<String, String> {
+    match parse_database_url(s)? {
+        DatabaseUrl::Postgres(url) => Ok(url),
+        DatabaseUrl::Sqlite(_) => Err(
+            "the target of an import is PostgreSQL (postgres://user@host:port/db); \
+             to copy a SQLite database to another file, use `ticketd backup --to FILE`"
+                .into(),
+        ),
+    }
 }
 
 /// Which database, where. SQLite: `sqlite://ticket.db` and `sqlite:///abs/path.db` both work,
@@ -448,6 +482,39 @@ mod tests {
         );
         assert!(parse_database_url("sqlite://").is_err());
         assert!(parse_database_url("sqlite://:memory:").is_err());
+    }
+
+    #[test]
+    fn import_takes_sqlite_from_and_postgres_to() {
+        let c = parse(&[
+            "import",
+            "--from",
+            "sqlite:///tmp/t.db",
+            "--to",
+            "postgres://u@h:5433/d",
+        ])
+        .unwrap();
+        assert_eq!(
+            c.command,
+            Some(Command::Import {
+                from: PathBuf::from("/tmp/t.db"),
+                to: "postgres://u@h:5433/d".into()
+            })
+        );
+        let e = parse(&[
+            "import",
+            "--from",
+            "postgres://h/d",
+            "--to",
+            "postgres://h/d",
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("--from") && e.contains("SQLite"), "{e}");
+        let e = parse(&["import", "--from", "t.db", "--to", "sqlite://other.db"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--to") && e.contains("PostgreSQL"), "{e}");
     }
 
     #[test]

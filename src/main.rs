@@ -32,6 +32,19 @@ fn main() -> ExitCode {
             }
         };
     }
+    if let Some(Command::Import { from, to }) = &config.command {
+        let target = DatabaseUrl::Postgres(to.clone());
+        return match ticketd::store::import::import(from, to) {
+            Ok(done) => {
+                println!("ticketd: imported {} into {target}: {done}", from.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("ticketd: import failed: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     // Test builds only (`--features failpoints`): failpoints configured by the FAILPOINTS env.
     #[cfg(feature = "failpoints")]
     let _failpoints = fail::FailScenario::setup();

@@ -8,6 +8,7 @@
 //! PostgreSQL: see `postgres`.
 
 pub mod backup;
+pub mod import;
 pub mod postgres;
 pub mod queries;
 pub mod schema;
