@@ -7,11 +7,11 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use common::postgres::PgServer;
-use common::{client, connect_pg, free_port, open_db, send, Proc, Resp, Target};
+use common::{connect_pg, open_db, send, Proc, Resp, Target};
 use serde_json::{json, Value};
 
 const ADMIN: &str = "organizer-token-0123456789";
@@ -29,43 +29,19 @@ fn token(user: i64) -> String {
     .expect("a token")
 }
 
-/// The binary on `database_url`, WITHOUT `TICKET_KEY` (unlike `Proc::start`): the key that signs
-/// codes and secrets is the one stored in the database — generated on SQLite, imported into
-/// PostgreSQL — so the test sees whether it came along.
+/// The binary on `database_url`, WITHOUT `TICKET_KEY` (unlike `Proc::start`'s default): the key
+/// that signs codes and secrets is the one stored in the database — generated on SQLite, imported
+/// into PostgreSQL — so the test sees whether it came along.
 async fn start(database_url: &str, finalize_delay_ms: u64) -> Proc {
-    let port = free_port();
-    let child = Command::new(env!("CARGO_BIN_EXE_ticketd"))
-        .env_clear()
-        .env("PORT", port.to_string())
-        .env("DATABASE_URL", database_url)
-        .env("ADMIN_TOKEN", ADMIN)
-        .env("CUSTOMER_JWT_SECRET", SHOP)
-        .env("FINALIZE_DELAY_MS", finalize_delay_ms.to_string())
-        .env("SWEEP_INTERVAL_MS", "200")
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("spawn ticketd");
-    let mut p = Proc {
-        child,
-        port,
-        client: client(),
-        admin: Some(ADMIN.into()),
-    };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Ok(r) = p.client.get(format!("{}/health", p.base())).send().await {
-            if r.status() == 200 {
-                return p;
-            }
-        }
-        if let Ok(Some(status)) = p.child.try_wait() {
-            panic!("ticketd exited during start: {status}");
-        }
-        assert!(Instant::now() < deadline, "ticketd did not come up");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let delay = finalize_delay_ms.to_string();
+    let env = [
+        ("TICKET_KEY", ""),
+        ("ADMIN_TOKEN", ADMIN),
+        ("CUSTOMER_JWT_SECRET", SHOP),
+        ("FINALIZE_DELAY_MS", delay.as_str()),
+        ("SWEEP_INTERVAL_MS", "200"),
+    ];
+    Proc::start(database_url, &env).await
 }
 
 /// A graceful stop (SIGTERM): every committed booking stays as it is.

@@ -498,6 +498,13 @@ impl DbTarget for PathBuf {
     }
 }
 
+/// A `DATABASE_URL` as it is.
+impl DbTarget for str {
+    fn database_url(&self) -> String {
+        self.to_string()
+    }
+}
+
 impl<T: DbTarget + ?Sized> DbTarget for &T {
     fn database_url(&self) -> String {
         (**self).database_url()
@@ -605,7 +612,13 @@ impl Proc {
                 None => Stdio::null(),
             });
         for (k, v) in env {
-            cmd.env(k, v);
+            // An empty value unsets what is set above (`TICKET_KEY`: the key stored in the
+            // database signs then).
+            if v.is_empty() {
+                cmd.env_remove(k);
+            } else {
+                cmd.env(k, v);
+            }
         }
         let child = cmd.spawn().expect("spawn ticketd");
         let admin = env
