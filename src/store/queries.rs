@@ -87,3 +87,56 @@ pub fn ping(c: &mut ReadConn<'_>) -> Result<(), StoreError> {
     }
     Ok(())
 }
+
+/// What the store tests of both backends build their batches with (`sqlite::tests`,
+/// `postgres::tests`): one home, so the two suites test the same batches.
+#[cfg(test)]
+pub(crate) mod test_batches {
+    use super::{BatchApplied, BookingOutcome, FencedBatch, NewBookingRow};
+
+    pub const T0: &str = "2024-01-01 00:00:00.000000";
+    /// T0 in Unix ms, and the start of the keys' live window (a day before).
+    pub const T0_MS: i64 = 1_704_067_200_000;
+    pub const LIVE_MS: i64 = T0_MS - 86_400_000;
+
+    /// Bookings without keys: `(user_id, quantity)` each.
+    pub fn rows(wanted: &[(i64, i64)]) -> Vec<NewBookingRow<'static>> {
+        wanted
+            .iter()
+            .map(|&(user_id, quantity)| NewBookingRow {
+                user_id,
+                quantity,
+                key: None,
+            })
+            .collect()
+    }
+
+    /// A batch at T0.
+    pub fn batch<'a>(
+        event_id: i64,
+        token: i64,
+        cancels: &'a [i64],
+        bookings: &'a [NewBookingRow<'a>],
+    ) -> FencedBatch<'a> {
+        FencedBatch {
+            event_id,
+            token,
+            cancels,
+            bookings,
+            now: T0,
+            now_ms: T0_MS,
+            keys_live_after_ms: LIVE_MS,
+        }
+    }
+
+    /// The ids of the bookings the batch made.
+    pub fn ids(a: &BatchApplied) -> Vec<i64> {
+        a.bookings
+            .iter()
+            .filter_map(|o| match o {
+                BookingOutcome::Booked(id) => Some(*id),
+                _ => None,
+            })
+            .collect()
+    }
+}

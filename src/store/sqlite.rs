@@ -743,10 +743,7 @@ pub fn meta_get_or_insert(conn: &Connection, key: &str, default: &str) -> rusqli
 mod tests {
     use super::*;
 
-    const T0: &str = "2024-01-01 00:00:00.000000";
-    /// T0 in Unix ms, and the start of the keys' live window (a day before).
-    const T0_MS: i64 = 1_704_067_200_000;
-    const LIVE_MS: i64 = T0_MS - 86_400_000;
+    use crate::store::queries::test_batches::{batch, ids, rows, LIVE_MS, T0, T0_MS};
 
     fn db() -> Connection {
         let mut c = Connection::open_in_memory().unwrap();
@@ -760,44 +757,6 @@ mod tests {
         insert_event(c, "t", capacity, limit, None, T0_MS, LIVE_MS)
             .unwrap()
             .unwrap()
-    }
-
-    fn rows(wanted: &[(i64, i64)]) -> Vec<NewBookingRow<'static>> {
-        wanted
-            .iter()
-            .map(|&(user_id, quantity)| NewBookingRow {
-                user_id,
-                quantity,
-                key: None,
-            })
-            .collect()
-    }
-
-    fn batch<'a>(
-        event_id: i64,
-        token: i64,
-        cancels: &'a [i64],
-        bookings: &'a [NewBookingRow<'a>],
-    ) -> FencedBatch<'a> {
-        FencedBatch {
-            event_id,
-            token,
-            cancels,
-            bookings,
-            now: T0,
-            now_ms: T0_MS,
-            keys_live_after_ms: LIVE_MS,
-        }
-    }
-
-    fn ids(a: &BatchApplied) -> Vec<i64> {
-        a.bookings
-            .iter()
-            .filter_map(|o| match o {
-                BookingOutcome::Booked(id) => Some(*id),
-                _ => None,
-            })
-            .collect()
     }
 
     #[test]

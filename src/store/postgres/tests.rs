@@ -13,9 +13,7 @@ use crate::store::queries::{
 };
 use crate::ticket::TicketFacts;
 
-const T0: &str = "2024-01-01 00:00:00.000000";
-const T0_MS: i64 = 1_704_067_200_000;
-const LIVE_MS: i64 = T0_MS - 86_400_000;
+use crate::store::queries::test_batches::{batch, ids, rows, LIVE_MS, T0, T0_MS};
 
 struct Db {
     w: PgWriter,
@@ -56,44 +54,6 @@ fn event_with(d: &mut Db, capacity: i64, limit: Option<i64>) -> EventRow {
         PgDone::Event(Ok(row)) => row,
         other => panic!("{other:?}"),
     }
-}
-
-fn rows(wanted: &[(i64, i64)]) -> Vec<NewBookingRow<'static>> {
-    wanted
-        .iter()
-        .map(|&(user_id, quantity)| NewBookingRow {
-            user_id,
-            quantity,
-            key: None,
-        })
-        .collect()
-}
-
-fn batch<'a>(
-    event_id: i64,
-    token: i64,
-    cancels: &'a [i64],
-    bookings: &'a [NewBookingRow<'a>],
-) -> FencedBatch<'a> {
-    FencedBatch {
-        event_id,
-        token,
-        cancels,
-        bookings,
-        now: T0,
-        now_ms: T0_MS,
-        keys_live_after_ms: LIVE_MS,
-    }
-}
-
-fn ids(a: &BatchApplied) -> Vec<i64> {
-    a.bookings
-        .iter()
-        .filter_map(|o| match o {
-            BookingOutcome::Booked(id) => Some(*id),
-            _ => None,
-        })
-        .collect()
 }
 
 fn ev(d: &mut Db, id: i64) -> EventRow {
