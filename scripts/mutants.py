@@ -19,7 +19,7 @@ promise you add. The loom models have their own mutants (`make loom-mutants`).
 
 Test names: `<test binary>::<test name>` for tests/, `lib::<module path>::<test>` for unit tests.
 """
-import os, re, shutil, subprocess, sys, time
+import os, re, shutil, signal, subprocess, sys, time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORK = os.path.join(ROOT, "target", "mutants")
@@ -578,8 +578,19 @@ MUTANTS = [
 ]
 
 
-def sh(cmd, **kw):
-    return subprocess.run(cmd, cwd=kw.pop("cwd", TREE), capture_output=True, text=True, **kw)
+def sh(cmd, timeout=None, **kw):
+    """Runs `cmd` in a process group of its own: on a timeout the whole group is killed — the
+    test binary and the servers it started too, not only cargo (they kept running and loaded
+    the machine for the rest of the run)."""
+    p = subprocess.Popen(cmd, cwd=kw.pop("cwd", TREE), stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, start_new_session=True, **kw)
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.communicate()
+        raise
+    return subprocess.CompletedProcess(cmd, p.returncode, out, err)
 
 
 def make_scratch():
