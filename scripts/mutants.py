@@ -575,6 +575,12 @@ MUTANTS = [
            ".connection_timeout(PG_POOL_WAIT)",
            ".connection_timeout(Duration::from_secs(30))",
            ["postgres::postgres_stopped_mid_sale_answers_503_and_resumes_by_itself"]),
+    Mutant("lease-queue-ignored", "fair turns across replicas",
+           "a free lease goes to whoever asks first, not to the head of the queue",
+           "src/coord/redis.rs",
+           "if first and first ~= me then",
+           "if false then",
+           ["cluster::lease_protocol_on_redis_fences_and_takes_turns"]),
 ]
 
 

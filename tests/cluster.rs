@@ -448,7 +448,7 @@ async fn lease_protocol_on_redis_fences_and_takes_turns() {
     assert_eq!(lease.acquire(9, "c", 0).await.unwrap(), None);
     // Without anyone waiting, the holder renews (consecutive token: its view stays trusted).
     lease.release(9, "b").await.unwrap();
-    tokio::time::sleep(Duration::from_millis(350)).await; // c's want expires
+    tokio::time::sleep(Duration::from_millis(350)).await; // c's place in the queue expires
     let b1 = lease.acquire(9, "b", 0).await.unwrap().unwrap();
     let b2 = lease.acquire(9, "b", 0).await.unwrap().unwrap();
     assert_eq!(b2, b1 + 1);
@@ -456,6 +456,48 @@ async fn lease_protocol_on_redis_fences_and_takes_turns() {
     tokio::time::sleep(Duration::from_millis(350)).await;
     let c = lease.acquire(9, "c", 0).await.unwrap().unwrap();
     assert!(c > b2);
+
+    // Three replicas take turns in the order they asked: a queue, not one slot (with one slot
+    // the two that had just held the lease kept taking it back, and the third starved).
+    lease
+        .acquire(10, "a", 0)
+        .await
+        .unwrap()
+        .expect("free lease");
+    assert_eq!(lease.acquire(10, "b", 0).await.unwrap(), None, "b queues");
+    assert_eq!(
+        lease.acquire(10, "c", 0).await.unwrap(),
+        None,
+        "c queues behind b"
+    );
+    assert_eq!(
+        lease.acquire(10, "a", 0).await.unwrap(),
+        None,
+        "a yields, queues last"
+    );
+    assert_eq!(
+        lease.acquire(10, "c", 0).await.unwrap(),
+        None,
+        "b's turn first"
+    );
+    lease.acquire(10, "b", 0).await.unwrap().expect("b's turn");
+    assert_eq!(
+        lease.acquire(10, "b", 0).await.unwrap(),
+        None,
+        "b yields to c"
+    );
+    assert_eq!(
+        lease.acquire(10, "a", 0).await.unwrap(),
+        None,
+        "c asked before a"
+    );
+    lease.acquire(10, "c", 0).await.unwrap().expect("c's turn");
+    assert_eq!(
+        lease.acquire(10, "c", 0).await.unwrap(),
+        None,
+        "c yields to a"
+    );
+    lease.acquire(10, "a", 0).await.unwrap().expect("a's turn");
 
     // Redis restarts empty: the counter starts over, the floor (from the database) keeps the
     // tokens above every token ever written.
