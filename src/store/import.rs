@@ -37,7 +37,7 @@ use std::time::{Duration, Instant};
 use rusqlite::types::FromSql;
 use rusqlite::{Connection, OpenFlags};
 
-use super::{pg_unavailable, StoreError, BUSY_TIMEOUT, PG_CONNECT_TIMEOUT};
+use super::{pg_unavailable, StoreError, BUSY_TIMEOUT};
 
 /// How long the import waits for a writer on the target (a replica started on it) to let go of
 /// its tables before giving up: an import must not queue behind a sale indefinitely.
@@ -192,10 +192,7 @@ impl From<super::postgres::schema::MigrateError> for ImportError {
 pub fn import(from: &Path, to: &str) -> Result<Imported, ImportError> {
     let src = open_source(from)?;
     let unknown_tables = unknown_tables(&src)?;
-    let mut config: ::postgres::Config = to.parse()?;
-    if config.get_connect_timeout().is_none() {
-        config.connect_timeout(PG_CONNECT_TIMEOUT);
-    }
+    let config = ::postgres::Config::from(super::pg_config(to)?);
     let mut client = config.connect(::postgres::NoTls)?;
     super::postgres::schema::migrate(&mut client)?;
 

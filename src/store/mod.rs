@@ -153,10 +153,7 @@ pub fn open_postgres(
     let url = url.to_string();
     std::thread::scope(|s| {
         s.spawn(|| {
-            let mut config: ::postgres::Config = url.parse()?;
-            if config.get_connect_timeout().is_none() {
-                config.connect_timeout(PG_CONNECT_TIMEOUT);
-            }
+            let config = ::postgres::Config::from(pg_config(&url)?);
             let mut client = config.connect(::postgres::NoTls)?;
             self::postgres::schema::migrate(&mut client)?;
             let key = match key_default {
@@ -281,17 +278,41 @@ pub struct ReadPool {
 /// How long a PostgreSQL read waits for a connection (the server down: a quick 503, not a
 /// stalled route), and how long connecting may take.
 const PG_POOL_WAIT: Duration = Duration::from_secs(2);
-pub const PG_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+const PG_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a connection may go without hearing from the server before it counts as lost: sent
+/// data unacknowledged (`tcp_user_timeout`), or an idle connection's keepalive probes unanswered.
+const PG_SILENCE: Duration = Duration::from_secs(5);
+
+/// `DATABASE_URL` as every PostgreSQL connection's settings, with what a sale needs where the
+/// URL says nothing: a connect timeout, and a bound on silence. Without it a connection whose
+/// server's host went silent (a network cut, not a refusal) waits for TCP's own retries —
+/// minutes — and the writer holds its group's clients and the event's lease all that while; with
+/// it, the connection fails in seconds, the group is answered (503, or "outcome unknown" if the
+/// COMMIT was sent), and the writer connects again.
+pub fn pg_config(url: &str) -> Result<tokio_postgres::Config, tokio_postgres::Error> {
+    let mut config: tokio_postgres::Config = url.parse()?;
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(PG_CONNECT_TIMEOUT);
+    }
+    if config.get_tcp_user_timeout().is_none() {
+        config.tcp_user_timeout(PG_SILENCE);
+    }
+    // The URL's `keepalives_idle`, if any, else ours (the library's default is two hours).
+    if config.get_keepalives_idle() == Duration::from_secs(2 * 60 * 60) {
+        config
+            .keepalives(true)
+            .keepalives_idle(PG_SILENCE)
+            .keepalives_interval(Duration::from_secs(1))
+            .keepalives_retries(3);
+    }
+    Ok(config)
+}
 
 impl ReadPool {
     /// Read connections to PostgreSQL at `url` (already migrated).
     pub fn open_postgres(url: &str, size: u32) -> Result<Self, StoreError> {
-        let mut config: ::postgres::Config = url
-            .parse()
-            .map_err(|e: ::postgres::Error| StoreError::Task(format!("DATABASE_URL: {e}")))?;
-        if config.get_connect_timeout().is_none() {
-            config.connect_timeout(PG_CONNECT_TIMEOUT);
-        }
+        let config = pg_config(url).map_err(|e| StoreError::Task(format!("DATABASE_URL: {e}")))?;
+        let config = ::postgres::Config::from(config);
         let manager = PgManager::new(config, ::postgres::NoTls);
         let pool = r2d2::Pool::builder()
             .max_size(size.max(1))

@@ -170,10 +170,7 @@ impl PgWriter {
             .build()
             .expect("a current-thread runtime");
         let (client, st) = rt.block_on(async {
-            let mut config: tokio_postgres::Config = url.parse()?;
-            if config.get_connect_timeout().is_none() {
-                config.connect_timeout(crate::store::PG_CONNECT_TIMEOUT);
-            }
+            let config = crate::store::pg_config(url)?;
             let (client, conn) = config.connect(NoTls).await?;
             // Driven while the writer awaits anything on this runtime.
             tokio::spawn(async move {
