@@ -46,6 +46,11 @@ struct Site {
 
 impl Site {
     async fn start() -> Site {
+        Site::start_with(&[]).await
+    }
+
+    /// With `r0_env` added to the first replica's environment.
+    async fn start_with(r0_env: &[(&str, &str)]) -> Site {
         let started = Instant::now();
         let mut net = Net::new();
         let db = net.host("db");
@@ -64,13 +69,14 @@ impl Site {
             ("SWEEP_INTERVAL_MS", "300"),
         ];
         let logs: Vec<_> = hosts.iter().map(|h| net.log_path(&h.role)).collect();
-        let reps = join_all(
-            hosts
-                .iter()
-                .zip(&logs)
-                .map(|(h, log)| Replica::start(h, &env, log)),
-        )
-        .await;
+        let r0_env: Vec<(&str, &str)> = env.iter().chain(r0_env).copied().collect();
+        let reps =
+            join_all(
+                hosts.iter().zip(&logs).enumerate().map(|(i, (h, log))| {
+                    Replica::start(h, if i == 0 { &r0_env } else { &env }, log)
+                }),
+            )
+            .await;
         let lb = Nginx::start_hosts(
             &reps
                 .iter()
@@ -150,6 +156,34 @@ impl Site {
         })
     }
 
+    /// Polls Redis (from the root namespace) until `replica` holds the lease of `event_id`
+    /// (the lease's value names the owner); how long that took.
+    async fn wait_lease_holder(&self, event_id: i64, replica: &str) -> Duration {
+        let started = Instant::now();
+        let client = redis::Client::open(self.redis.url()).unwrap();
+        let mut c = client.get_multiplexed_async_connection().await.unwrap();
+        let key = format!("ticketd:lease:{{{event_id}}}");
+        // The owner is `<REPLICA_ID>-<pid>-<random>:<actor>` (startup.rs, lease.rs).
+        let prefix = format!("{replica}-");
+        let mut seen = HashMap::<Option<String>, usize>::new();
+        loop {
+            let holder: Option<String> = redis::cmd("GET")
+                .arg(&key)
+                .query_async(&mut c)
+                .await
+                .unwrap();
+            if holder.as_ref().is_some_and(|h| h.starts_with(&prefix)) {
+                return started.elapsed();
+            }
+            *seen.entry(holder).or_default() += 1;
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "{replica} did not hold the lease of event {event_id} in 10 s; seen: {seen:?}"
+            );
+            tokio::task::yield_now().await;
+        }
+    }
+
     /// A replica's fence refusals so far (`/ready`'s organizer detail), if it answers.
     async fn fence_refusals(&self, i: usize) -> Option<u64> {
         let r = tokio::time::timeout(Duration::from_secs(3), self.reps[i].ready())
@@ -180,6 +214,8 @@ struct Told {
     unavailable_without_retry_after: usize,
     /// No reply (a transport error) or nginx's 502/504: the outcome is unknown (users).
     lost: HashSet<i64>,
+    /// What the first few lost replies were, for the summary.
+    lost_how: Vec<String>,
     sold_out: usize,
     /// Anything else: a failure of the test.
     other: Vec<String>,
@@ -210,12 +246,18 @@ fn record(told: &Shared, user: i64, quantity: i64, outcome: Result<(u16, bool, V
                 t.unavailable_without_retry_after += 1;
             }
         }
-        Ok((502 | 504, _, _)) => {
+        Ok((status @ (502 | 504), _, _)) => {
             t.lost.insert(user);
+            if t.lost_how.len() < 3 {
+                t.lost_how.push(format!("{status} from nginx"));
+            }
         }
         Ok((status, _, v)) => t.other.push(format!("user {user}: {status} {v}")),
-        Err(_) => {
+        Err(e) => {
             t.lost.insert(user);
+            if t.lost_how.len() < 3 {
+                t.lost_how.push(e);
+            }
         }
     }
 }
@@ -252,14 +294,24 @@ struct Sale {
 }
 
 impl Sale {
+    /// `workers` clients through nginx.
     fn start(site: &Site, event_id: i64, workers: usize) -> Sale {
+        Sale::start_at(&[site.lb.base()], event_id, workers)
+    }
+
+    /// `workers` clients, worker `w` sending to `bases[w % bases.len()]`.
+    fn start_at(bases: &[String], event_id: i64, workers: usize) -> Sale {
         let told: Shared = Arc::default();
         let stop = Arc::new(AtomicBool::new(false));
         let http = common::client();
         let tasks = (0..workers)
             .map(|w| {
-                let (http, base, told, stop) =
-                    (http.clone(), site.lb.base(), told.clone(), stop.clone());
+                let (http, base, told, stop) = (
+                    http.clone(),
+                    bases[w % bases.len()].clone(),
+                    told.clone(),
+                    stop.clone(),
+                );
                 tokio::spawn(async move {
                     let mut n = 0;
                     while !stop.load(Ordering::Relaxed) {
@@ -392,12 +444,13 @@ fn check_db(site: &Site, event_id: i64, told: &Told, on503: On503) -> i64 {
     }
     eprintln!(
         "event {event_id}: booked {booked}/{capacity}; {} × 200, {} rows ({} without a 200), \
-         {} × 503, {} lost replies, {} × sold out",
+         {} × 503, {} lost replies {:?}, {} × sold out",
         told.acks.len(),
         rows.len(),
         unacked.len(),
         told.unavailable.len(),
         told.lost.len(),
+        told.lost_how,
         told.sold_out
     );
     booked
@@ -485,55 +538,75 @@ async fn a_replica_sigkilled_mid_sale() {
     all_finalized(&site, event_id).await;
 }
 
+/// r0's writer pauses before each group (the failpoint `writer-before-begin`: a slow disk, a
+/// stalled thread), so r0 spends most of its turns between allocating a batch under its lease
+/// and sending it to PostgreSQL. Without it that window is a fraction of a millisecond and a cut
+/// at a random instant would nearly always find r0 idle or its batch already in PostgreSQL.
+const R0_SLOW_WRITER_MS: u64 = 300;
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_replica_cut_off_past_its_lease_then_reconnected() {
     let _serial = SERIAL.lock().await;
-    let site = Site::start().await;
+    let failpoints = format!("writer-before-begin=sleep({R0_SLOW_WRITER_MS})");
+    let site = Site::start_with(&[("FAILPOINTS", failpoints.as_str())]).await;
     let capacity = 4000;
     let event_id = site.create_event("Hosts partition", capacity).await;
-    let sale = Sale::start(&site, event_id, 96);
+    // Half the clients through nginx (those it sends to r0 while r0 is cut off wait for it:
+    // nginx cannot retry a POST it has sent), half straight at r1 and r2: they show that the
+    // others keep selling meanwhile.
+    let bases = [
+        site.lb.base(),
+        site.reps[1].base(),
+        site.lb.base(),
+        site.reps[2].base(),
+    ];
+    let sale = Sale::start_at(&bases, event_id, 48);
     sale.wait_acks(200, Duration::from_secs(30)).await;
     let victim = &site.reps[0].host;
-    // A cut catches the replica with a batch on the wire only when it falls inside one of its
-    // commits: cut again (each time past the lease) until its fence refusals show one, or give
-    // up after a few.
-    let mut refused = false;
-    for attempt in 1..=5 {
+    // Cut r0 off (its cable's switch end down: every packet dropped, no RST) for three leases.
+    // A cut that catches a batch between r0's lease and PostgreSQL holds it back; r1 and r2
+    // take the lease meanwhile and raise the fence; when r0 is plugged back in, TCP's
+    // retransmission delivers the stale batch, and the fenced update must refuse it. Cut again
+    // if a cut caught r0 between batches (its refusal counter did not move).
+    let mut refused = None;
+    for attempt in 1..=4 {
         let before = site.fence_refusals(0).await.expect("r0 answers /ready");
+        // Cut when r0 holds the event's lease: then it is (most likely) in its slow writer with
+        // a batch allocated under that lease.
+        let waited = site.wait_lease_holder(event_id, "r0").await;
         site.net.cut(victim);
         let a0 = sale.acks();
         tokio::time::sleep(Duration::from_millis(3 * LEASE_TTL_MS)).await;
         let a1 = sale.acks();
         site.net.reconnect(victim);
+        let back = Instant::now();
         assert!(
             a1 > a0 + 10,
             "the other replicas kept selling while r0 was cut off ({a0} -> {a1})"
         );
-        // r0's stalled TCP segments go through at the next retransmission: its stale batch
-        // reaches PostgreSQL carrying a token below the fence the others raised.
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let after = loop {
+        // TCP retransmits with backoff: the held-back segments may take a few seconds more.
+        let mut after = before;
+        while back.elapsed() < Duration::from_secs(8) {
             if let Some(n) = site.fence_refusals(0).await {
+                after = n;
                 if n > before {
-                    break n;
-                }
-                if Instant::now() > deadline - Duration::from_secs(15) {
-                    break n; // answered, and nothing refused after 5 s: this cut missed
+                    break;
                 }
             }
-            assert!(
-                Instant::now() < deadline,
-                "r0 does not answer after reconnecting"
-            );
             tokio::time::sleep(Duration::from_millis(100)).await;
-        };
-        eprintln!("cut {attempt}: r0's fence refusals {before} -> {after}; others sold {a0} -> {a1} meanwhile");
+        }
+        eprintln!(
+            "cut {attempt} (r0 held the lease after {waited:?}): r0's fence refusals \
+             {before} -> {after} ({:?} after reconnecting); the others sold {} meanwhile",
+            back.elapsed(),
+            a1 - a0
+        );
         if after > before {
-            refused = true;
+            refused = Some(attempt);
             break;
         }
-        if sale.acks() as i64 > capacity - 800 {
-            break;
+        if (sale.acks() as i64) > capacity - 2500 {
+            break; // not enough left for another cut to happen mid-sale
         }
     }
     let told = sale.until_sold_out(Duration::from_secs(90)).await;
@@ -543,9 +616,11 @@ async fn a_replica_cut_off_past_its_lease_then_reconnected() {
     );
     all_finalized(&site, event_id).await;
     assert!(
-        refused,
-        "no cut caught r0 with a batch in flight: the fence was not exercised"
+        refused.is_some(),
+        "no cut caught r0 with a batch on its way: the fence was not exercised"
     );
+    let ready = site.reps[0].ready().await;
+    assert_eq!(ready.status, 200, "r0 is ready again: {:?}", ready.body);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -623,6 +698,19 @@ async fn redis_restarted_empty_mid_sale() {
     }
 
     site.redis.restart().await;
+    let restarted = Instant::now();
+    while sale.acks() == a1 {
+        assert!(
+            restarted.elapsed() < Duration::from_secs(30),
+            "the sale did not resume within 30 s of Redis's restart"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    eprintln!(
+        "Redis down {:?}; the sale resumed {:?} after it was back",
+        Duration::from_millis(1800),
+        restarted.elapsed()
+    );
     let told = sale.until_sold_out(Duration::from_secs(90)).await;
     assert!(
         told.acks.len() > a1,
