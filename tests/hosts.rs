@@ -400,6 +400,10 @@ fn check_db(site: &Site, event_id: i64, told: &Told, on503: On503) -> i64 {
         "unexpected replies: {:?}",
         told.other
     );
+    assert_eq!(
+        told.unavailable_without_retry_after, 0,
+        "every 503 carries Retry-After"
+    );
     let (booked, capacity, _) = site.counts(event_id);
     assert!(booked <= capacity, "OVERSOLD: {booked} > {capacity}");
     let rows = site.rows(event_id);

@@ -244,7 +244,19 @@ impl Nginx {
         let conf_text = conf_text.replacen(anchor, &format!("{anchor}{servers}"), 1);
         let conf = dir.path().join("nginx.conf");
         std::fs::write(&conf, conf_text).unwrap();
-        let child = Command::new(nginx_bin())
+        let mut cmd = Command::new(nginx_bin());
+        // Stops with the test, even a test killed outright: SIGTERM when the spawning thread
+        // exits (not SIGKILL: the master must take its worker down).
+        // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd
             .args([
                 "-p",
                 &dir.path().display().to_string(),

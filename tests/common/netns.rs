@@ -173,6 +173,22 @@ fn claim_subnet(seed: u64) -> (u8, File) {
     cannot("no free subnet 10.77.S.0/24 (all 240 taken?)")
 }
 
+/// Makes the child die with this process (SIGKILL when the thread that spawned it exits): a
+/// test killed outright leaves no replica, Redis or nginx behind. PostgreSQL is not a child
+/// (`pg_ctl` daemonizes it): the next `Net::new` kills what is left in a dead test's namespaces.
+pub fn die_with_parent(cmd: &mut Command) -> &mut Command {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        })
+    }
+}
+
 /// One simulated machine: a network namespace with one address on the bridge.
 #[derive(Clone, Debug)]
 pub struct Host {
@@ -301,7 +317,8 @@ impl Net {
 
 impl Drop for Net {
     fn drop(&mut self) {
-        if std::thread::panicking() {
+        let has_logs = std::fs::read_dir(self.logs.path()).is_ok_and(|mut d| d.next().is_some());
+        if std::thread::panicking() && has_logs {
             let keep = std::env::temp_dir().join(format!("ticketd-hosts-logs-{}", self.tag));
             let _ = std::fs::create_dir_all(&keep);
             if let Ok(entries) = std::fs::read_dir(self.logs.path()) {
@@ -387,7 +404,9 @@ impl Replica {
             cmd.env(k, v);
         }
         // `ip netns exec` execs the program: the child's pid is ticketd's own.
-        let child = cmd.spawn().expect("spawn ticketd in its namespace");
+        let child = die_with_parent(&mut cmd)
+            .spawn()
+            .expect("spawn ticketd in its namespace");
         let admin = env
             .iter()
             .find(|(k, _)| *k == "ADMIN_TOKEN")
@@ -466,9 +485,8 @@ impl NsRedis {
             .append(true)
             .open(&self.log)
             .expect("redis log");
-        let child = self
-            .host
-            .command("redis-server")
+        let mut cmd = self.host.command("redis-server");
+        let child = die_with_parent(&mut cmd)
             .args([
                 "--port",
                 &self.port.to_string(),
