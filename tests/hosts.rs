@@ -2,7 +2,9 @@
 //! PostgreSQL and Redis in another, all on one bridge; nginx in front, in the root namespace with
 //! the clients. Faults are planted for real: `kill -9` of a replica, a replica's cable cut
 //! (`ip link set … down`) past its lease while the others sell, `pg_ctl stop -m immediate` then
-//! start, Redis SIGKILLed and started again empty on the same address.
+//! start, Redis SIGKILLed and started again empty on the same address. (The cut replica's writer
+//! is slowed by a failpoint, so that the cut finds a batch between its lease and PostgreSQL:
+//! see `R0_SLOW_WRITER_MS`.)
 //!
 //! After each: never oversold; every acknowledged booking present as told; no row that no client
 //! was told about, except where the reply was lost (see `Sale`); all rows FINALIZED, each seat
@@ -533,7 +535,11 @@ async fn a_replica_sigkilled_mid_sale() {
     site.reps[1].kill9();
     let at_kill = sale.acks();
     let told = sale.until_sold_out(Duration::from_secs(60)).await;
+    eprintln!("r1 SIGKILLed after {at_kill} acknowledged bookings");
     assert!(told.acks.len() > at_kill, "the survivors kept selling");
+    for i in [0, 2] {
+        assert_eq!(site.reps[i].get("/ready").await.status, 200);
+    }
     assert_eq!(
         check_db(&site, event_id, &told, On503::NotWritten),
         capacity,
@@ -651,6 +657,24 @@ async fn postgres_restarted_mid_sale() {
         0,
         "every 503 carries Retry-After"
     );
+    // Reads and readiness answer (503) instead of hanging while the database is away.
+    for path in [format!("/event/{event_id}/stats"), "/ready".to_string()] {
+        let asked = Instant::now();
+        let r = tokio::time::timeout(Duration::from_secs(10), site.reps[1].admin_get(&path))
+            .await
+            .unwrap_or_else(|_| panic!("{path} hangs while PostgreSQL is down"));
+        eprintln!(
+            "{path} while PostgreSQL is down: {} in {:?}",
+            r.status,
+            asked.elapsed()
+        );
+        assert_eq!(
+            r.status, 503,
+            "{path} while PostgreSQL is down: {:?}",
+            r.body
+        );
+        assert!(r.retry_after.is_some(), "{path}: 503 with Retry-After");
+    }
 
     tokio::task::block_in_place(|| site.pg.start_again());
     let restarted = Instant::now();
@@ -673,6 +697,20 @@ async fn postgres_restarted_mid_sale() {
         check_db(&site, event_id, &told, On503::MaybeWritten),
         capacity
     );
+    for r in &site.reps {
+        let s = r.get(&format!("/event/{event_id}/stats")).await;
+        assert_eq!(
+            (s.status.as_u16(), &s.body["booked_count"]),
+            (200, &json!(capacity)),
+            "reads work again, without a restart of the replica"
+        );
+        assert_eq!(
+            r.get("/ready").await.status,
+            200,
+            "{} ready again",
+            r.host.role
+        );
+    }
     all_finalized(&site, event_id).await;
 }
 
