@@ -6,9 +6,11 @@
 //! is slowed by a failpoint, so that the cut finds a batch between its lease and PostgreSQL:
 //! see `R0_SLOW_WRITER_MS`.)
 //!
-//! After each: never oversold; every acknowledged booking present as told; no row that no client
-//! was told about, except where the reply was lost (see `Sale`); all rows FINALIZED, each seat
-//! issued once.
+//! After each: never oversold; every acknowledged booking present as told; no customer booked
+//! twice; no row that no client was told about, except where the reply was lost (or, for a
+//! 503, where PostgreSQL died under its COMMIT: see `On503`), and none at all for clients that
+//! retry with an `Idempotency-Key` until they hear the outcome (see `Sale`); all rows
+//! FINALIZED, each seat issued once.
 //!
 //! Needs root and `ip netns`: on a machine without them every test here fails loudly
 //! (`netns::cannot`), never passes silently.
@@ -141,7 +143,8 @@ impl Site {
     fn rows(&self, event_id: i64) -> Vec<Row> {
         self.db(|c| {
             c.query(
-                "SELECT id, user_id, quantity, status, ticket_code IS NOT NULL
+                "SELECT id, user_id, quantity, status, ticket_code IS NOT NULL,
+                        CAST(EXTRACT(EPOCH FROM created_at) * 1000 AS BIGINT)
                  FROM bookings WHERE event_id = $1",
                 &[&event_id],
             )
@@ -153,6 +156,7 @@ impl Site {
                 quantity: r.get(2),
                 status: r.get(3),
                 coded: r.get(4),
+                created_ms: r.get(5),
             })
             .collect()
         })
@@ -202,6 +206,8 @@ struct Row {
     quantity: i64,
     status: String,
     coded: bool,
+    /// `created_at` in Unix ms: the writer stamps it when it starts the group's transaction.
+    created_ms: i64,
 }
 
 /// What the clients were told. Every request is a new customer (`user_id`), so a row names the
@@ -218,6 +224,8 @@ struct Told {
     lost: HashSet<i64>,
     /// What the first few lost replies were, for the summary.
     lost_how: Vec<String>,
+    /// Users whose requests carried an `Idempotency-Key` (retried until 200 or sold out).
+    keyed: HashSet<i64>,
     sold_out: usize,
     /// Anything else: a failure of the test.
     other: Vec<String>,
@@ -236,6 +244,11 @@ fn record(told: &Shared, user: i64, quantity: i64, outcome: Result<(u16, bool, V
             );
             match (id, u, q) {
                 (Some(id), Some(u), Some(q)) if u == user && q == quantity => {
+                    if let Some(&(other, _)) = t.acks.get(&id).filter(|a| a.0 != u) {
+                        t.other.push(format!(
+                            "booking {id} acknowledged to users {other} and {u}"
+                        ));
+                    }
                     t.acks.insert(id, (u, q));
                 }
                 _ => t.other.push(format!("user {user}: 200 {v}")),
@@ -264,19 +277,22 @@ fn record(told: &Shared, user: i64, quantity: i64, outcome: Result<(u16, bool, V
     }
 }
 
-/// One booking of one seat for `user`: (status, has Retry-After, body), or the transport error.
+/// One booking of one seat for `user` (with `key` as its `Idempotency-Key`, if any): (status,
+/// has Retry-After, body), or the transport error.
 async fn book(
     http: &reqwest::Client,
     base: &str,
     event_id: i64,
     user: i64,
+    key: Option<&str>,
 ) -> Result<(u16, bool, Value), String> {
-    let r = http
+    let mut req = http
         .post(format!("{base}/book"))
-        .json(&json!({"user_id": user, "event_id": event_id, "quantity": 1}))
-        .send()
-        .await
-        .map_err(|e| e.to_string())?;
+        .json(&json!({"user_id": user, "event_id": event_id, "quantity": 1}));
+    if let Some(key) = key {
+        req = req.header("idempotency-key", key);
+    }
+    let r = req.send().await.map_err(|e| e.to_string())?;
     let status = r.status().as_u16();
     let retry_after = r.headers().contains_key("retry-after");
     let text = r.text().await.map_err(|e| e.to_string())?;
@@ -287,8 +303,11 @@ async fn book(
     ))
 }
 
-/// Clients booking one seat at a time through nginx until the event sells out (or `stop`). A 503
-/// or a lost reply is retried as a new customer after a pause.
+/// Clients booking one seat at a time through nginx until the event sells out (or `stop`).
+/// Without a key, a 503 or a lost reply is retried as a new customer after a pause; a keyed
+/// client (every `keyed_every`-th worker) retries the same request with the same
+/// `Idempotency-Key` until it hears 200 or "sold out": its booking, if written, is never lost
+/// to a lost reply, nor written twice.
 struct Sale {
     told: Shared,
     stop: Arc<AtomicBool>,
@@ -297,12 +316,13 @@ struct Sale {
 
 impl Sale {
     /// `workers` clients through nginx.
-    fn start(site: &Site, event_id: i64, workers: usize) -> Sale {
-        Sale::start_at(&[site.lb.base()], event_id, workers)
+    fn start(site: &Site, event_id: i64, workers: usize, keyed_every: usize) -> Sale {
+        Sale::start_at(&[site.lb.base()], event_id, workers, keyed_every)
     }
 
-    /// `workers` clients, worker `w` sending to `bases[w % bases.len()]`.
-    fn start_at(bases: &[String], event_id: i64, workers: usize) -> Sale {
+    /// `workers` clients, worker `w` sending to `bases[w % bases.len()]`, with keys when
+    /// `w % keyed_every == 0` (none when 0).
+    fn start_at(bases: &[String], event_id: i64, workers: usize, keyed_every: usize) -> Sale {
         let told: Shared = Arc::default();
         let stop = Arc::new(AtomicBool::new(false));
         let http = common::client();
@@ -314,24 +334,40 @@ impl Sale {
                     told.clone(),
                     stop.clone(),
                 );
+                let keyed = keyed_every != 0 && w % keyed_every == 0;
                 tokio::spawn(async move {
-                    let mut n = 0;
+                    let (mut n, mut retrying) = (0, false);
                     while !stop.load(Ordering::Relaxed) {
-                        n += 1;
+                        if !retrying {
+                            n += 1;
+                        }
                         let user = (w as i64 + 1) * 1_000_000 + n;
-                        let outcome = book(&http, &base, event_id, user).await;
-                        let again = match &outcome {
-                            Ok((200, _, _)) => None,
+                        let key = keyed.then(|| format!("hosts-{user}"));
+                        if keyed {
+                            told.lock().unwrap().keyed.insert(user);
+                        }
+                        let outcome = book(&http, &base, event_id, user, key.as_deref()).await;
+                        retrying = false;
+                        match &outcome {
+                            Ok((200, _, _)) => {}
                             Ok((409, _, v)) if v["detail"] == "Event is sold out." => {
                                 record(&told, user, 1, outcome);
                                 return;
                             }
-                            _ => Some(Duration::from_millis(20)),
-                        };
-                        record(&told, user, 1, outcome);
-                        if let Some(pause) = again {
-                            tokio::time::sleep(pause).await;
+                            // The first attempt with this key is still being served.
+                            Ok((409, _, _)) if keyed => {
+                                retrying = true;
+                                tokio::time::sleep(Duration::from_millis(20)).await;
+                                continue;
+                            }
+                            _ => {
+                                retrying = keyed;
+                                record(&told, user, 1, outcome);
+                                tokio::time::sleep(Duration::from_millis(20)).await;
+                                continue;
+                            }
                         }
+                        record(&told, user, 1, outcome);
                     }
                 })
             })
@@ -387,15 +423,25 @@ impl Sale {
 
 /// Whether a 503 may have written its row: only when PostgreSQL went away while a COMMIT was on
 /// the wire (`src/actors/persistence/postgres.rs`: "A group whose COMMIT was cut off may or may
-/// not have committed: its clients hear 503").
-#[derive(Clone, Copy, PartialEq)]
+/// not have committed: its clients hear 503"). Such a group was stamped before the server went
+/// away: `WrittenIfBefore(t)` allows a 503's row only if its `created_at` is before `t` (Unix
+/// ms, when `pg_ctl stop -m immediate` returned): a 503 for a group that began after that and
+/// yet was written is a broken promise.
+#[derive(Clone, Copy, PartialEq, Debug)]
 enum On503 {
     NotWritten,
-    MaybeWritten,
+    WrittenIfBefore(i64),
+}
+
+fn unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
 }
 
 /// Never oversold; the counter is the rows; every 200 a row as told; no row without a 200 but
-/// those whose reply was lost (or, with `MaybeWritten`, a 503's). Returns `booked_count`.
+/// those whose reply was lost (or, with `WrittenIfBefore`, a 503's). Returns `booked_count`.
 fn check_db(site: &Site, event_id: i64, told: &Told, on503: On503) -> i64 {
     assert!(
         told.other.is_empty(),
@@ -429,12 +475,31 @@ fn check_db(site: &Site, event_id: i64, told: &Told, on503: On503) -> i64 {
         .iter()
         .filter(|r| !told.acks.contains_key(&r.id))
         .collect();
+    let mut per_user: HashMap<i64, usize> = HashMap::new();
+    for r in &rows {
+        *per_user.entry(r.user).or_default() += 1;
+    }
+    if let Some((user, n)) = per_user.iter().find(|(_, &n)| n > 1) {
+        panic!("DOUBLE BOOKED: user {user} has {n} rows, and asked for one booking");
+    }
     for r in &unacked {
+        // A keyed client retried until it heard how its request ended: a row it was not told
+        // about is a booking its retries did not find.
+        assert!(
+            !told.keyed.contains(&r.user),
+            "row {r:?} of a keyed client that was never told 200 (it heard {})",
+            if told.unavailable.contains(&r.user) {
+                "503"
+            } else {
+                "nothing: lost replies"
+            }
+        );
         let explained = told.lost.contains(&r.user)
-            || (on503 == On503::MaybeWritten && told.unavailable.contains(&r.user));
+            || matches!(on503, On503::WrittenIfBefore(t)
+                if told.unavailable.contains(&r.user) && r.created_ms <= t);
         assert!(
             explained,
-            "row {r:?} was written for a client told {}",
+            "row {r:?} was written for a client told {} ({on503:?})",
             if told.unavailable.contains(&r.user) {
                 "503 (\"not written\")"
             } else {
@@ -442,7 +507,16 @@ fn check_db(site: &Site, event_id: i64, told: &Told, on503: On503) -> i64 {
             }
         );
     }
-    if on503 == On503::MaybeWritten {
+    if let (On503::WrittenIfBefore(t), false) = (on503, unacked.is_empty()) {
+        let ages: Vec<i64> = unacked.iter().map(|r| t - r.created_ms).collect();
+        eprintln!(
+            "{} rows of clients told 503, stamped {}..{} ms before PostgreSQL's stop returned",
+            unacked.len(),
+            ages.iter().min().unwrap(),
+            ages.iter().max().unwrap()
+        );
+    }
+    if matches!(on503, On503::WrittenIfBefore(_)) {
         // Rows: at least the 200s; at most the 200s plus the 503s (and lost replies) whose
         // COMMIT was cut by the lost connection and went through anyway.
         assert!(rows.len() >= told.acks.len());
@@ -450,14 +524,15 @@ fn check_db(site: &Site, event_id: i64, told: &Told, on503: On503) -> i64 {
     }
     eprintln!(
         "event {event_id}: booked {booked}/{capacity}; {} × 200, {} rows ({} without a 200), \
-         {} × 503, {} lost replies {:?}, {} × sold out",
+         {} × 503, {} lost replies {:?}, {} × sold out; {} clients keyed",
         told.acks.len(),
         rows.len(),
         unacked.len(),
         told.unavailable.len(),
         told.lost.len(),
         told.lost_how,
-        told.sold_out
+        told.sold_out,
+        told.keyed.len()
     );
     booked
 }
@@ -499,7 +574,7 @@ async fn flash_sale_three_thousand_clients_five_hundred_seats() {
     join_all((1..=3000).map(|user| {
         let (http, base, told) = (http.clone(), site.lb.base(), told.clone());
         tokio::spawn(async move {
-            let outcome = book(&http, &base, event_id, user).await;
+            let outcome = book(&http, &base, event_id, user, None).await;
             record(&told, user, 1, outcome);
         })
     }))
@@ -530,7 +605,7 @@ async fn a_replica_sigkilled_mid_sale() {
     let mut site = Site::start().await;
     let capacity = 1500;
     let event_id = site.create_event("Hosts kill", capacity).await;
-    let sale = Sale::start(&site, event_id, 96);
+    let sale = Sale::start(&site, event_id, 96, 2);
     sale.wait_acks(200, Duration::from_secs(30)).await;
     site.reps[1].kill9();
     let at_kill = sale.acks();
@@ -570,7 +645,7 @@ async fn a_replica_cut_off_past_its_lease_then_reconnected() {
         site.lb.base(),
         site.reps[2].base(),
     ];
-    let sale = Sale::start_at(&bases, event_id, 48);
+    let sale = Sale::start_at(&bases, event_id, 48, 0);
     sale.wait_acks(200, Duration::from_secs(30)).await;
     let victim = &site.reps[0].host;
     // Cut r0 off (its cable's switch end down: every packet dropped, no RST) for three leases.
@@ -641,11 +716,12 @@ async fn postgres_restarted_mid_sale() {
     let event_id = site
         .create_event("Hosts PostgreSQL restart", capacity)
         .await;
-    let sale = Sale::start(&site, event_id, 96);
+    let sale = Sale::start(&site, event_id, 96, 2);
     sale.wait_acks(200, Duration::from_secs(30)).await;
 
     tokio::task::block_in_place(|| site.pg.stop_immediate());
     let stopped = Instant::now();
+    let stopped_ms = unix_ms();
     tokio::time::sleep(Duration::from_millis(300)).await;
     let (a0, u0) = (sale.acks(), sale.unavailable());
     tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -676,6 +752,11 @@ async fn postgres_restarted_mid_sale() {
         assert!(r.retry_after.is_some(), "{path}: 503 with Retry-After");
     }
 
+    assert_eq!(
+        sale.acks(),
+        a1,
+        "nothing is acknowledged while PostgreSQL is down"
+    );
     tokio::task::block_in_place(|| site.pg.start_again());
     let restarted = Instant::now();
     let deadline = restarted + Duration::from_secs(30);
@@ -694,7 +775,7 @@ async fn postgres_restarted_mid_sale() {
     );
     let told = sale.until_sold_out(Duration::from_secs(90)).await;
     assert_eq!(
-        check_db(&site, event_id, &told, On503::MaybeWritten),
+        check_db(&site, event_id, &told, On503::WrittenIfBefore(stopped_ms)),
         capacity
     );
     for r in &site.reps {
@@ -720,7 +801,7 @@ async fn redis_restarted_empty_mid_sale() {
     let mut site = Site::start().await;
     let capacity = 2000;
     let event_id = site.create_event("Hosts Redis restart", capacity).await;
-    let sale = Sale::start(&site, event_id, 96);
+    let sale = Sale::start(&site, event_id, 96, 2);
     sale.wait_acks(200, Duration::from_secs(30)).await;
 
     site.redis.kill();
