@@ -848,3 +848,84 @@ async fn redis_restarted_empty_mid_sale() {
     }
     all_finalized(&site, event_id).await;
 }
+
+/// The fixture itself: a test that panics leaves no namespace, link or process behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_network_is_removed_even_when_a_test_panics() {
+    let _serial = SERIAL.lock().await;
+    let made = std::thread::spawn(|| {
+        let made = Arc::new(Mutex::new(None));
+        let seen = made.clone();
+        let unwound = std::panic::catch_unwind(move || {
+            let mut net = Net::new();
+            let a = net.host("a");
+            net.host("b");
+            *seen.lock().unwrap() = Some(net.names());
+            // A process inside, as a replica would be (not a child of ours: `Drop` must find it).
+            let mut sleeper = a.command("sleep");
+            sleeper.arg("600").stdin(std::process::Stdio::null());
+            std::mem::forget(sleeper.spawn().expect("sleep in the namespace"));
+            panic!("a test fails with its network up");
+        });
+        assert!(unwound.is_err());
+        let names = made.lock().unwrap().take();
+        names.expect("the network was made")
+    })
+    .join()
+    .expect("probe thread");
+    let (namespaces, links) = made;
+    let listed = String::from_utf8_lossy(
+        &std::process::Command::new("ip")
+            .args(["netns", "list"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .to_string();
+    for ns in &namespaces {
+        assert!(
+            !listed
+                .lines()
+                .any(|l| l.split_whitespace().next() == Some(ns)),
+            "namespace {ns} left behind: {listed}"
+        );
+    }
+    for link in &links {
+        let out = std::process::Command::new("ip")
+            .args(["link", "show", link])
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "link {link} left behind");
+    }
+}
+
+/// Without the privileges to build its network, a hosts test fails with the loud message — it
+/// never passes. (This binary again, its bounding set without CAP_SYS_ADMIN and CAP_NET_ADMIN.)
+#[test]
+fn without_namespaces_the_hosts_test_fails_loudly() {
+    let out = std::process::Command::new("setpriv")
+        .args([
+            "--bounding-set=-sys_admin,-net_admin",
+            "--inh-caps=-sys_admin,-net_admin",
+            "--",
+        ])
+        .arg(std::env::current_exe().unwrap())
+        .args([
+            "flash_sale_three_thousand_clients_five_hundred_seats",
+            "--exact",
+            "--test-threads=1",
+        ])
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .expect("setpriv (util-linux) runs");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!out.status.success(), "it must not pass: {text}");
+    assert!(
+        text.contains("THE HOSTS TEST CANNOT RUN HERE"),
+        "it says why: {text}"
+    );
+}

@@ -148,7 +148,9 @@ fn sweep_stale() {
 /// Claims a free `10.77.S.0/24`: the lock on its file, and no local address in it.
 fn claim_subnet(seed: u64) -> (u8, File) {
     std::fs::create_dir_all(LOCK_DIR).unwrap_or_else(|e| cannot(&format!("{LOCK_DIR}: {e}")));
+    // Local addresses and routes: a subnet in use here (a VPN, another tool) is not ours.
     let addrs = String::from_utf8_lossy(&ip(&["-o", "-4", "addr", "show"]).stdout).to_string();
+    let routes = String::from_utf8_lossy(&ip(&["-4", "route", "show"]).stdout).to_string();
     for k in 0..240u64 {
         let s = 10 + ((seed + k) % 240) as u8;
         let path = format!("{LOCK_DIR}/10.77.{s}.lock");
@@ -165,7 +167,7 @@ fn claim_subnet(seed: u64) -> (u8, File) {
         if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
             continue;
         }
-        if addrs.contains(&format!(" 10.77.{s}.")) {
+        if addrs.contains(&format!(" 10.77.{s}.")) || routes.contains(&format!("10.77.{s}.")) {
             continue;
         }
         return (s, file);
@@ -312,6 +314,13 @@ impl Net {
     /// A log file for a process of this test (kept if the test fails).
     pub fn log_path(&self, name: &str) -> PathBuf {
         self.logs.path().join(format!("{name}.log"))
+    }
+
+    /// The names this network created: namespaces, then links (the bridge last).
+    pub fn names(&self) -> (Vec<String>, Vec<String>) {
+        let mut links: Vec<String> = self.hosts.iter().map(|h| h.link.clone()).collect();
+        links.push(self.bridge.clone());
+        (self.hosts.iter().map(|h| h.ns.clone()).collect(), links)
     }
 }
 
