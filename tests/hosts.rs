@@ -929,3 +929,64 @@ fn without_namespaces_the_hosts_test_fails_loudly() {
         "it says why: {text}"
     );
 }
+
+/// The database host (PostgreSQL and Redis) cut off from every replica mid-sale, past the lease,
+/// then reconnected. Meanwhile bookings must be answered — 503 with Retry-After, quickly
+/// (DESIGN: "overload is answered quickly (503 + Retry-After), never with unbounded … latency")
+/// — and not held until the network returns; after it, the sale resumes and every promise holds.
+/// r0's writer is slow (`R0_SLOW_WRITER_MS`), and the cut comes while r0 holds the lease, so
+/// that the cut finds r0's writer with a group on its way to PostgreSQL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_database_host_cut_off_mid_sale() {
+    let _serial = SERIAL.lock().await;
+    let failpoints = format!("writer-before-begin=sleep({R0_SLOW_WRITER_MS})");
+    let site = Site::start_with(&[("FAILPOINTS", failpoints.as_str())]).await;
+    let capacity = 2000;
+    let event_id = site.create_event("Hosts database cut", capacity).await;
+    let sale = Sale::start(&site, event_id, 96, 2);
+    sale.wait_acks(200, Duration::from_secs(30)).await;
+    let db_host = site.pg.host.clone();
+    site.wait_lease_holder(event_id, "r0").await;
+    site.net.cut(&db_host);
+    let cut_at = Instant::now();
+    // Probes straight at each replica (new customers, counted with the sale's) while the
+    // database host is away.
+    let http = common::client();
+    let mut probes = Vec::new();
+    for round in 0..2i64 {
+        for (i, r) in site.reps.iter().enumerate() {
+            let (http, base, told) = (http.clone(), r.base(), sale.told.clone());
+            probes.push(tokio::spawn(async move {
+                let t = Instant::now();
+                let user = 900_000_000 + round * 10 + i as i64;
+                let res = book(&http, &base, event_id, user, None).await;
+                let (took, status) = (t.elapsed(), res.as_ref().map(|r| r.0).ok());
+                record(&told, user, 1, res);
+                (round, i, Instant::now(), took, status)
+            }));
+        }
+        tokio::time::sleep(Duration::from_millis(3000)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    site.net.reconnect(&db_host);
+    let (reconnected, cut_for) = (Instant::now(), cut_at.elapsed());
+    let mut held = Vec::new();
+    for p in probes {
+        let (round, i, done, took, status) = p.await.unwrap();
+        eprintln!("probe {round} at r{i} during the cut: {status:?} after {took:?}");
+        if done > reconnected {
+            held.push(format!(
+                "r{i}: {status:?} after {took:?}, {:?} after the network was back",
+                done - reconnected
+            ));
+        }
+    }
+    let told = sale.until_sold_out(Duration::from_secs(90)).await;
+    assert!(check_db(&site, event_id, &told, On503::NotWritten) <= capacity);
+    all_finalized(&site, event_id).await;
+    assert!(
+        held.is_empty(),
+        "SERVICE: bookings sent while the database host was cut off ({cut_for:?}) were held \
+         until after it was back, instead of being answered 503: {held:?}"
+    );
+}
