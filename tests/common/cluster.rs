@@ -231,3 +231,67 @@ pub const FAST: &[(&str, &str)] = &[
     ("FINALIZE_VISIBILITY_MS", "2000"),
     ("SWEEP_INTERVAL_MS", "300"),
 ];
+
+impl Nginx {
+    /// As `start`, balancing over replicas at other addresses (`host:port`, e.g. replicas in
+    /// network namespaces behind a bridge); nginx itself listens on loopback, as in `start`.
+    pub async fn start_hosts(upstreams: &[String]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let servers: String = upstreams
+            .iter()
+            .map(|a| format!("    server {a} max_fails=0;\n"))
+            .collect();
+        // The same configuration as `start`'s, with these servers in the upstream block.
+        let conf_text = nginx_conf(dir.path(), port, &[]);
+        let anchor = "upstream ticketd {\n";
+        assert!(conf_text.contains(anchor), "nginx_conf's upstream block");
+        let conf_text = conf_text.replacen(anchor, &format!("{anchor}{servers}"), 1);
+        let conf = dir.path().join("nginx.conf");
+        std::fs::write(&conf, conf_text).unwrap();
+        let mut cmd = Command::new(nginx_bin());
+        // Stops with the test, even a test killed outright: SIGTERM when the spawning thread
+        // exits (not SIGKILL: the master must take its worker down).
+        // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd
+            .args([
+                "-p",
+                &dir.path().display().to_string(),
+                "-c",
+                &conf.display().to_string(),
+                "-e",
+                "stderr",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("nginx (make deps installs it)");
+        let n = Nginx {
+            port,
+            child,
+            client: client(),
+            _dir: dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while n
+            .client
+            .get(format!("{}/health", n.base()))
+            .send()
+            .await
+            .map(|r| r.status() != 200)
+            .unwrap_or(true)
+        {
+            assert!(Instant::now() < deadline, "nginx did not come up");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        n
+    }
+}

@@ -321,3 +321,14 @@ pub fn wait_closed(port: u16, timeout: Duration) -> bool {
     }
     false
 }
+
+/// The directory of the server binaries (`initdb`, `pg_ctl`, …), as `PgServer` finds it: for
+/// fixtures that run a server elsewhere (another network namespace: `tests/common/netns.rs`).
+pub fn server_bin_dir() -> PathBuf {
+    bin_dir()
+}
+
+/// Gives `path` to the `postgres` user (a server's directory, when the tests run as root).
+pub fn chown_to_postgres(path: &Path) {
+    chown(path, postgres_ids());
+}
