@@ -581,6 +581,14 @@ MUTANTS = [
            "if first and first ~= me then",
            "if false then",
            ["cluster::lease_protocol_on_redis_fences_and_takes_turns"]),
+    Mutant("pg-silence-unbounded", "faults (PostgreSQL)",
+           "PostgreSQL connections wait on a silent network as long as TCP does",
+           "src/store/mod.rs",
+           "        config.tcp_user_timeout(PG_SILENCE);",
+           "",
+           ["hosts::the_database_host_cut_off_mid_sale"],
+           more=[("src/store/mod.rs", "            .keepalives_idle(PG_SILENCE)",
+                  "            .keepalives_idle(Duration::from_secs(2 * 60 * 60))")]),
 ]
 
 

@@ -935,7 +935,8 @@ fn without_namespaces_the_hosts_test_fails_loudly() {
 /// (DESIGN: "overload is answered quickly (503 + Retry-After), never with unbounded … latency")
 /// — and not held until the network returns; after it, the sale resumes and every promise holds.
 /// r0's writer is slow (`R0_SLOW_WRITER_MS`), and the cut comes while r0 holds the lease, so
-/// that the cut finds r0's writer with a group on its way to PostgreSQL.
+/// that the cut finds r0's writer with a group on its way to PostgreSQL. (Before the connections
+/// bounded their silence, r0's probes were held until TCP's retries found the network back.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_database_host_cut_off_mid_sale() {
     let _serial = SERIAL.lock().await;
@@ -967,7 +968,10 @@ async fn the_database_host_cut_off_mid_sale() {
         }
         tokio::time::sleep(Duration::from_millis(3000)).await;
     }
-    tokio::time::sleep(Duration::from_millis(2000)).await;
+    // 11 s in all: a connection counts as lost after 5 s of silence (`store::pg_config`), the
+    // writer's reconnect attempt may take its 2 s connect timeout, and r0's writer is slow: its
+    // first probe is answered after ~7.7 s.
+    tokio::time::sleep(Duration::from_millis(5000)).await;
     site.net.reconnect(&db_host);
     let (reconnected, cut_for) = (Instant::now(), cut_at.elapsed());
     let mut held = Vec::new();
