@@ -557,8 +557,8 @@ MUTANTS = [
     Mutant("pg-unknown-outcome-hidden", "2 no lost booking (PostgreSQL)",
            "a COMMIT whose answer was lost is answered as not written",
            "src/store/postgres/writer.rs",
-           "maybe_committed: crate::store::pg_unavailable(&error),",
-           "maybe_committed: false,",
+           "let maybe_committed = !aborted && crate::store::pg_unavailable(&error);",
+           "let maybe_committed = false && !aborted && crate::store::pg_unavailable(&error);",
            ["postgres::a_commit_whose_answer_is_lost_is_answered_unknown_and_the_retry_tells"]),
     Mutant("pg-writer-never-reconnects", "faults (PostgreSQL)",
            "the writer keeps its lost connection: nothing sells after a restart",
@@ -589,6 +589,13 @@ MUTANTS = [
            ["hosts::the_database_host_cut_off_mid_sale"],
            more=[("src/store/mod.rs", "            .keepalives_idle(PG_SILENCE)",
                   "            .keepalives_idle(Duration::from_secs(2 * 60 * 60))")]),
+    Mutant("pg-totals-not-kept", "8 reports (PostgreSQL)",
+           "the report's totals no longer follow the event rows",
+           "src/store/postgres/schema.rs",
+           "        INSERT INTO report_totals AS t (id, events, capacity, booked, finalized)\n        VALUES (slot, d_events",
+           "        RETURN NULL;\n        INSERT INTO report_totals AS t (id, events, capacity, booked, finalized)\n        VALUES (slot, d_events",
+           ["lib::store::postgres::tests::a_group_commits_in_one_round_trip_and_refusals_stay_alone",
+            "lib::store::postgres::tests::totals_do_not_overflow_past_i64"]),
 ]
 
 

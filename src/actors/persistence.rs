@@ -7,7 +7,7 @@
 //! piles up in the hand-off queue; then it all goes into one transaction and one fsync.
 //!
 //! The group's transaction is the backend's (`sqlite`: a savepoint per batch; `postgres`: the
-//! whole group pipelined in two round trips): either way a batch refused by the fence (stale
+//! whole group pipelined in one round trip): either way a batch refused by the fence (stale
 //! token, seats not there) is left out alone while the other batches of the group commit, and
 //! each op comes back as an `Applied`. What follows COMMIT is this module's, the same for both:
 //! replies are sent only after COMMIT returns — a 200 from `POST /book` means the row is durable

@@ -1,6 +1,6 @@
-//! The group transaction on PostgreSQL: the whole group goes to `PgWriter::commit_group` (two
-//! pipelined round trips, see `store::postgres::writer`), and each op's outcome comes back as
-//! the same `Applied` SQLite's gives.
+//! The group transaction on PostgreSQL: the whole group goes to `PgWriter::commit_group` (one
+//! pipelined round trip, see `store::postgres::writer`), and each op's outcome comes back as the
+//! same `Applied` SQLite's gives.
 //!
 //! The connection is the writer's to keep: lost (the server restarted, the network cut it), the
 //! next group connects again — at most once per `RECONNECT_PAUSE`; meanwhile groups are answered

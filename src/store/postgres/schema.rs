@@ -13,18 +13,16 @@
 //! Differences from SQLite, each for PostgreSQL's sake:
 //! - no foreign key from `bookings` to `events` (SQLite runs with `foreign_keys = OFF`): the check
 //!   would cost every booking a trigger and a lookup of a row the writer has locked anyway;
-//! - `report_totals` has one row per *slot* (`id` 0..63) and `GET /report` sums them: every
-//!   replica's writer adds its group's totals to its own slot, so replicas do not queue on one
-//!   row lock at every COMMIT. `numeric`, so no number of events overflows them;
+//! - `report_totals` has one row per *slot* (`id` 0..63) and `GET /report` sums them: a trigger
+//!   on `events` adds each change of an event row to the slot of the session that made it
+//!   (`pg_backend_pid() % 64`), so replicas do not queue on one row lock at every COMMIT.
+//!   `numeric`, so no number of events overflows them;
 //! - the fenced batch, creating an event, are server-side functions (`ticketd_apply_batch`,
 //!   `ticketd_create_event`): one statement each, that refuse by their result, never by an error
 //!   (an error aborts the whole group's transaction on PostgreSQL).
 
 /// The key of the advisory lock the migrations run under (any constant; `ticketd` in ASCII).
 pub const MIGRATION_LOCK: i64 = 0x0074_6963_6b65_7464;
-
-/// The slots of `report_totals` (see the module doc).
-pub const TOTALS_SLOTS: i32 = 64;
 
 /// The migrations, in order; `ticketd_schema` records how far a database has come.
 pub const MIGRATIONS: &[&str] = &[
@@ -87,6 +85,39 @@ pub const MIGRATIONS: &[&str] = &[
     "#,
     // 2: the writer's functions.
     include_str!("functions.sql"),
+    // 3: the report's totals follow the event rows by a trigger, in the writing session's slot,
+    // so a group needs no statement of its own for them and its COMMIT goes out with its ops (one
+    // round trip, the event row locked for no client's think time).
+    r#"
+    CREATE FUNCTION ticketd_totals() RETURNS trigger LANGUAGE plpgsql AS $$
+    DECLARE
+        slot INTEGER := pg_backend_pid() % 64;
+        d_events INTEGER := 0;
+        d_capacity BIGINT := NEW.capacity;
+        d_booked BIGINT := NEW.booked_count;
+        d_finalized BIGINT := NEW.finalized_count;
+    BEGIN
+        IF TG_OP = 'INSERT' THEN
+            d_events := 1;
+        ELSE
+            d_capacity := NEW.capacity - OLD.capacity;
+            d_booked := NEW.booked_count - OLD.booked_count;
+            d_finalized := NEW.finalized_count - OLD.finalized_count;
+            IF d_capacity = 0 AND d_booked = 0 AND d_finalized = 0 THEN
+                RETURN NULL;
+            END IF;
+        END IF;
+        INSERT INTO report_totals AS t (id, events, capacity, booked, finalized)
+        VALUES (slot, d_events, d_capacity, d_booked, d_finalized)
+        ON CONFLICT (id) DO UPDATE SET events = t.events + excluded.events,
+            capacity = t.capacity + excluded.capacity, booked = t.booked + excluded.booked,
+            finalized = t.finalized + excluded.finalized;
+        RETURN NULL;
+    END
+    $$;
+    CREATE TRIGGER events_report_totals AFTER INSERT OR UPDATE ON events
+        FOR EACH ROW EXECUTE FUNCTION ticketd_totals();
+    "#,
 ];
 
 /// Runs the migrations this database lacks, under the advisory lock, then fills the report's

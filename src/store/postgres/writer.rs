@@ -1,13 +1,13 @@
 //! The PostgreSQL writer: one connection, owned by the writer thread, that commits a group of
 //! ops (fenced batches, new events, issued tickets) in one transaction and — whatever the size
-//! of the group — **two round trips**:
-//!
-//! 1. `BEGIN`; the lock of every event row the group will touch, in id order; one statement per
-//!    op (`ticketd_apply_batch`, `ticketd_create_event`, the finalize CTE) — all sent before the
-//!    first answer is awaited (tokio-postgres pipelines the requests of concurrently polled
-//!    futures on one connection);
-//! 2. the group's totals (added to this writer's slot of `report_totals`) and `COMMIT`, again
-//!    pipelined.
+//! of the group — **one round trip**: `BEGIN`; the lock of every event row the group will touch,
+//! in id order; one statement per op (`ticketd_apply_batch`, `ticketd_create_event`, the
+//! finalize CTE); `COMMIT` — all sent before the first answer is awaited (tokio-postgres
+//! pipelines the requests of concurrently polled futures on one connection). The report's
+//! totals follow the event rows by a trigger (schema migration 3), so nothing waits for the
+//! ops' answers before COMMIT, and an event row is locked only while the server works — never
+//! across a round trip to this process (with two, replicas queued on a hot event's row behind
+//! each other's think time).
 //!
 //! Why statements per op and not multi-row statements for the whole group: the batches of a
 //! group belong to different events with their own fences, limits and keys, and the per-batch
@@ -19,17 +19,14 @@
 //! refused by its fence or for seats leaves the rest of the group to commit, with no savepoint
 //! (a subtransaction per batch would cost every batch, and past 64 per transaction slows every
 //! other session's snapshots). An op that *errors* (a bug, a constraint behind the checks) aborts
-//! the transaction on PostgreSQL: the writer then rolls back and runs the group again without
-//! it — the failed op alone is answered with its error, as a rolled-back savepoint does on
-//! SQLite. A deadlock or serialization failure is not the op's fault: the whole group runs again.
+//! the transaction on PostgreSQL, and the pipelined COMMIT then answers `ROLLBACK` (not an
+//! error): the writer knows it from the op's error, and runs the group again without it — the
+//! failed op alone is answered with its error, as a rolled-back savepoint does on SQLite. A
+//! deadlock or serialization failure is not the op's fault: the whole group runs again.
 //!
 //! Deadlocks between replicas: every group locks the event rows it touches first, in ascending
 //! id order (one statement), so two writers never take event rows in opposite orders; batches
 //! lock their event row before anything of it (`FOR NO KEY UPDATE`), finalizations too.
-//!
-//! COMMIT is never pipelined before the ops' answers are read: a COMMIT of an aborted
-//! transaction answers `ROLLBACK` without an error, so the writer only sends it once every op
-//! has succeeded, and checks the totals' answer in the same round trip as the COMMIT's.
 
 use std::collections::BTreeSet;
 use std::future::Future;
@@ -41,7 +38,7 @@ use tokio_postgres::{Client, NoTls, Statement};
 use crate::domain::{Booking, BookingStatus, IdempotencyKey};
 use crate::store::queries::{
     iso_utc, BatchApplied, BookingOutcome, CancelOutcome, EventRow, FencedBatch, IssuedTicket,
-    KeyRecord, PurgeCursor, Refusal, SeatsSeen, TotalsDelta,
+    KeyRecord, PurgeCursor, Refusal, SeatsSeen,
 };
 
 pub type Error = tokio_postgres::Error;
@@ -104,45 +101,12 @@ pub enum PgDone {
     Finalized(usize, i64),
 }
 
-impl PgDone {
-    /// What this op changed in the report's totals (as `persistence::Applied::totals`).
-    pub fn totals(&self, op: &PgOp<'_>) -> TotalsDelta {
-        match (self, op) {
-            (PgDone::Event(Ok(row)), _) => TotalsDelta {
-                events: 1,
-                capacity: row.capacity,
-                ..Default::default()
-            },
-            (PgDone::Batch(Ok(a)), PgOp::Batch(b)) => {
-                let taken: i64 = a
-                    .bookings
-                    .iter()
-                    .zip(b.bookings)
-                    .filter(|(o, _)| matches!(o, BookingOutcome::Booked(_)))
-                    .map(|(_, n)| n.quantity)
-                    .sum();
-                TotalsDelta {
-                    booked: taken - a.freed,
-                    finalized: -a.freed_issued,
-                    ..Default::default()
-                }
-            }
-            (PgDone::Finalized(_, seats), _) => TotalsDelta {
-                finalized: *seats,
-                ..Default::default()
-            },
-            _ => TotalsDelta::default(),
-        }
-    }
-}
-
 /// The statements of the writer, prepared once per connection.
 struct Statements {
     lock_events: Statement,
     batch: Statement,
     create_event: Statement,
     finalize: Statement,
-    totals: Statement,
     purge: Statement,
 }
 
@@ -150,13 +114,19 @@ struct Statements {
 /// group is answered as failed.
 const GROUP_RETRIES: usize = 3;
 
+/// What each statement of a group's round trip answered.
+struct Ran {
+    begun: Result<(), Error>,
+    locked: Result<u64, Error>,
+    answers: Vec<Result<PgDone, Error>>,
+    committed: Result<(), Error>,
+}
+
 /// The writer's connection (see the module doc).
 pub struct PgWriter {
     rt: tokio::runtime::Runtime,
     client: Client,
     st: Statements,
-    /// This writer's row of `report_totals`.
-    slot: i32,
     /// Round trips to the server so far (each pipeline awaited counts one): the test of "two per
     /// group".
     pub round_trips: u64,
@@ -195,27 +165,14 @@ impl PgWriter {
                     .prepare("SELECT * FROM ticketd_create_event($1, $2, $3, $4, $5, $6, $7, $8)")
                     .await?,
                 finalize: client.prepare(FINALIZE).await?,
-                totals: client
-                    .prepare(
-                        "INSERT INTO report_totals AS t (id, events, capacity, booked, finalized)
-                         VALUES ($1, $2::bigint, $3::bigint, $4::bigint, $5::bigint)
-                         ON CONFLICT (id) DO UPDATE SET events = t.events + excluded.events,
-                             capacity = t.capacity + excluded.capacity,
-                             booked = t.booked + excluded.booked,
-                             finalized = t.finalized + excluded.finalized",
-                    )
-                    .await?,
                 purge: client.prepare(PURGE).await?,
             };
             Ok::<_, Error>((client, st))
         })?;
-        let mut slot = [0u8; 1];
-        let _ = getrandom::fill(&mut slot);
         Ok(PgWriter {
             rt,
             client,
             st,
-            slot: i32::from(slot[0]) % super::schema::TOTALS_SLOTS,
             round_trips: 0,
         })
     }
@@ -226,7 +183,7 @@ impl PgWriter {
         self.client.is_closed()
     }
 
-    /// Commits `ops` in one transaction (two round trips, see the module doc). Returns each op's
+    /// Commits `ops` in one transaction (one round trip, see the module doc). Returns each op's
     /// outcome — an op that failed alone (its error), the others committed — or, if the group
     /// itself could not commit (BEGIN, COMMIT, the connection), that error: then nothing of it is
     /// known to be written (a COMMIT cut off may still have happened: idempotency keys tell).
@@ -238,42 +195,62 @@ impl PgWriter {
         let mut attempt = 0;
         loop {
             let live: Vec<usize> = (0..ops.len()).filter(|&i| failed[i].is_none()).collect();
-            let answers = match self.apply(ops, &live) {
-                Ok(answers) => answers,
-                Err(e) => {
-                    // BEGIN may have gone through: leave no transaction open for the next group.
-                    if !self.client.is_closed() {
-                        let _ = self.rollback();
-                    }
-                    return Err(GroupFailed::not_written(e));
+            let Ran {
+                begun,
+                locked,
+                answers,
+                committed,
+            } = self.run(ops, &live);
+            // An error the server answered before COMMIT aborted the transaction: the COMMIT
+            // rolled it back (and said so without an error). Which statement it was, if any.
+            let answered = |e: Option<&Error>| e.is_some_and(|e| e.as_db_error().is_some());
+            let aborted = answered(begun.as_ref().err())
+                || answered(locked.as_ref().err())
+                || answers.iter().any(|a| answered(a.as_ref().err()));
+            match committed.and_then(|()| if aborted { Ok(()) } else { self.answer_lost() }) {
+                // The COMMIT's answer never came (the connection was lost, the server went away):
+                // committed or not, unknown — unless the transaction had aborted before it.
+                Err(error) => {
+                    let maybe_committed = !aborted && crate::store::pg_unavailable(&error);
+                    return Err(GroupFailed {
+                        error,
+                        maybe_committed,
+                    });
                 }
-            };
-            // The first op that failed for itself (the ones after it only saw the aborted
-            // transaction).
-            let culprit = answers.iter().position(|a| {
-                a.as_ref()
-                    .err()
-                    .is_some_and(|e| e.code() != Some(&SqlState::IN_FAILED_SQL_TRANSACTION))
-            });
-            let Some(culprit) = culprit.or_else(|| answers.iter().position(|a| a.is_err())) else {
-                let done: Vec<PgDone> = answers.into_iter().map(|a| a.unwrap()).collect();
-                let mut totals = TotalsDelta::default();
-                for (d, &i) in done.iter().zip(&live) {
-                    totals += d.totals(&ops[i]);
+                Ok(()) if !aborted => {
+                    let mut done = answers.into_iter().map(|a| a.expect("no op failed"));
+                    return Ok(failed
+                        .into_iter()
+                        .map(|f| match f {
+                            Some(e) => Err(e),
+                            None => Ok(done.next().expect("one answer per live op")),
+                        })
+                        .collect());
                 }
-                self.commit(&totals)?;
-                let mut done = done.into_iter();
-                return Ok(failed
-                    .into_iter()
-                    .map(|f| match f {
-                        Some(e) => Err(e),
-                        None => Ok(done.next().expect("one answer per live op")),
-                    })
-                    .collect());
-            };
-            self.rollback().map_err(GroupFailed::not_written)?;
+                Ok(()) => {}
+            }
+            // Rolled back. The group's own statements (BEGIN, the locks) failing is the group's
+            // trouble; else the first op that failed for itself is the culprit (the ones after it
+            // only saw the aborted transaction).
             attempt += 1;
-            let err = answers.into_iter().nth(culprit).unwrap().unwrap_err();
+            let (err, culprit) = match (begun, locked) {
+                (Err(e), _) | (_, Err(e)) => (e, None),
+                _ => {
+                    let mut errors: Vec<(usize, Error)> = answers
+                        .into_iter()
+                        .enumerate()
+                        .filter_map(|(i, a)| a.err().map(|e| (i, e)))
+                        .collect();
+                    let first = errors
+                        .iter()
+                        .position(|(_, e)| e.code() != Some(&SqlState::IN_FAILED_SQL_TRANSACTION))
+                        .unwrap_or(0);
+                    // `aborted` with BEGIN and the locks fine: an op's error made it so.
+                    assert!(!errors.is_empty(), "a rolled-back group has a failed op");
+                    let (i, e) = errors.swap_remove(first);
+                    (e, Some(i))
+                }
+            };
             let transient = matches!(
                 err.code(),
                 Some(&SqlState::T_R_DEADLOCK_DETECTED) | Some(&SqlState::T_R_SERIALIZATION_FAILURE)
@@ -281,19 +258,20 @@ impl PgWriter {
             if attempt > GROUP_RETRIES {
                 return Err(GroupFailed::not_written(err));
             }
-            if !transient {
-                tracing::warn!(error = %err, "an op of the group failed; the group runs again without it");
-                failed[live[culprit]] = Some(err);
+            match (transient, culprit) {
+                (true, _) => {}
+                (false, Some(i)) => {
+                    tracing::warn!(error = %err, "an op of the group failed; the group runs again without it");
+                    failed[live[i]] = Some(err);
+                }
+                (false, None) => return Err(GroupFailed::not_written(err)),
             }
         }
     }
 
-    /// Round trip 1: BEGIN, the event locks, the ops (those of `live`), pipelined.
-    fn apply(
-        &mut self,
-        ops: &[PgOp<'_>],
-        live: &[usize],
-    ) -> Result<Vec<Result<PgDone, Error>>, Error> {
+    /// The group's one round trip: BEGIN, the event locks, the ops (those of `live`), COMMIT,
+    /// pipelined.
+    fn run(&mut self, ops: &[PgOp<'_>], live: &[usize]) -> Ran {
         let mut events = BTreeSet::new();
         for &i in live {
             match ops[i] {
@@ -314,37 +292,15 @@ impl PgWriter {
             let lock_params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&events];
             let lock = c.execute(&st.lock_events, &lock_params);
             let each = join_all(live.iter().map(|&i| apply_op(c, st, ops[i])));
-            let (begun, locked, answers) = futures_util::future::join3(begin, lock, each).await;
-            begun?;
-            locked?;
-            Ok(answers)
-        })
-    }
-
-    /// Round trip 2: the totals and COMMIT. An error that is the connection's (lost, the server
-    /// shutting down: `pg_unavailable`) leaves the outcome unknown — the COMMIT may have been
-    /// carried out before the answer was lost; one the server answered means rolled back.
-    fn commit(&mut self, d: &TotalsDelta) -> Result<(), GroupFailed> {
-        let (c, st, slot) = (&self.client, &self.st, self.slot);
-        self.round_trips += 1;
-        let committed = self.rt.block_on(async {
-            if d.is_zero() {
-                return c.batch_execute("COMMIT").await;
-            }
-            let params: [&(dyn tokio_postgres::types::ToSql + Sync); 5] =
-                [&slot, &d.events, &d.capacity, &d.booked, &d.finalized];
-            let totals = c.execute(&st.totals, &params);
             let commit = c.batch_execute("COMMIT");
-            let (added, committed) = futures_util::future::join(totals, commit).await;
-            // If the totals failed, the COMMIT of the aborted transaction rolled it back (and said
-            // "ROLLBACK", not an error): the group failed.
-            added?;
-            committed
-        });
-        let committed = committed.and_then(|()| self.answer_lost());
-        committed.map_err(|error| GroupFailed {
-            maybe_committed: crate::store::pg_unavailable(&error),
-            error,
+            let (begun, locked, answers, committed) =
+                futures_util::future::join4(begin, lock, each, commit).await;
+            Ran {
+                begun,
+                locked,
+                answers,
+                committed,
+            }
         })
     }
 
@@ -359,11 +315,6 @@ impl PgWriter {
             )
         });
         Ok(())
-    }
-
-    fn rollback(&mut self) -> Result<(), Error> {
-        self.round_trips += 1;
-        self.rt.block_on(self.client.batch_execute("ROLLBACK"))
     }
 
     /// Deletes the expired keys of the next `chunk` after the cursor, in key order (one
