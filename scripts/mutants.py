@@ -388,7 +388,7 @@ MUTANTS = [
            "scripts/cluster.sh",
            'setsid "$NGINX" -p',
            '"$NGINX" -p',
-           ["crash::ctrl_c_on_make_cluster_answers_every_committed_booking"]),
+           ["crash::ctrl_c_on_make_cluster_answers_every_committed_booking::sqlite"]),
     Mutant("spec-security-not-in-force", "9 fits its ecosystem",
            "/openapi.json describes every security scheme whatever is set (open operations said locked)",
            "src/api/openapi.rs",
