@@ -47,21 +47,7 @@ impl RedisProc {
             .spawn()
             .expect("redis-server (make deps installs it)");
         self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let client = redis::Client::open(self.url()).unwrap();
-        loop {
-            if let Ok(mut c) = client.get_multiplexed_async_connection().await {
-                if redis::cmd("PING")
-                    .query_async::<String>(&mut c)
-                    .await
-                    .is_ok()
-                {
-                    return;
-                }
-            }
-            assert!(Instant::now() < deadline, "redis-server did not start");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        wait_redis(&self.url()).await;
     }
 
     /// SIGKILL: Redis vanishes mid-sale.
@@ -76,6 +62,30 @@ impl RedisProc {
 impl Drop for RedisProc {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// Waits (up to 10 s) until the Redis at `url` answers PING.
+pub async fn wait_redis(url: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let client = redis::Client::open(url).unwrap();
+    loop {
+        // A connect to an address nobody answers (a namespace not yet up) may hang: bounded.
+        let connected = tokio::time::timeout(
+            Duration::from_secs(1),
+            client.get_multiplexed_async_connection(),
+        );
+        if let Ok(Ok(mut c)) = connected.await {
+            if redis::cmd("PING")
+                .query_async::<String>(&mut c)
+                .await
+                .is_ok()
+            {
+                return;
+            }
+        }
+        assert!(Instant::now() < deadline, "redis-server did not start");
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
@@ -96,10 +106,11 @@ impl Target for Nginx {
     }
 }
 
-pub fn nginx_conf(dir: &Path, listen: u16, upstreams: &[u16]) -> String {
+/// nginx in front of `upstreams` (`host:port` each), listening on loopback's `listen`.
+pub fn nginx_conf(dir: &Path, listen: u16, upstreams: &[String]) -> String {
     let servers: String = upstreams
         .iter()
-        .map(|p| format!("    server 127.0.0.1:{p} max_fails=0;\n"))
+        .map(|a| format!("    server {a} max_fails=0;\n"))
         .collect();
     let user = if unsafe { libc::geteuid() } == 0 {
         "user root;\n"
@@ -120,43 +131,10 @@ http {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  proxy_temp_path
 }
 
 impl Nginx {
+    /// nginx on a free loopback port in front of replicas on loopback's `upstreams` ports.
     pub async fn start(upstreams: &[u16]) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let port = free_port();
-        let conf = dir.path().join("nginx.conf");
-        std::fs::write(&conf, nginx_conf(dir.path(), port, upstreams)).unwrap();
-        let child = Command::new(nginx_bin())
-            .args([
-                "-p",
-                &dir.path().display().to_string(),
-                "-c",
-                &conf.display().to_string(),
-                "-e",
-                "stderr",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("nginx (make deps installs it)");
-        let n = Nginx {
-            port,
-            child,
-            client: client(),
-            _dir: dir,
-        };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while n
-            .client
-            .get(format!("{}/health", n.base()))
-            .send()
-            .await
-            .map(|r| r.status() != 200)
-            .unwrap_or(true)
-        {
-            assert!(Instant::now() < deadline, "nginx did not come up");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        n
+        let hosts: Vec<String> = upstreams.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        Self::start_hosts(&hosts).await
     }
 }
 
@@ -233,22 +211,13 @@ pub const FAST: &[(&str, &str)] = &[
 ];
 
 impl Nginx {
-    /// As `start`, balancing over replicas at other addresses (`host:port`, e.g. replicas in
-    /// network namespaces behind a bridge); nginx itself listens on loopback, as in `start`.
+    /// nginx on a free loopback port balancing over replicas at `upstreams` (`host:port`: on
+    /// loopback, or in network namespaces behind a bridge).
     pub async fn start_hosts(upstreams: &[String]) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
-        let servers: String = upstreams
-            .iter()
-            .map(|a| format!("    server {a} max_fails=0;\n"))
-            .collect();
-        // The same configuration as `start`'s, with these servers in the upstream block.
-        let conf_text = nginx_conf(dir.path(), port, &[]);
-        let anchor = "upstream ticketd {\n";
-        assert!(conf_text.contains(anchor), "nginx_conf's upstream block");
-        let conf_text = conf_text.replacen(anchor, &format!("{anchor}{servers}"), 1);
         let conf = dir.path().join("nginx.conf");
-        std::fs::write(&conf, conf_text).unwrap();
+        std::fs::write(&conf, nginx_conf(dir.path(), port, upstreams)).unwrap();
         let mut cmd = Command::new(nginx_bin());
         // Stops with the test, even a test killed outright: SIGTERM when the spawning thread
         // exits (not SIGKILL: the master must take its worker down).
