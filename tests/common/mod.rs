@@ -515,10 +515,11 @@ impl<T: DbTarget + ?Sized> DbTarget for &T {
 /// backend (`both_backends!`): a SQLite file in a temporary directory, or a private PostgreSQL
 /// server. Dropped after the processes, it deletes both.
 pub struct Store {
-    /// The SQLite file (also the place for a test's other files on PostgreSQL).
+    /// The SQLite file.
     pub path: PathBuf,
     pub pg: Option<postgres::PgServer>,
-    dir: TempDir,
+    /// Holds the file's directory for the test's length.
+    _dir: TempDir,
 }
 
 impl Store {
@@ -528,13 +529,8 @@ impl Store {
         Store {
             path: dir.path().join("ticket.db"),
             pg,
-            dir,
+            _dir: dir,
         }
-    }
-
-    /// The test's directory (logs, scripts' files).
-    pub fn dir(&self) -> &Path {
-        self.dir.path()
     }
 
     /// The database as the application sees it.
