@@ -535,7 +535,7 @@ class PgDb:
 
     def counts(self, event_id):
         """(booked_count, capacity, finalized_count) of the event."""
-        return tuple(pg().ints(self.name, "SELECT booked_count, capacity, finalized_count FROM events "
+        return tuple(pg().ints(self.name, "SELECT booked_count, capacity, ticketd_finalized(events) FROM events "
                                           f"WHERE id = {int(event_id)}"))
 
     def rows(self, event_id):
@@ -547,7 +547,7 @@ class PgDb:
         """Window.read's snapshot: one statement, so one snapshot."""
         t = time.time()
         pending = "(SELECT COUNT(*) FROM bookings WHERE status = 'PENDING')" if full else "0"
-        booked, finalized, n = pg().ints(self.name, f"SELECT booked_count, finalized_count, {pending} "
+        booked, finalized, n = pg().ints(self.name, f"SELECT booked_count, ticketd_finalized(events), {pending} "
                                                     f"FROM events WHERE id = {int(event_id)}")
         s = {"t": t, "booked": booked, "finalized": finalized}
         if full:

@@ -114,7 +114,10 @@ async fn all_finalized(store: &Store) {
         "every booking ends FINALIZED"
     );
     let v = db.ints(
-        "SELECT CAST(SUM(finalized_count) AS BIGINT), CAST(SUM(booked_count) AS BIGINT) FROM events",
+        &format!(
+            "SELECT CAST(SUM({}) AS BIGINT), CAST(SUM(booked_count) AS BIGINT) FROM events",
+            db.finalized()
+        ),
         &[],
     );
     let (fin, booked) = (v[0], v[1]);

@@ -55,9 +55,12 @@ async fn all_issued_once(db: &impl Sql, timeout: Duration) {
         count_status(db, "PENDING")
     );
     let v = db.ints(
-        "SELECT CAST((SELECT SUM(finalized_count) FROM events) AS BIGINT),
-                CAST((SELECT SUM(booked_count) FROM events) AS BIGINT),
-                CAST((SELECT SUM(quantity) FROM bookings WHERE status = 'FINALIZED') AS BIGINT)",
+        &format!(
+            "SELECT CAST((SELECT SUM({}) FROM events) AS BIGINT),
+                    CAST((SELECT SUM(booked_count) FROM events) AS BIGINT),
+                    CAST((SELECT SUM(quantity) FROM bookings WHERE status = 'FINALIZED') AS BIGINT)",
+            db.finalized()
+        ),
         &[],
     );
     let (fin, booked, issued_seats) = (v[0], v[1], v[2]);

@@ -132,7 +132,7 @@ impl Site {
         self.db(|c| {
             let r = c
                 .query_one(
-                    "SELECT booked_count, capacity, finalized_count FROM events WHERE id = $1",
+                    "SELECT booked_count, capacity, ticketd_finalized(events) FROM events WHERE id = $1",
                     &[&event_id],
                 )
                 .unwrap();

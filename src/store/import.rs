@@ -319,7 +319,9 @@ fn unknown_tables(src: &Connection) -> Result<Vec<String>, ImportError> {
 /// sales would collide, and a half-merged sale could oversell. Run under the tables' lock.
 fn refuse_unless_empty(tx: &mut ::postgres::Transaction<'_>) -> Result<(), ImportError> {
     let r = tx.query_one(
-        "SELECT (SELECT COUNT(*) FROM events), (SELECT COUNT(*) FROM bookings),
+        // An event's slots of issued seats (`event_finalized`) count as the event.
+        "SELECT (SELECT COUNT(*) FROM events) + (SELECT COUNT(DISTINCT event_id) FROM event_finalized),
+                (SELECT COUNT(*) FROM bookings),
                 (SELECT COUNT(*) FROM idempotency_keys), (SELECT COUNT(*) FROM customer_seats)",
         &[],
     )?;
@@ -646,7 +648,7 @@ fn recompute_totals(
     let r = tx.query_one(
         "INSERT INTO report_totals (id, events, capacity, booked, finalized)
          SELECT 0, COUNT(*), COALESCE(SUM(capacity), 0), COALESCE(SUM(booked_count), 0),
-                COALESCE(SUM(finalized_count), 0)
+                COALESCE(SUM(ticketd_finalized(events)), 0)
          FROM events
          RETURNING events::text, capacity::text, booked::text, finalized::text",
         &[],
@@ -713,6 +715,8 @@ struct EventSums {
 }
 
 /// Per-event counts and sums, and the keys' and meta's totals, in SQL both databases run alike.
+/// (On PostgreSQL an event's issued seats are also counted in `event_finalized`: empty in the
+/// target, which the import refuses unless it is, so the row's column is the whole count.)
 const VERIFY_EVENTS: &str =
     "SELECT id, capacity, booked_count, finalized_count, fence, COALESCE(max_per_user, -1)
      FROM events";

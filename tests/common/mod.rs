@@ -259,6 +259,12 @@ pub trait Sql {
         let row = self.rows(sql, args).into_iter().next()?;
         Some(row.iter().map(Cell::int).collect())
     }
+
+    /// An event's issued seats, as an expression over a row of `events`: the column on SQLite;
+    /// on PostgreSQL the column plus the finalizers' slots (`ticketd_finalized`).
+    fn finalized(&self) -> &'static str {
+        "finalized_count"
+    }
 }
 
 impl Sql for rusqlite::Connection {
@@ -294,6 +300,13 @@ impl Sql for rusqlite::Connection {
 }
 
 impl Sql for TestDb {
+    fn finalized(&self) -> &'static str {
+        match self {
+            TestDb::Sqlite(_) => "finalized_count",
+            TestDb::Postgres(_) => "ticketd_finalized(events)",
+        }
+    }
+
     fn rows(&self, sql: &str, args: &[Arg<'_>]) -> Vec<Vec<Cell>> {
         match self {
             TestDb::Sqlite(c) => c.rows(sql, args),
@@ -689,7 +702,10 @@ pub async fn eventually(timeout: Duration, mut check: impl FnMut() -> bool) -> b
 /// `(booked_count, capacity, finalized_count)` of an event, read straight from the database.
 pub fn event_counts(db: &impl Sql, id: i64) -> (i64, i64, i64) {
     let v = db.ints(
-        "SELECT booked_count, capacity, finalized_count FROM events WHERE id = $1",
+        &format!(
+            "SELECT booked_count, capacity, {} FROM events WHERE id = $1",
+            db.finalized()
+        ),
         &[id.into()],
     );
     (v[0], v[1], v[2])

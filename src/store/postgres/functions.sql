@@ -20,7 +20,8 @@ AS $$ SELECT to_char(t, 'YYYY-MM-DD HH24:MI:SS.US') $$;
 -- had claimed, which it deletes again), so no subtransaction is needed.
 --
 -- status: 0 applied, 1 no such event, 2 fenced (a newer token wrote), 3 no seats. The event's
--- columns are the row as it is now (after the update when applied).
+-- columns are the row as it is now (after the update when applied; `finalized` only on a
+-- refusal: it is a sum over the finalizers' slots, not worth a read on every batch).
 -- Bookings, in order: b_kind 0 booked (b_a = id), 1 limit (b_a = limit, b_b = held),
 -- 2 key used (b_a = booking id, b_fp = fingerprint).
 -- Cancellations, in order: c_id NULL when not found, else the booking as it is now.
@@ -77,8 +78,9 @@ BEGIN
         RETURN;
     END IF;
     title := ev.title; capacity := ev.capacity; booked := ev.booked_count;
-    finalized := ev.finalized_count; fence := ev.fence; max_per_user := ev.max_per_user;
+    fence := ev.fence; max_per_user := ev.max_per_user;
     IF ev.fence > p_token THEN
+        finalized := ticketd_finalized(ev);
         status := 2;
         RETURN;
     END IF;
@@ -90,7 +92,9 @@ BEGIN
     u_took := '{}'; u_user := '{}'; u_seats := '{}';
 
     FOREACH cid IN ARRAY COALESCE(p_cancels, '{}') LOOP
-        SELECT * INTO bk FROM bookings WHERE id = cid AND event_id = p_event;
+        -- Locked: a finalizer issuing this booking right now (it does not lock the event row)
+        -- commits first and the row read is then FINALIZED, or waits and finds it CANCELLED.
+        SELECT * INTO bk FROM bookings WHERE id = cid AND event_id = p_event FOR NO KEY UPDATE;
         IF NOT FOUND THEN
             c_id := c_id || NULL::BIGINT; c_user := c_user || NULL::BIGINT;
             c_qty := c_qty || NULL::BIGINT; c_status := c_status || NULL::TEXT;
@@ -205,6 +209,7 @@ BEGIN
             DELETE FROM idempotency_keys k USING unnest(cl_scope, cl_key) AS c(scope, key)
             WHERE k.scope = c.scope AND k.key = c.key;
         END IF;
+        finalized := ticketd_finalized(ev);
         status := 3;
         RETURN;
     END IF;
@@ -233,7 +238,7 @@ BEGIN
         finalized_count = finalized_count - freed_issued, fence = p_token
     WHERE id = p_event AND events.fence <= p_token
       AND booked_count + taken - freed <= events.capacity
-    RETURNING booked_count, finalized_count INTO booked, finalized;
+    RETURNING booked_count INTO booked;
     IF NOT FOUND THEN
         RAISE EXCEPTION 'ticketd_apply_batch: the locked event % moved', p_event;
     END IF;

@@ -10,7 +10,9 @@ use crate::ticket::TicketFacts;
 
 pub type Result<T> = std::result::Result<T, postgres::Error>;
 
-const EVENT_COLS: &str = "id, title, capacity, booked_count, finalized_count, fence, max_per_user";
+/// `finalized_count` is the row's plus the finalizers' slots (`schema`, migration 4).
+const EVENT_COLS: &str =
+    "id, title, capacity, booked_count, ticketd_finalized(events), fence, max_per_user";
 const BOOKING_COLS: &str = "id, event_id, user_id, quantity, status, ticketd_ts(created_at), \
      ticket_code, ticketd_ts(finalized_at), ticketd_ts(cancelled_at)";
 

@@ -17,6 +17,10 @@
 //!   on `events` adds each change of an event row to the slot of the session that made it
 //!   (`pg_backend_pid() % 64`), so replicas do not queue on one row lock at every COMMIT.
 //!   `numeric`, so no number of events overflows them;
+//! - an event's issued seats are `events.finalized_count` (what cancellations of issued tickets
+//!   took back, and counts from before migration 4) plus its rows in `event_finalized`, one per
+//!   finalizing session's slot: `ticketd_finalized(events)` reads the sum. A finalizer never
+//!   waits for, or holds, the row a hot event's sale writes at every batch;
 //! - the fenced batch, creating an event, are server-side functions (`ticketd_apply_batch`,
 //!   `ticketd_create_event`): one statement each, that refuse by their result, never by an error
 //!   (an error aborts the whole group's transaction on PostgreSQL).
@@ -118,6 +122,24 @@ pub const MIGRATIONS: &[&str] = &[
     CREATE TRIGGER events_report_totals AFTER INSERT OR UPDATE ON events
         FOR EACH ROW EXECUTE FUNCTION ticketd_totals();
     "#,
+    // 4: issued seats are counted in the finalizing session's slot, off the event row (which the
+    // sale holds); an event's count is its row's plus its slots' (`ticketd_finalized`). The
+    // writer's functions again, as they now read it.
+    concat!(
+        r#"
+    CREATE TABLE event_finalized (
+        event_id BIGINT NOT NULL,
+        slot INTEGER NOT NULL CHECK (slot >= 0 AND slot < 64),
+        seats BIGINT NOT NULL,
+        PRIMARY KEY (event_id, slot)
+    );
+    CREATE FUNCTION ticketd_finalized(e events) RETURNS BIGINT LANGUAGE sql STABLE AS $$
+        SELECT e.finalized_count + COALESCE(
+            (SELECT SUM(f.seats) FROM event_finalized f WHERE f.event_id = e.id), 0)::BIGINT
+    $$;
+    "#,
+        include_str!("functions.sql")
+    ),
 ];
 
 /// Runs the migrations this database lacks, under the advisory lock, then fills the report's
@@ -159,7 +181,7 @@ fn migrate_locked(c: &mut postgres::Client) -> Result<(), MigrateError> {
     c.batch_execute(
         "INSERT INTO report_totals (id, events, capacity, booked, finalized)
          SELECT 0, COUNT(*), COALESCE(SUM(capacity), 0), COALESCE(SUM(booked_count), 0),
-                COALESCE(SUM(finalized_count), 0)
+                COALESCE(SUM(ticketd_finalized(events)), 0)
          FROM events
          -- HAVING, not WHERE: an aggregate yields its one row whatever WHERE filters out.
          HAVING NOT EXISTS (SELECT 1 FROM report_totals)",

@@ -391,6 +391,75 @@ fn finalize_is_idempotent() {
     assert!(pending_ids(&mut d.c, 0, None, 10).unwrap().is_empty());
 }
 
+/// A finalizer issues a booking (its transaction not yet committed) while a batch cancels it:
+/// finalizations lock no event row, so only the booking's own row orders the two. The
+/// cancellation waits for the issue, then sees the booking FINALIZED and takes its seats out of
+/// the issued count: nothing counted as issued that is not. (Reading the booking unlocked, the
+/// cancellation judged it PENDING and the issued seats stayed counted.)
+#[test]
+fn a_cancellation_meeting_an_issue_in_flight_counts_what_was_issued() {
+    let mut d = db();
+    let url = d._pg.url();
+    let e = event_with(&mut d, 5, None);
+    let a = apply_fenced_batch(&mut d, &batch(e.id, 1, &[], &rows(&[(7, 2)]))).unwrap();
+    let id = ids(&a)[0];
+    let Db { w, c, .. } = &mut d;
+    let mut issuing = c.transaction().unwrap();
+    let r = issuing
+        .query_one(
+            super::writer::FINALIZE,
+            &[
+                &vec![id],
+                &vec![e.id],
+                &vec![7_i64],
+                &vec![2_i64],
+                &vec!["CODE"],
+                &T0,
+            ],
+        )
+        .unwrap();
+    assert_eq!((r.get::<_, i64>(0), r.get::<_, i64>(1)), (1, 2));
+    let cancels = [id];
+    let outcome = std::thread::scope(|s| {
+        let cancelling = s.spawn(|| {
+            let b = batch(e.id, 2, &cancels, &[]);
+            w.commit_group(&[PgOp::Batch(&b)]).expect("the group commits")
+        });
+        // The batch waits on the issue's row lock (wherever it meets it).
+        let mut watch = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while watch
+            .query_one(
+                "SELECT COUNT(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'",
+                &[],
+            )
+            .unwrap()
+            .get::<_, i64>(0)
+            == 0
+        {
+            assert!(std::time::Instant::now() < deadline, "the batch never waited");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        issuing.commit().unwrap();
+        cancelling.join().unwrap()
+    });
+    let applied = match outcome.into_iter().next() {
+        Some(Ok(PgDone::Batch(Ok(applied)))) => applied,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(
+        (applied.cancelled, applied.freed, applied.freed_issued),
+        (1, 2, 2),
+        "the cancellation saw the ticket issued"
+    );
+    let b = booking(&mut d.c, id).unwrap().unwrap();
+    assert_eq!(b.status, BookingStatus::Cancelled);
+    let row = ev(&mut d, e.id);
+    assert_eq!((row.booked_count, row.finalized_count), (0, 0));
+    let r = report(&mut d.c).unwrap();
+    assert_eq!((r.total_reserved, r.total_finalized), (0, 0));
+}
+
 #[test]
 fn totals_do_not_overflow_past_i64() {
     let mut d = db();
