@@ -150,6 +150,14 @@ impl PgWriter {
                     tracing::warn!(error = %e, "the writer's PostgreSQL connection closed");
                 }
             });
+            // The writer's statements are the same few, run thousands of times a second with
+            // new parameters: PostgreSQL's default plans each execution again while a custom
+            // plan looks cheaper (the finalize CTE and the batch function's statements always
+            // did: 40 % of the server's CPU in row 5pg of `make bench` was the planner). Their
+            // generic plans are the ones wanted anyway (primary keys, arrays unnested).
+            client
+                .batch_execute("SET plan_cache_mode = force_generic_plan")
+                .await?;
             let st = Statements {
                 lock_events: client
                     .prepare(
