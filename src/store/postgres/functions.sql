@@ -14,14 +14,17 @@ AS $$ SELECT to_char(t, 'YYYY-MM-DD HH24:MI:SS.US') $$;
 -- newer lease token has written (fence <= token) and the seats are there.
 --
 -- SQLite writes as it goes and rolls the batch's savepoint back on a refusal. Here the event row
--- is locked first (FOR NO KEY UPDATE: every writer of the event's rows holds it, so the seats
--- and counts read below cannot move under us), everything is decided in memory, and only a batch
+-- is locked first (FOR NO KEY UPDATE: every writer of the event's seats and customers' counts
+-- holds it, so what is read below cannot move under us; issuing a ticket does not take it, and
+-- meets a cancellation on the booking's row), everything is decided in memory, and only a batch
 -- that will be applied writes its rows: a refused batch writes nothing (but idempotency keys it
 -- had claimed, which it deletes again), so no subtransaction is needed.
 --
 -- status: 0 applied, 1 no such event, 2 fenced (a newer token wrote), 3 no seats. The event's
--- columns are the row as it is now (after the update when applied; `finalized` only on a
--- refusal: it is a sum over the finalizers' slots, not worth a read on every batch).
+-- columns are the row as it is now (after the update when applied). `finalized` is the event's
+-- issued seats on a refusal (a sum over the finalizers' slots, not worth a read on every
+-- batch); when applied, the row's own column only — never NULL, for a writer of the schema
+-- before migration 4 still running during a rolling upgrade, which reads it.
 -- Bookings, in order: b_kind 0 booked (b_a = id), 1 limit (b_a = limit, b_b = held),
 -- 2 key used (b_a = booking id, b_fp = fingerprint).
 -- Cancellations, in order: c_id NULL when not found, else the booking as it is now.
@@ -238,7 +241,7 @@ BEGIN
         finalized_count = finalized_count - freed_issued, fence = p_token
     WHERE id = p_event AND events.fence <= p_token
       AND booked_count + taken - freed <= events.capacity
-    RETURNING booked_count INTO booked;
+    RETURNING booked_count, finalized_count INTO booked, finalized;
     IF NOT FOUND THEN
         RAISE EXCEPTION 'ticketd_apply_batch: the locked event % moved', p_event;
     END IF;

@@ -15,12 +15,13 @@
 //!   would cost every booking a trigger and a lookup of a row the writer has locked anyway;
 //! - `report_totals` has one row per *slot* (`id` 0..63) and `GET /report` sums them: a trigger
 //!   on `events` adds each change of an event row to the slot of the session that made it
-//!   (`pg_backend_pid() % 64`), so replicas do not queue on one row lock at every COMMIT.
+//!   (`ticketd_slot()`: the one its writer claimed, else `pg_backend_pid() % 64`), so replicas
+//!   do not queue on one row lock at every COMMIT.
 //!   `numeric`, so no number of events overflows them;
 //! - an event's issued seats are `events.finalized_count` (what cancellations of issued tickets
-//!   took back, and counts from before migration 4) plus its rows in `event_finalized`, one per
-//!   finalizing session's slot: `ticketd_finalized(events)` reads the sum. A finalizer never
-//!   waits for, or holds, the row a hot event's sale writes at every batch;
+//!   took back, and counts from before migration 4: it may go below zero) plus its rows in
+//!   `event_finalized`, one per finalizing writer's slot: `ticketd_finalized(events)` reads the
+//!   sum. A finalizer never holds the row a hot event's sale writes at every batch;
 //! - the fenced batch, creating an event, are server-side functions (`ticketd_apply_batch`,
 //!   `ticketd_create_event`): one statement each, that refuse by their result, never by an error
 //!   (an error aborts the whole group's transaction on PostgreSQL).
@@ -122,11 +123,43 @@ pub const MIGRATIONS: &[&str] = &[
     CREATE TRIGGER events_report_totals AFTER INSERT OR UPDATE ON events
         FOR EACH ROW EXECUTE FUNCTION ticketd_totals();
     "#,
-    // 4: issued seats are counted in the finalizing session's slot, off the event row (which the
-    // sale holds); an event's count is its row's plus its slots' (`ticketd_finalized`). The
-    // writer's functions again, as they now read it.
+    // 4: issued seats are counted in the finalizing writer's slot, off the event row (which the
+    // sale holds); an event's count is its row's plus its slots' (`ticketd_finalized`). Slots
+    // are claimed per writer (`ticketd.slot`, see `writer::CLAIM_SLOT`) instead of the backend
+    // pid's residue, so two writers never share one. The writer's functions again, as they now
+    // read it.
     concat!(
         r#"
+    CREATE FUNCTION ticketd_slot() RETURNS INTEGER LANGUAGE sql STABLE AS $$
+        SELECT COALESCE(NULLIF(current_setting('ticketd.slot', true), '')::INTEGER,
+                        pg_backend_pid() % 64)
+    $$;
+    CREATE OR REPLACE FUNCTION ticketd_totals() RETURNS trigger LANGUAGE plpgsql AS $f$
+    DECLARE
+        slot INTEGER := ticketd_slot();
+        d_events INTEGER := 0;
+        d_capacity BIGINT := NEW.capacity;
+        d_booked BIGINT := NEW.booked_count;
+        d_finalized BIGINT := NEW.finalized_count;
+    BEGIN
+        IF TG_OP = 'INSERT' THEN
+            d_events := 1;
+        ELSE
+            d_capacity := NEW.capacity - OLD.capacity;
+            d_booked := NEW.booked_count - OLD.booked_count;
+            d_finalized := NEW.finalized_count - OLD.finalized_count;
+            IF d_capacity = 0 AND d_booked = 0 AND d_finalized = 0 THEN
+                RETURN NULL;
+            END IF;
+        END IF;
+        INSERT INTO report_totals AS t (id, events, capacity, booked, finalized)
+        VALUES (slot, d_events, d_capacity, d_booked, d_finalized)
+        ON CONFLICT (id) DO UPDATE SET events = t.events + excluded.events,
+            capacity = t.capacity + excluded.capacity, booked = t.booked + excluded.booked,
+            finalized = t.finalized + excluded.finalized;
+        RETURN NULL;
+    END
+    $f$;
     CREATE TABLE event_finalized (
         event_id BIGINT NOT NULL,
         slot INTEGER NOT NULL CHECK (slot >= 0 AND slot < 64),

@@ -404,21 +404,9 @@ fn a_cancellation_meeting_an_issue_in_flight_counts_what_was_issued() {
     let a = apply_fenced_batch(&mut d, &batch(e.id, 1, &[], &rows(&[(7, 2)]))).unwrap();
     let id = ids(&a)[0];
     let Db { w, c, .. } = &mut d;
+    let issued = booking(c, id).unwrap().unwrap();
     let mut issuing = c.transaction().unwrap();
-    let r = issuing
-        .query_one(
-            super::writer::FINALIZE,
-            &[
-                &vec![id],
-                &vec![e.id],
-                &vec![7_i64],
-                &vec![2_i64],
-                &vec!["CODE"],
-                &T0,
-            ],
-        )
-        .unwrap();
-    assert_eq!((r.get::<_, i64>(0), r.get::<_, i64>(1)), (1, 2));
+    assert_eq!(issue_in(&mut issuing, &[issued]), (1, 2));
     let cancels = [id];
     let outcome = std::thread::scope(|s| {
         let cancelling = s.spawn(|| {
@@ -426,20 +414,7 @@ fn a_cancellation_meeting_an_issue_in_flight_counts_what_was_issued() {
             w.commit_group(&[PgOp::Batch(&b)]).expect("the group commits")
         });
         // The batch waits on the issue's row lock (wherever it meets it).
-        let mut watch = postgres::Client::connect(&url, postgres::NoTls).unwrap();
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-        while watch
-            .query_one(
-                "SELECT COUNT(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'",
-                &[],
-            )
-            .unwrap()
-            .get::<_, i64>(0)
-            == 0
-        {
-            assert!(std::time::Instant::now() < deadline, "the batch never waited");
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
+        until_a_lock_wait(&url);
         issuing.commit().unwrap();
         cancelling.join().unwrap()
     });
@@ -458,6 +433,147 @@ fn a_cancellation_meeting_an_issue_in_flight_counts_what_was_issued() {
     assert_eq!((row.booked_count, row.finalized_count), (0, 0));
     let r = report(&mut d.c).unwrap();
     assert_eq!((r.total_reserved, r.total_finalized), (0, 0));
+}
+
+/// Waits until some session of the server waits on a lock.
+fn until_a_lock_wait(url: &str) {
+    let mut watch = postgres::Client::connect(url, postgres::NoTls).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while watch
+        .query_one(
+            "SELECT COUNT(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'",
+            &[],
+        )
+        .unwrap()
+        .get::<_, i64>(0)
+        == 0
+    {
+        assert!(std::time::Instant::now() < deadline, "nobody ever waited");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// Issues `ids` (each booking's own facts) in the open transaction `tx`, one statement.
+fn issue_in(tx: &mut postgres::Transaction<'_>, b: &[crate::domain::Booking]) -> (i64, i64) {
+    let r = tx
+        .query_one(
+            super::writer::FINALIZE,
+            &[
+                &b.iter().map(|b| b.id).collect::<Vec<_>>(),
+                &b.iter().map(|b| b.event_id).collect::<Vec<_>>(),
+                &b.iter().map(|b| b.user_id).collect::<Vec<_>>(),
+                &b.iter().map(|b| b.quantity).collect::<Vec<_>>(),
+                &b.iter().map(|b| format!("C{}", b.id)).collect::<Vec<_>>(),
+                &T0,
+            ],
+        )
+        .unwrap();
+    (r.get(0), r.get(1))
+}
+
+/// A group takes its booking locks first, in id order, whatever order its ops name them in: a
+/// cancellation of two bookings (named high id first) against an issue of the same two (low id
+/// first, then the other) in another writer's transaction waits instead of deadlocking. (Taking
+/// them as each op came, the batch held the high one and waited for the low one, which the
+/// issuer held while it waited for the high one.) The issuer's session detects deadlocks after
+/// 10 ms, the writer's after the default second, so a deadlock would fail the issuer here.
+#[test]
+fn a_group_locks_its_bookings_in_id_order() {
+    let mut d = db();
+    let url = d._pg.url();
+    let e = event_with(&mut d, 10, None);
+    let a = apply_fenced_batch(&mut d, &batch(e.id, 1, &[], &rows(&[(1, 1), (2, 2)]))).unwrap();
+    let (low, high) = (ids(&a)[0], ids(&a)[1]);
+    let b_low = booking(&mut d.c, low).unwrap().unwrap();
+    let b_high = booking(&mut d.c, high).unwrap().unwrap();
+    let Db { w, c, .. } = &mut d;
+    c.batch_execute("SET deadlock_timeout = '10ms'").unwrap();
+    let mut issuing = c.transaction().unwrap();
+    assert_eq!(issue_in(&mut issuing, std::slice::from_ref(&b_low)), (1, 1));
+    let cancels = [high, low];
+    let outcome = std::thread::scope(|s| {
+        let cancelling = s.spawn(|| {
+            let b = batch(e.id, 2, &cancels, &[]);
+            w.commit_group(&[PgOp::Batch(&b)]).expect("the group commits")
+        });
+        until_a_lock_wait(&url);
+        assert_eq!(issue_in(&mut issuing, std::slice::from_ref(&b_high)), (1, 2));
+        issuing.commit().unwrap();
+        cancelling.join().unwrap()
+    });
+    match outcome.into_iter().next() {
+        Some(Ok(PgDone::Batch(Ok(applied)))) => {
+            assert_eq!((applied.cancelled, applied.freed_issued), (2, 3))
+        }
+        other => panic!("{other:?}"),
+    }
+    let row = ev(&mut d, e.id);
+    assert_eq!((row.booked_count, row.finalized_count), (0, 0));
+}
+
+/// The writer's plans are made once, at their first run; made on an empty database they must
+/// still look bookings up by key once there are many (planned on an empty `bookings`, the
+/// finalize statement scanned every PENDING row at each run).
+#[test]
+fn the_writers_plans_do_not_depend_on_the_tables_size_when_made() {
+    let mut d = db();
+    let e = event_with(&mut d, 1_000_000, None);
+    let c = &mut d.c;
+    c.batch_execute(super::writer::SESSION).unwrap();
+    c.batch_execute(&format!(
+        "PREPARE fin(bigint[], bigint[], bigint[], bigint[], text[], text) AS {};
+         PREPARE lock_bookings(bigint[]) AS
+             SELECT 1 FROM bookings WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE;
+         EXECUTE fin('{{}}', '{{}}', '{{}}', '{{}}', '{{}}', '{T0}');
+         EXECUTE lock_bookings('{{}}');",
+        super::writer::FINALIZE
+    ))
+    .unwrap();
+    c.batch_execute(&format!(
+        "INSERT INTO bookings (event_id, user_id, quantity, status, created_at)
+         SELECT {}, g, 1, 'PENDING', '{T0}' FROM generate_series(1, 50000) g;",
+        e.id
+    ))
+    .unwrap();
+    for explain in [
+        format!("EXPLAIN EXECUTE fin('{{1,2}}', '{{{0},{0}}}', '{{1,2}}', '{{1,1}}', '{{a,b}}', '{T0}')", e.id),
+        "EXPLAIN EXECUTE lock_bookings('{1,2}')".to_string(),
+    ] {
+        let plan: Vec<String> = c
+            .query(explain.as_str(), &[])
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        let plan = plan.join("\n");
+        for bad in ["Seq Scan on bookings", "Bitmap Heap Scan on bookings", "Hash Join"] {
+            assert!(!plan.contains(bad), "{explain}:\n{plan}");
+        }
+        assert!(plan.contains("Index Scan using"), "{explain}:\n{plan}");
+    }
+}
+
+/// Each writer counts in a slot of its own: two writers never share the rows they count in.
+#[test]
+fn each_writer_claims_a_counting_slot_of_its_own() {
+    let mut d = db();
+    let other = PgWriter::connect(&d._pg.url()).unwrap();
+    let (a, b) = (d.w.slot, other.slot);
+    assert!(a.is_some() && b.is_some() && a != b, "{a:?} {b:?}");
+    let e = event_with(&mut d, 5, None);
+    let done = apply_fenced_batch(&mut d, &batch(e.id, 1, &[], &rows(&[(1, 2)]))).unwrap();
+    assert!(finalize(&mut d, ids(&done)[0], "CODE", T0).is_some());
+    let slots: Vec<i32> = d
+        .c
+        .query(
+            "SELECT slot FROM event_finalized UNION SELECT id FROM report_totals WHERE booked <> 0",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(slots, vec![a.unwrap()], "counted in the writer's slot");
 }
 
 #[test]

@@ -1,11 +1,13 @@
 //! The PostgreSQL writer: one connection, owned by the writer thread, that commits a group of
 //! ops (fenced batches, new events, issued tickets) in one transaction and — whatever the size
-//! of the group — **one round trip**: `BEGIN`; the lock of every event row the group will touch,
-//! in id order; one statement per op (`ticketd_apply_batch`, `ticketd_create_event`, the
-//! finalize CTE); `COMMIT` — all sent before the first answer is awaited (tokio-postgres
-//! pipelines the requests of concurrently polled futures on one connection). The report's
-//! totals follow the event rows by a trigger (schema migration 3), so nothing waits for the
-//! ops' answers before COMMIT, and an event row is locked only while the server works — never
+//! of the group — **one round trip**: `BEGIN`; the locks of every event row its batches write
+//! and every booking row it cancels or issues, in id order; one statement per op
+//! (`ticketd_apply_batch`, `ticketd_create_event`, the finalize CTE); `COMMIT` — all sent before
+//! the first answer is awaited (tokio-postgres pipelines the requests of concurrently polled
+//! futures on one connection). The report's totals follow the event rows by a trigger (schema
+//! migration 3) and move with the issued seats in the finalize statement itself, so nothing
+//! waits for the ops' answers before COMMIT, and an event row is locked only while the server
+//! works — never
 //! across a round trip to this process (with two, replicas queued on a hot event's row behind
 //! each other's think time).
 //!
@@ -24,11 +26,15 @@
 //! failed op alone is answered with its error, as a rolled-back savepoint does on SQLite. A
 //! deadlock or serialization failure is not the op's fault: the whole group runs again.
 //!
-//! Deadlocks between replicas: every group locks the event rows it touches first, in ascending
-//! id order (one statement), so two writers never take event rows in opposite orders; batches
-//! lock their event row before anything of it (`FOR NO KEY UPDATE`). Finalizations lock no event
-//! row (their counts go to slot rows of their own); a cancellation locks the booking it reads, so
-//! a ticket issued at that moment is either seen issued or not issued at all.
+//! Deadlocks between replicas: every group takes its row locks first — the event rows its
+//! batches write, then the bookings it cancels or issues, each in ascending id order — so two
+//! writers never take rows in opposite orders; what the ops then lock besides is either new
+//! (inserted rows), behind the event row (a customer's count), or the writer's own slot rows
+//! (`CLAIM_SLOT`: the report's totals, the issued seats), which no other writer touches.
+//! Finalizations lock no event row (their counts go to the slot rows): issuing tickets never
+//! holds the row a hot event's sale writes. A cancellation and an issue of one booking meet on
+//! the booking's row: the cancellation then sees the ticket issued, or the issue finds the
+//! booking CANCELLED and writes nothing.
 
 use std::collections::BTreeSet;
 use std::future::Future;
@@ -106,6 +112,7 @@ pub enum PgDone {
 /// The statements of the writer, prepared once per connection.
 struct Statements {
     lock_events: Statement,
+    lock_bookings: Statement,
     batch: Statement,
     create_event: Statement,
     finalize: Statement,
@@ -132,6 +139,8 @@ pub struct PgWriter {
     /// Round trips to the server so far (each pipeline awaited counts one): the test of "two per
     /// group".
     pub round_trips: u64,
+    /// The counting slot this session claimed (`CLAIM_SLOT`), if one was free.
+    pub slot: Option<i32>,
 }
 
 impl PgWriter {
@@ -141,7 +150,7 @@ impl PgWriter {
             .enable_all()
             .build()
             .expect("a current-thread runtime");
-        let (client, st) = rt.block_on(async {
+        let (client, st, slot) = rt.block_on(async {
             let config = crate::store::pg_config(url)?;
             let (client, conn) = config.connect(NoTls).await?;
             // Driven while the writer awaits anything on this runtime.
@@ -150,18 +159,31 @@ impl PgWriter {
                     tracing::warn!(error = %e, "the writer's PostgreSQL connection closed");
                 }
             });
-            // The writer's statements are the same few, run thousands of times a second with
-            // new parameters: PostgreSQL's default plans each execution again while a custom
-            // plan looks cheaper (the finalize CTE and the batch function's statements always
-            // did: 40 % of the server's CPU in row 5pg of `make bench` was the planner). Their
-            // generic plans are the ones wanted anyway (primary keys, arrays unnested).
-            client
-                .batch_execute("SET plan_cache_mode = force_generic_plan")
-                .await?;
+            client.batch_execute(SESSION).await?;
+            let slot: Option<i32> = client.query_one(CLAIM_SLOT, &[]).await?.get(0);
+            if let Some(slot) = slot {
+                client
+                    .execute(
+                        "SELECT set_config('ticketd.slot', $1, false)",
+                        &[&slot.to_string()],
+                    )
+                    .await?;
+            } else {
+                tracing::warn!(
+                    "more than 64 writers on this database: this one shares a counting slot \
+                     (its groups may meet another's in a deadlock, detected and run again)"
+                );
+            }
             let st = Statements {
                 lock_events: client
                     .prepare(
                         "SELECT 1 FROM events WHERE id = ANY($1::bigint[]) ORDER BY id
+                         FOR NO KEY UPDATE",
+                    )
+                    .await?,
+                lock_bookings: client
+                    .prepare(
+                        "SELECT 1 FROM bookings WHERE id = ANY($1::bigint[]) ORDER BY id
                          FOR NO KEY UPDATE",
                     )
                     .await?,
@@ -177,13 +199,14 @@ impl PgWriter {
                 finalize: client.prepare(FINALIZE).await?,
                 purge: client.prepare(PURGE).await?,
             };
-            Ok::<_, Error>((client, st))
+            Ok::<_, Error>((client, st, slot))
         })?;
         Ok(PgWriter {
             rt,
             client,
             st,
             round_trips: 0,
+            slot,
         })
     }
 
@@ -282,23 +305,34 @@ impl PgWriter {
     /// The group's one round trip: BEGIN, the event locks, the ops (those of `live`), COMMIT,
     /// pipelined.
     fn run(&mut self, ops: &[PgOp<'_>], live: &[usize]) -> Ran {
-        let mut events = BTreeSet::new();
+        let (mut events, mut bookings) = (BTreeSet::new(), BTreeSet::new());
         for &i in live {
             match ops[i] {
                 PgOp::Batch(b) => {
                     events.insert(b.event_id);
+                    bookings.extend(b.cancels.iter().copied());
                 }
-                // Neither locks an event row (finalizations count in their own slot rows).
-                PgOp::Finalize { .. } | PgOp::CreateEvent { .. } => {}
+                // Finalizations lock no event row (they count in their writer's slot rows).
+                PgOp::Finalize { tickets, .. } => {
+                    bookings.extend(tickets.iter().map(|t| t.facts.booking_id));
+                }
+                PgOp::CreateEvent { .. } => {}
             }
         }
         let events: Vec<i64> = events.into_iter().collect();
+        let bookings: Vec<i64> = bookings.into_iter().collect();
         let (c, st) = (&self.client, &self.st);
         self.round_trips += 1;
         self.rt.block_on(async {
             let begin = c.batch_execute("BEGIN");
             let lock_params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&events];
-            let lock = c.execute(&st.lock_events, &lock_params);
+            let booking_params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&bookings];
+            let lock = async {
+                let events = c.execute(&st.lock_events, &lock_params);
+                let bookings = c.execute(&st.lock_bookings, &booking_params);
+                let (e, b) = futures_util::future::join(events, bookings).await;
+                e.and(b)
+            };
             let each = join_all(live.iter().map(|&i| apply_op(c, st, ops[i])));
             let commit = c.batch_execute("COMMIT");
             let (begun, locked, answers, committed) =
@@ -355,8 +389,29 @@ impl PgWriter {
     }
 }
 
+/// The writer session's settings. Its statements are the same few, run thousands of times a
+/// second with new parameters: by default PostgreSQL plans each execution again while a custom
+/// plan looks cheaper, and the finalize CTE and the batch function's statements always did (the
+/// planner was 40 % of the server's CPU in row 5pg of `make bench`). So plans are made once
+/// (generic) — and, being made once, must not depend on how large the tables were at that moment
+/// (a finalize planned on an empty `bookings` scanned every PENDING row at each run once there
+/// were a million: 234 ms an op, against 0.2 ms). Every statement of the writer names its rows
+/// by primary key, so index lookups in nested loops are the plan at any size: the other ways are
+/// priced out for this session (`enable_*` only adds a cost; a statement with no index path
+/// would still run).
+pub(super) const SESSION: &str = "SET plan_cache_mode = force_generic_plan;
+    SET enable_seqscan = off; SET enable_bitmapscan = off;
+    SET enable_hashjoin = off; SET enable_mergejoin = off";
+
+/// Claims a counting slot of its own for this session (an advisory lock, released with the
+/// session): the report's totals and the issued seats are counted in the slot's rows, and two
+/// writers sharing one could wait for each other's slot rows in opposite orders. NULL when all
+/// 64 are taken: the session then counts in `pg_backend_pid() % 64` (`ticketd_slot()`).
+const CLAIM_SLOT: &str = "SELECT s FROM generate_series(0, 63) AS s
+    WHERE pg_try_advisory_lock(1952672619, s) LIMIT 1";
+
 /// Issued tickets: each booking moves PENDING → FINALIZED once, only if the facts describe it;
-/// each event's count of issued seats moves once by its seats — in this session's slot of
+/// each event's count of issued seats moves once by its seats — in this writer's slot of
 /// `event_finalized` (schema migration 4), not on the event row: the row is the sale's, and a
 /// finalizer holding it until its COMMIT queued every replica's batches of a hot event behind
 /// the issuance (row 5pg of `make bench`: 6,087 bookings/s, p99 2.25 s, with 11,086/s and 34 ms
@@ -376,7 +431,7 @@ WITH t AS (
 ), per_event AS (
     SELECT event_id, SUM(quantity)::bigint AS seats, COUNT(*) AS n FROM marked GROUP BY event_id
 ), slot AS (
-    SELECT pg_backend_pid() % 64 AS id
+    SELECT ticketd_slot() AS id
 ), counted AS (
     INSERT INTO event_finalized AS f (event_id, slot, seats)
     SELECT p.event_id, s.id, p.seats FROM per_event p, slot s ORDER BY p.event_id
