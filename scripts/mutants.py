@@ -622,9 +622,9 @@ MUTANTS = [
                   "            .keepalives_idle(Duration::from_secs(2 * 60 * 60))")]),
     Mutant("pg-totals-not-kept", "8 reports (PostgreSQL)",
            "the report's totals no longer follow the event rows",
-           "src/store/postgres/schema.rs",
-           "        INSERT INTO report_totals AS t (id, events, capacity, booked, finalized)\n        VALUES (slot, d_events",
-           "        RETURN NULL;\n        INSERT INTO report_totals AS t (id, events, capacity, booked, finalized)\n        VALUES (slot, d_events",
+           "src/store/postgres/totals.sql",
+           "    INSERT INTO report_totals AS t (id, events, capacity, booked, finalized)\n    VALUES (slot, d_events",
+           "    RETURN NULL;\n    INSERT INTO report_totals AS t (id, events, capacity, booked, finalized)\n    VALUES (slot, d_events",
            ["lib::store::postgres::tests::a_group_commits_in_one_round_trip_and_refusals_stay_alone",
             "lib::store::postgres::tests::totals_do_not_overflow_past_i64"]),
 ]

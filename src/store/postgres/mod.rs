@@ -94,4 +94,55 @@ mod schema_tests {
         let status = c.execute("INSERT INTO bookings (event_id, user_id, status, created_at) VALUES (1, 7, 'LOST', now())", &[]);
         assert!(status.is_err(), "a status is one of the three");
     }
+
+    /// A database of schema 3 in the middle of a sale (issued seats on the event row) moves to
+    /// 4: its counts stay what they were, and tickets issued after count on top of them.
+    #[test]
+    fn a_sale_under_way_keeps_its_counts_through_migration_4() {
+        use crate::store::queries::IssuedTicket;
+        use crate::ticket::TicketFacts;
+        let pg = PgServer::start();
+        let mut c = connect(&pg.url());
+        c.batch_execute(
+            "CREATE TABLE ticketd_schema (version INTEGER PRIMARY KEY,
+                 applied_at TIMESTAMPTZ NOT NULL DEFAULT now())",
+        )
+        .unwrap();
+        for (i, sql) in MIGRATIONS.iter().take(3).enumerate() {
+            c.batch_execute(sql).unwrap();
+            c.execute(
+                "INSERT INTO ticketd_schema (version) VALUES ($1)",
+                &[&(i as i32 + 1)],
+            )
+            .unwrap();
+        }
+        c.batch_execute(
+            "INSERT INTO events (id, title, capacity, booked_count, finalized_count)
+                 VALUES (1, 'old', 10, 5, 3);
+             INSERT INTO bookings (id, event_id, user_id, quantity, status, created_at,
+                 ticket_code, finalized_at)
+             VALUES (1, 1, 7, 3, 'FINALIZED', now(), 'C1', now()),
+                    (2, 1, 8, 2, 'PENDING', now(), NULL, NULL)",
+        )
+        .unwrap();
+        migrate(&mut c).expect("migrates");
+        let stats = |c: &mut postgres::Client| {
+            let e = super::queries::event(c, 1).unwrap().unwrap();
+            let r = super::queries::report(c).unwrap();
+            (e.finalized_count, r.total_finalized, r.total_reserved)
+        };
+        assert_eq!(stats(&mut c), (3, 3, 5));
+        let mut w = super::writer::PgWriter::connect(&pg.url()).unwrap();
+        let b = super::queries::booking(&mut c, 2).unwrap().unwrap();
+        let tickets = [IssuedTicket {
+            facts: TicketFacts::from(&b),
+            code: "C2".into(),
+        }];
+        let op = super::writer::PgOp::Finalize {
+            tickets: &tickets,
+            at: "2024-01-01 00:00:05.000000",
+        };
+        w.commit_group(&[op]).expect("commits");
+        assert_eq!(stats(&mut c), (5, 5, 5));
+    }
 }

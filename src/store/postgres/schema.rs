@@ -93,73 +93,22 @@ pub const MIGRATIONS: &[&str] = &[
     // 3: the report's totals follow the event rows by a trigger, in the writing session's slot,
     // so a group needs no statement of its own for them and its COMMIT goes out with its ops (one
     // round trip, the event row locked for no client's think time).
-    r#"
-    CREATE FUNCTION ticketd_totals() RETURNS trigger LANGUAGE plpgsql AS $$
-    DECLARE
-        slot INTEGER := pg_backend_pid() % 64;
-        d_events INTEGER := 0;
-        d_capacity BIGINT := NEW.capacity;
-        d_booked BIGINT := NEW.booked_count;
-        d_finalized BIGINT := NEW.finalized_count;
-    BEGIN
-        IF TG_OP = 'INSERT' THEN
-            d_events := 1;
-        ELSE
-            d_capacity := NEW.capacity - OLD.capacity;
-            d_booked := NEW.booked_count - OLD.booked_count;
-            d_finalized := NEW.finalized_count - OLD.finalized_count;
-            IF d_capacity = 0 AND d_booked = 0 AND d_finalized = 0 THEN
-                RETURN NULL;
-            END IF;
-        END IF;
-        INSERT INTO report_totals AS t (id, events, capacity, booked, finalized)
-        VALUES (slot, d_events, d_capacity, d_booked, d_finalized)
-        ON CONFLICT (id) DO UPDATE SET events = t.events + excluded.events,
-            capacity = t.capacity + excluded.capacity, booked = t.booked + excluded.booked,
-            finalized = t.finalized + excluded.finalized;
-        RETURN NULL;
-    END
-    $$;
+    concat!(
+        include_str!("totals.sql"),
+        r#"
     CREATE TRIGGER events_report_totals AFTER INSERT OR UPDATE ON events
         FOR EACH ROW EXECUTE FUNCTION ticketd_totals();
-    "#,
+    "#
+    ),
     // 4: issued seats are counted in the finalizing writer's slot, off the event row (which the
     // sale holds); an event's count is its row's plus its slots' (`ticketd_finalized`). Slots
     // are claimed per writer (`ticketd.slot`, see `writer::CLAIM_SLOT`) instead of the backend
-    // pid's residue, so two writers never share one. The writer's functions again, as they now
-    // read it.
+    // pid's residue, so two writers never share one. The writer's functions and the totals'
+    // trigger function again, as they now read them. (A function's file holds its latest text,
+    // `CREATE OR REPLACE`, and what it needs; a migration that changes it includes the file
+    // again.)
     concat!(
         r#"
-    CREATE FUNCTION ticketd_slot() RETURNS INTEGER LANGUAGE sql STABLE AS $$
-        SELECT COALESCE(NULLIF(current_setting('ticketd.slot', true), '')::INTEGER,
-                        pg_backend_pid() % 64)
-    $$;
-    CREATE OR REPLACE FUNCTION ticketd_totals() RETURNS trigger LANGUAGE plpgsql AS $f$
-    DECLARE
-        slot INTEGER := ticketd_slot();
-        d_events INTEGER := 0;
-        d_capacity BIGINT := NEW.capacity;
-        d_booked BIGINT := NEW.booked_count;
-        d_finalized BIGINT := NEW.finalized_count;
-    BEGIN
-        IF TG_OP = 'INSERT' THEN
-            d_events := 1;
-        ELSE
-            d_capacity := NEW.capacity - OLD.capacity;
-            d_booked := NEW.booked_count - OLD.booked_count;
-            d_finalized := NEW.finalized_count - OLD.finalized_count;
-            IF d_capacity = 0 AND d_booked = 0 AND d_finalized = 0 THEN
-                RETURN NULL;
-            END IF;
-        END IF;
-        INSERT INTO report_totals AS t (id, events, capacity, booked, finalized)
-        VALUES (slot, d_events, d_capacity, d_booked, d_finalized)
-        ON CONFLICT (id) DO UPDATE SET events = t.events + excluded.events,
-            capacity = t.capacity + excluded.capacity, booked = t.booked + excluded.booked,
-            finalized = t.finalized + excluded.finalized;
-        RETURN NULL;
-    END
-    $f$;
     CREATE TABLE event_finalized (
         event_id BIGINT NOT NULL,
         slot INTEGER NOT NULL CHECK (slot >= 0 AND slot < 64),
@@ -171,7 +120,8 @@ pub const MIGRATIONS: &[&str] = &[
             (SELECT SUM(f.seats) FROM event_finalized f WHERE f.event_id = e.id), 0)::BIGINT
     $$;
     "#,
-        include_str!("functions.sql")
+        include_str!("functions.sql"),
+        include_str!("totals.sql")
     ),
 ];
 

@@ -411,7 +411,8 @@ fn a_cancellation_meeting_an_issue_in_flight_counts_what_was_issued() {
     let outcome = std::thread::scope(|s| {
         let cancelling = s.spawn(|| {
             let b = batch(e.id, 2, &cancels, &[]);
-            w.commit_group(&[PgOp::Batch(&b)]).expect("the group commits")
+            w.commit_group(&[PgOp::Batch(&b)])
+                .expect("the group commits")
         });
         // The batch waits on the issue's row lock (wherever it meets it).
         until_a_lock_wait(&url);
@@ -494,10 +495,14 @@ fn a_group_locks_its_bookings_in_id_order() {
     let outcome = std::thread::scope(|s| {
         let cancelling = s.spawn(|| {
             let b = batch(e.id, 2, &cancels, &[]);
-            w.commit_group(&[PgOp::Batch(&b)]).expect("the group commits")
+            w.commit_group(&[PgOp::Batch(&b)])
+                .expect("the group commits")
         });
         until_a_lock_wait(&url);
-        assert_eq!(issue_in(&mut issuing, std::slice::from_ref(&b_high)), (1, 2));
+        assert_eq!(
+            issue_in(&mut issuing, std::slice::from_ref(&b_high)),
+            (1, 2)
+        );
         issuing.commit().unwrap();
         cancelling.join().unwrap()
     });
@@ -563,9 +568,8 @@ fn each_writer_claims_a_counting_slot_of_its_own() {
     let e = event_with(&mut d, 5, None);
     let done = apply_fenced_batch(&mut d, &batch(e.id, 1, &[], &rows(&[(1, 2)]))).unwrap();
     assert!(finalize(&mut d, ids(&done)[0], "CODE", T0).is_some());
-    let slots: Vec<i32> = d
-        .c
-        .query(
+    let slots: Vec<i32> =
+        d.c.query(
             "SELECT slot FROM event_finalized UNION SELECT id FROM report_totals WHERE booked <> 0",
             &[],
         )
