@@ -30,7 +30,10 @@
 //! batches write, then the bookings it cancels or issues, each in ascending id order — so two
 //! writers never take rows in opposite orders; what the ops then lock besides is either new
 //! (inserted rows), behind the event row (a customer's count), or the writer's own slot rows
-//! (`CLAIM_SLOT`: the report's totals, the issued seats), which no other writer touches.
+//! (`CLAIM_SLOT`: the report's totals, the issued seats), which no other writer touches. One
+//! order is left to the ops: idempotency keys, claimed as the bookings come; two writers
+//! claiming the same two keys crosswise (a client retrying two keyed requests at two replicas
+//! at once) can deadlock — PostgreSQL detects it and the group runs again.
 //! Finalizations lock no event row (their counts go to the slot rows): issuing tickets never
 //! holds the row a hot event's sale writes. A cancellation and an issue of one booking meet on
 //! the booking's row: the cancellation then sees the ticket issued, or the issue finds the
@@ -170,8 +173,9 @@ impl PgWriter {
                     .await?;
             } else {
                 tracing::warn!(
-                    "more than 64 writers on this database: this one shares a counting slot \
-                     (its groups may meet another's in a deadlock, detected and run again)"
+                    "no free counting slot (64 writers on this database, or sessions the server \
+                     has not yet found dead): this one shares one (its groups may meet \
+                     another's in a deadlock, detected and run again)"
                 );
             }
             let st = Statements {
@@ -302,8 +306,8 @@ impl PgWriter {
         }
     }
 
-    /// The group's one round trip: BEGIN, the event locks, the ops (those of `live`), COMMIT,
-    /// pipelined.
+    /// The group's one round trip: BEGIN, the event and booking locks, the ops (those of
+    /// `live`), COMMIT, pipelined.
     fn run(&mut self, ops: &[PgOp<'_>], live: &[usize]) -> Ran {
         let (mut events, mut bookings) = (BTreeSet::new(), BTreeSet::new());
         for &i in live {
@@ -396,9 +400,10 @@ impl PgWriter {
 /// (generic) — and, being made once, must not depend on how large the tables were at that moment
 /// (a finalize planned on an empty `bookings` scanned every PENDING row at each run once there
 /// were a million: 234 ms an op, against 0.2 ms). Every statement of the writer names its rows
-/// by primary key, so index lookups in nested loops are the plan at any size: the other ways are
-/// priced out for this session (`enable_*` only adds a cost; a statement with no index path
-/// would still run).
+/// by key, as an index condition (`id = ANY($1)` where a join alone would let the planner walk
+/// an index without one), so index lookups are the plan at any size; the other ways are priced
+/// out for this session (`enable_*` only adds a cost: a statement with no index path still
+/// runs).
 pub(super) const SESSION: &str = "SET plan_cache_mode = force_generic_plan;
     SET enable_seqscan = off; SET enable_bitmapscan = off;
     SET enable_hashjoin = off; SET enable_mergejoin = off";
@@ -425,7 +430,8 @@ WITH t AS (
     UPDATE bookings b SET status = 'FINALIZED', ticket_code = t.code,
         finalized_at = $6::text::timestamp
     FROM t
-    WHERE b.id = t.id AND b.status = 'PENDING' AND b.event_id = t.event_id
+    WHERE b.id = ANY($1::bigint[]) AND b.id = t.id AND b.status = 'PENDING'
+      AND b.event_id = t.event_id
       AND b.user_id = t.user_id AND b.quantity = t.quantity
     RETURNING b.event_id, b.quantity
 ), per_event AS (
