@@ -407,22 +407,8 @@ fn a_cancellation_meeting_an_issue_in_flight_counts_what_was_issued() {
     let issued = booking(c, id).unwrap().unwrap();
     let mut issuing = c.transaction().unwrap();
     assert_eq!(issue_in(&mut issuing, &[issued]), (1, 2));
-    let cancels = [id];
-    let outcome = std::thread::scope(|s| {
-        let cancelling = s.spawn(|| {
-            let b = batch(e.id, 2, &cancels, &[]);
-            w.commit_group(&[PgOp::Batch(&b)])
-                .expect("the group commits")
-        });
-        // The batch waits on the issue's row lock (wherever it meets it).
-        until_a_lock_wait(&url);
-        issuing.commit().unwrap();
-        cancelling.join().unwrap()
-    });
-    let applied = match outcome.into_iter().next() {
-        Some(Ok(PgDone::Batch(Ok(applied)))) => applied,
-        other => panic!("{other:?}"),
-    };
+    // The batch waits on the issue's row lock (wherever it meets it).
+    let applied = cancel_while_it_waits(w, &url, e.id, &[id], || issuing.commit().unwrap());
     assert_eq!(
         (applied.cancelled, applied.freed, applied.freed_issued),
         (1, 2, 2),
@@ -451,6 +437,31 @@ fn until_a_lock_wait(url: &str) {
     {
         assert!(std::time::Instant::now() < deadline, "nobody ever waited");
         std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// Commits a batch cancelling `cancels` on `w` in another thread; once that batch waits on a row
+/// lock, runs `meanwhile` (which must free it), then answers what the batch did.
+fn cancel_while_it_waits(
+    w: &mut PgWriter,
+    url: &str,
+    event: i64,
+    cancels: &[i64],
+    meanwhile: impl FnOnce(),
+) -> BatchApplied {
+    let outcome = std::thread::scope(|s| {
+        let cancelling = s.spawn(|| {
+            let b = batch(event, 2, cancels, &[]);
+            w.commit_group(&[PgOp::Batch(&b)])
+                .expect("the group commits")
+        });
+        until_a_lock_wait(url);
+        meanwhile();
+        cancelling.join().unwrap()
+    });
+    match outcome.into_iter().next() {
+        Some(Ok(PgDone::Batch(Ok(applied)))) => applied,
+        other => panic!("{other:?}"),
     }
 }
 
@@ -496,33 +507,22 @@ fn a_group_locks_its_bookings_in_id_order() {
     c.batch_execute("SET deadlock_timeout = '10ms'").unwrap();
     let mut issuing = c.transaction().unwrap();
     assert_eq!(issue_in(&mut issuing, std::slice::from_ref(&b_low)), (1, 1));
-    let cancels = [high, low];
-    let outcome = std::thread::scope(|s| {
-        let cancelling = s.spawn(|| {
-            let b = batch(e.id, 2, &cancels, &[]);
-            w.commit_group(&[PgOp::Batch(&b)])
-                .expect("the group commits")
-        });
-        until_a_lock_wait(&url);
+    let mut second = None;
+    let applied = cancel_while_it_waits(w, &url, e.id, &[high, low], || {
         // Kept, not unwrapped here: on a deadlock this transaction must end (and free the low
         // booking) before the cancelling thread can be joined.
-        let second = try_issue_in(&mut issuing, std::slice::from_ref(&b_high));
-        let ended = if second.is_ok() {
+        let r = try_issue_in(&mut issuing, std::slice::from_ref(&b_high));
+        let ended = if r.is_ok() {
             issuing.commit()
         } else {
             issuing.rollback()
         };
-        let outcome = cancelling.join().unwrap();
-        assert_eq!(second.expect("no deadlock"), (1, 2));
-        ended.unwrap();
-        outcome
+        second = Some((r, ended));
     });
-    match outcome.into_iter().next() {
-        Some(Ok(PgDone::Batch(Ok(applied)))) => {
-            assert_eq!((applied.cancelled, applied.freed_issued), (2, 3))
-        }
-        other => panic!("{other:?}"),
-    }
+    let (r, ended) = second.expect("ran");
+    assert_eq!(r.expect("no deadlock"), (1, 2));
+    ended.unwrap();
+    assert_eq!((applied.cancelled, applied.freed_issued), (2, 3));
     let row = ev(&mut d, e.id);
     assert_eq!((row.booked_count, row.finalized_count), (0, 0));
 }
