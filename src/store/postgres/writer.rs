@@ -139,7 +139,7 @@ pub struct PgWriter {
     rt: tokio::runtime::Runtime,
     client: Client,
     st: Statements,
-    /// Round trips to the server so far (each pipeline awaited counts one): the test of "two per
+    /// Round trips to the server so far (each pipeline awaited counts one): the test of "one per
     /// group".
     pub round_trips: u64,
     /// The counting slot this session claimed (`CLAIM_SLOT`), if one was free.
