@@ -425,6 +425,13 @@ impl Applied {
         }
     }
 
+    /// Whether the op's writes were (or, run without a savepoint, must be) undone: a batch
+    /// refused by the fenced update had written its rows first; a failed op may have written
+    /// some.
+    fn undone(&self) -> bool {
+        matches!(self, Applied::SeatsRefused { .. } | Applied::Error(..))
+    }
+
     /// The COMMIT failed: nothing of this op was written, whatever it looked like inside the
     /// transaction. Every client hears so (503), none a 200.
     fn fail(self, why: &StoreError) {

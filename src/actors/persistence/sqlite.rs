@@ -1,12 +1,20 @@
 //! The group transaction on SQLite: `BEGIN IMMEDIATE`, each op in a savepoint of its own (a
 //! refused or failed batch is undone alone), the totals, `COMMIT` — one fsync for the group.
 //! Between groups the writer keeps the WAL in check (`WalKeeper`).
+//!
+//! Except the first op of a transaction: with nothing before it to keep, undoing it is undoing
+//! the transaction, so it runs bare, and if it is refused or fails the transaction is rolled
+//! back and the rest of the group goes on in a new one. A savepoint is not free: SQLite copies
+//! every page an op touches into the statement journal first (a 4 KiB copy and an allocation
+//! per page: 3–4 % of the writer's CPU in `make bench` row 2b), and the hot event's groups are
+//! mostly one batch. Refusals are rare there (the actor allocates on a view it confirmed), so
+//! the second transaction is the exception.
 
 use rusqlite::{Connection, TransactionBehavior};
-use tracing::{error, info_span, warn};
+use tracing::{debug, error, info_span, warn};
 
 use super::{Applied, SeatBatch, Stamps, WriteOp};
-use crate::store::queries::{FencedBatch, IssuedTicket, NewBookingRow, PurgeCursor, TotalsDelta};
+use crate::store::queries::{FencedBatch, NewBookingRow, PurgeCursor, TotalsDelta};
 use crate::store::sqlite as queries;
 use crate::store::wal::WalKeeper;
 use crate::store::StoreError;
@@ -55,33 +63,34 @@ impl Db {
 
     /// The group in one transaction; `None` if it failed (every op has been answered).
     pub(super) fn write(&mut self, group: Vec<WriteOp>, at: &Stamps<'_>) -> Option<Vec<Applied>> {
-        // Other replicas share the file in cluster mode: BEGIN IMMEDIATE waits for their write lock
-        // (busy_timeout), and a few retries ride out a long checkpoint or a burst of theirs.
-        let mut attempt = 0;
-        let tx = loop {
-            match self
-                .conn
-                .transaction_with_behavior(TransactionBehavior::Immediate)
-            {
-                Ok(tx) => break tx,
-                Err(e) if crate::store::is_busy(&e) && attempt < BEGIN_RETRIES => {
-                    attempt += 1;
-                    warn!(attempt, "database busy; retrying the group transaction");
-                    std::thread::sleep(std::time::Duration::from_millis(20 * attempt as u64));
-                }
-                Err(e) => {
-                    warn!(error = %e, "could not begin the group transaction");
-                    crate::metrics::handles().group_failures.increment(1);
-                    let why = StoreError::Sqlite(e);
-                    group.into_iter().for_each(|op| op.fail(&why));
-                    return None;
-                }
-            }
-        };
         let mut applied = Vec::with_capacity(group.len());
+        let mut ops = group.into_iter().peekable();
+        let mut tx = match begin(&self.conn) {
+            Ok(tx) => tx,
+            Err(why) => return fail_all(why, applied, ops),
+        };
+        // Whether the transaction holds nothing yet: its next op runs without a savepoint.
+        let mut bare = true;
         let mut totals = TotalsDelta::default();
-        for op in group {
-            let a = apply(&tx, op, at);
+        while let Some(op) = ops.next() {
+            let a = apply(&tx, op, at, !bare);
+            if bare && a.undone() {
+                // Undone with the transaction, which held nothing else; the rest of the group
+                // goes on in a new one (`bare` still).
+                if let Err(e) = tx.rollback() {
+                    debug!(error = %e, "rollback after a bare op (SQLite may have done it)");
+                }
+                applied.push(a);
+                if ops.peek().is_none() {
+                    return Some(applied);
+                }
+                match begin(&self.conn) {
+                    Ok(next) => tx = next,
+                    Err(why) => return fail_all(why, applied, ops),
+                }
+                continue;
+            }
+            bare = false;
             totals += a.totals();
             applied.push(a);
         }
@@ -103,6 +112,42 @@ impl Db {
     }
 }
 
+/// `BEGIN IMMEDIATE`. Other replicas share the file in cluster mode: it waits for their write
+/// lock (busy_timeout), and a few retries ride out a long checkpoint or a burst of theirs.
+/// (`new_unchecked` takes the connection shared, so a retry can borrow it again; this writer
+/// never nests transactions.)
+fn begin(conn: &Connection) -> Result<rusqlite::Transaction<'_>, StoreError> {
+    let mut attempt = 0;
+    loop {
+        match rusqlite::Transaction::new_unchecked(conn, TransactionBehavior::Immediate) {
+            Ok(tx) => return Ok(tx),
+            Err(e) if crate::store::is_busy(&e) && attempt < BEGIN_RETRIES => {
+                attempt += 1;
+                warn!(attempt, "database busy; retrying the group transaction");
+                std::thread::sleep(std::time::Duration::from_millis(20 * attempt as u64));
+            }
+            Err(e) => {
+                warn!(error = %e, "could not begin the group transaction");
+                return Err(StoreError::Sqlite(e));
+            }
+        }
+    }
+}
+
+/// No transaction could be begun: every op is answered as failed — those run and undone
+/// already (a refused batch too: its clients hear the store is unavailable and retry) and
+/// those not yet run.
+fn fail_all(
+    why: StoreError,
+    applied: Vec<Applied>,
+    rest: impl Iterator<Item = WriteOp>,
+) -> Option<Vec<Applied>> {
+    crate::metrics::handles().group_failures.increment(1);
+    applied.into_iter().for_each(|a| a.fail(&why));
+    rest.for_each(|op| op.fail(&why));
+    None
+}
+
 /// COMMITs the group. Tests make it fail (failpoint `writer-commit`, returning the error a full
 /// disk or an I/O error would): dropping the transaction rolls it back, as SQLite does after a
 /// failed COMMIT, so nothing of the group is written and none of its clients may hear 200.
@@ -114,54 +159,78 @@ fn commit(tx: rusqlite::Transaction<'_>) -> rusqlite::Result<()> {
     tx.commit()
 }
 
-fn apply(tx: &rusqlite::Transaction<'_>, op: WriteOp, at: &Stamps<'_>) -> Applied {
+/// Applies one op; `guarded`: in a savepoint of its own (the transaction holds ops to keep).
+fn apply(tx: &rusqlite::Transaction<'_>, op: WriteOp, at: &Stamps<'_>, guarded: bool) -> Applied {
     match op {
         WriteOp::CreateEvent { event, reply } => {
             let e = &event;
-            match queries::insert_event(
+            let created = undoable(
                 tx,
-                &e.title,
-                e.capacity,
-                e.max_per_user,
-                e.key.as_deref(),
-                at.now_ms,
-                at.keys_live_after_ms,
-            ) {
+                guarded,
+                || {
+                    queries::insert_event(
+                        tx,
+                        &e.title,
+                        e.capacity,
+                        e.max_per_user,
+                        e.key.as_deref(),
+                        at.now_ms,
+                        at.keys_live_after_ms,
+                    )
+                },
+                |_| true,
+            );
+            match created {
                 Ok(created) => Applied::Event(reply, created),
                 Err(err) => Applied::Error(WriteOp::CreateEvent { event, reply }, err.into()),
             }
         }
-        WriteOp::Finalize { tickets, reply } => match finalize_in_savepoint(tx, &tickets, at) {
-            Ok((written, seats)) => Applied::Finalized(reply, written, seats),
-            Err(e) => Applied::Error(WriteOp::Finalize { tickets, reply }, e.into()),
-        },
-        WriteOp::Seats(batch) => apply_seats(tx, batch, at),
+        // A finalizer's tickets all or nothing within the group: a failure undoes its own
+        // statements, not the group's other ops (their clients may still hear 200).
+        WriteOp::Finalize { tickets, reply } => {
+            match undoable(
+                tx,
+                guarded,
+                || queries::finalize_many(tx, &tickets, at.now),
+                |_| true,
+            ) {
+                Ok((written, seats)) => Applied::Finalized(reply, written, seats),
+                Err(e) => Applied::Error(WriteOp::Finalize { tickets, reply }, e.into()),
+            }
+        }
+        WriteOp::Seats(batch) => apply_seats(tx, batch, at, guarded),
     }
 }
 
-/// Writes a finalizer's tickets all or nothing within the group: a failure undoes its own
-/// statements, not the group's other ops (their clients may still hear 200).
-fn finalize_in_savepoint(
+/// Runs an op's statements; `guarded`, inside a savepoint of its own that is released if `keep`
+/// says so of the result and rolled back otherwise (a refusal) or on an error, so the op is
+/// undone alone. Unguarded, the caller undoes it with the transaction (`Applied::undone`).
+fn undoable<T>(
     tx: &rusqlite::Transaction<'_>,
-    tickets: &[IssuedTicket],
-    at: &Stamps<'_>,
-) -> rusqlite::Result<(usize, i64)> {
+    guarded: bool,
+    run: impl FnOnce() -> rusqlite::Result<T>,
+    keep: impl FnOnce(&T) -> bool,
+) -> rusqlite::Result<T> {
+    if !guarded {
+        return run();
+    }
     savepoint(tx)?;
-    match queries::finalize_many(tx, tickets, at.now) {
-        Ok(done) => {
-            release_savepoint(tx)?;
-            Ok(done)
-        }
-        Err(e) => {
+    match run() {
+        Ok(v) if keep(&v) => match release_savepoint(tx) {
+            Ok(()) => Ok(v),
+            Err(e) => {
+                let _ = rollback_savepoint(tx);
+                Err(e)
+            }
+        },
+        other => {
             let _ = rollback_savepoint(tx);
-            Err(e)
+            other
         }
     }
 }
 
-/// One op of the group (a batch, a finalizer's tickets) runs inside its own savepoint, so a
-/// refused or failed op is undone alone. The statements are prepared once: the hot path runs
-/// them for every batch.
+/// The statements are prepared once: the hot path runs them for every guarded op.
 fn savepoint(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<()> {
     tx.prepare_cached("SAVEPOINT op")?.execute([])?;
     Ok(())
@@ -178,7 +247,12 @@ fn rollback_savepoint(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<()> {
     release_savepoint(tx)
 }
 
-fn apply_seats(tx: &rusqlite::Transaction<'_>, batch: SeatBatch, at: &Stamps<'_>) -> Applied {
+fn apply_seats(
+    tx: &rusqlite::Transaction<'_>,
+    batch: SeatBatch,
+    at: &Stamps<'_>,
+    guarded: bool,
+) -> Applied {
     let _span = info_span!(
         "batch",
         event_id = batch.event_id,
@@ -206,26 +280,162 @@ fn apply_seats(tx: &rusqlite::Transaction<'_>, batch: SeatBatch, at: &Stamps<'_>
         now_ms: at.now_ms,
         keys_live_after_ms: at.keys_live_after_ms,
     };
-    // A savepoint per batch: a refused or failed batch is undone alone.
-    let result = savepoint(tx)
-        .and_then(|()| queries::apply_fenced_batch(tx, &fenced))
-        .and_then(|r| {
-            if r.is_ok() {
-                release_savepoint(tx)?;
-            }
-            Ok(r)
-        });
+    let result = undoable(
+        tx,
+        guarded,
+        || queries::apply_fenced_batch(tx, &fenced),
+        |r| r.is_ok(),
+    );
     drop(rows);
     match result {
         Ok(Ok(done)) => super::seats_written(batch, done, at.now),
-        Ok(Err(refusal)) => {
-            let _ = rollback_savepoint(tx);
-            super::seats_refused(batch, refusal)
-        }
+        Ok(Err(refusal)) => super::seats_refused(batch, refusal),
         Err(e) => {
-            let _ = rollback_savepoint(tx);
             warn!(error = %e, "batch failed");
             Applied::Error(WriteOp::Seats(batch), e.into())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::actors::persistence::SeatBatch;
+    use crate::domain::{IdempotencyKey, SeatRequest};
+    use std::sync::Arc;
+    use tokio::sync::oneshot;
+
+    const NOW: &str = "2026-12-05 12:00:00.000000";
+    const NOW_MS: i64 = 1_796_472_000_000;
+
+    fn stamps() -> Stamps<'static> {
+        Stamps {
+            now: NOW,
+            now_ms: NOW_MS,
+            keys_live_after_ms: NOW_MS - 86_400_000,
+        }
+    }
+
+    /// A batch under `token` of keyed requests `(user, seats)` (the receivers are dropped: the
+    /// test reads what the writer applied and what the file holds).
+    fn batch(event_id: i64, token: i64, requests: &[(i64, i64)]) -> WriteOp {
+        let (done, _) = oneshot::channel();
+        let requests = requests
+            .iter()
+            .map(|&(user, quantity)| SeatRequest {
+                user_id: user,
+                quantity,
+                key: Some(Arc::new(IdempotencyKey {
+                    scope: format!("user:{user}"),
+                    key: format!("k{user}"),
+                    fingerprint: "f".into(),
+                })),
+                reply: oneshot::channel().0,
+            })
+            .collect();
+        WriteOp::Seats(SeatBatch {
+            event_id,
+            token,
+            requests,
+            cancels: vec![],
+            done,
+        })
+    }
+
+    fn kinds(applied: &[Applied]) -> Vec<&'static str> {
+        applied
+            .iter()
+            .map(|a| match a {
+                Applied::Seats { .. } => "written",
+                Applied::SeatsRefused { .. } => "refused",
+                _ => "other",
+            })
+            .collect()
+    }
+
+    fn count(db: &Db, sql: &str) -> i64 {
+        db.conn.query_row(sql, [], |r| r.get(0)).unwrap()
+    }
+
+    /// The first op of a group runs without a savepoint: refused by the fenced update, which
+    /// comes after its booking rows, keys and customers' seats are written, it must be undone
+    /// with the transaction and the rest of the group committed in a new one; a later op, in its
+    /// savepoint, is undone alone.
+    #[test]
+    fn a_refused_batch_leaves_nothing_wherever_it_is_in_its_group() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut db = Db::open(crate::store::open_writer(&dir.path().join("t.db")).unwrap());
+        let at = stamps();
+        let ev = queries::insert_event(&db.conn, "Hot", 6, Some(4), None, NOW_MS, 0)
+            .unwrap()
+            .unwrap()
+            .id;
+        let first = db.write(vec![batch(ev, 5, &[(1, 2)])], &at).unwrap();
+        assert_eq!(kinds(&first), ["written"]);
+
+        // 6 seats wanted, 4 left: refused (bare), then a batch that fits.
+        let second = db
+            .write(
+                vec![batch(ev, 6, &[(2, 3), (3, 3)]), batch(ev, 6, &[(4, 1)])],
+                &at,
+            )
+            .unwrap();
+        assert_eq!(kinds(&second), ["refused", "written"]);
+        // A batch that fits, then one that does not (in its savepoint).
+        let third = db
+            .write(
+                vec![batch(ev, 7, &[(5, 1)]), batch(ev, 7, &[(6, 2), (7, 1)])],
+                &at,
+            )
+            .unwrap();
+        assert_eq!(kinds(&third), ["written", "refused"]);
+        // A group of one refused batch, and a stale token.
+        let fourth = db.write(vec![batch(ev, 7, &[(8, 3)])], &at).unwrap();
+        assert_eq!(kinds(&fourth), ["refused"]);
+        let fifth = db.write(vec![batch(ev, 2, &[(9, 1)])], &at).unwrap();
+        assert_eq!(kinds(&fifth), ["refused"]);
+
+        let users = |table: &str| {
+            let mut st = db
+                .conn
+                .prepare(&format!("SELECT user_id FROM {table} ORDER BY user_id"))
+                .unwrap();
+            let v: Vec<i64> = st
+                .query_map([], |r| r.get(0))
+                .unwrap()
+                .map(Result::unwrap)
+                .collect();
+            v
+        };
+        assert_eq!(
+            users("bookings"),
+            [1, 4, 5],
+            "only the written batches' rows"
+        );
+        assert_eq!(
+            users("customer_seats"),
+            [1, 4, 5],
+            "only their customers' seats"
+        );
+        let keys: Vec<String> = db
+            .conn
+            .prepare("SELECT key FROM idempotency_keys ORDER BY key")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        assert_eq!(
+            keys,
+            ["k1", "k4", "k5"],
+            "refused batches give their keys back"
+        );
+        assert_eq!(count(&db, "SELECT booked_count FROM events"), 4);
+        assert_eq!(count(&db, "SELECT fence FROM events"), 7);
+        assert_eq!(
+            count(&db, "SELECT CAST(booked AS INTEGER) FROM report_totals"),
+            4,
+            "the report's totals count the written batches once"
+        );
     }
 }
