@@ -2,16 +2,16 @@
 //! refused or failed batch is undone alone), the totals, `COMMIT` — one fsync for the group.
 //! Between groups the writer keeps the WAL in check (`WalKeeper`).
 //!
-//! Except the first op of a transaction: with nothing before it to keep, undoing it is undoing
-//! the transaction, so it runs bare, and if it is refused or fails the transaction is rolled
-//! back and the rest of the group goes on in a new one. A savepoint is not free: SQLite copies
-//! every page an op touches into the statement journal first (a 4 KiB copy and an allocation
-//! per page: 3–4 % of the writer's CPU in `make bench` row 2b), and the hot event's groups are
-//! mostly one batch. Refusals are rare there (the actor allocates on a view it confirmed), so
-//! the second transaction is the exception.
+//! Except a group of one op: undoing it is undoing the transaction, so it runs bare and is
+//! rolled back if it is refused or fails. A savepoint is not free: SQLite copies every page an
+//! op touches into the statement journal first (a 4 KiB copy and an allocation per page: 3–4 %
+//! of the writer's CPU in `make bench` row 2b), and the hot event's groups are mostly one batch.
+//! (Running the first op of a larger group bare as well would mean a new transaction for the
+//! rest after a refusal — a second BEGIN IMMEDIATE, in cluster mode a wait for the other
+//! replicas' lock — for the few groups that hold a batch and a finalizer's tickets.)
 
 use rusqlite::{Connection, TransactionBehavior};
-use tracing::{debug, error, info_span, warn};
+use tracing::{error, info_span, warn};
 
 use super::{Applied, SeatBatch, Stamps, WriteOp};
 use crate::store::queries::{FencedBatch, NewBookingRow, PurgeCursor, TotalsDelta};
@@ -63,34 +63,35 @@ impl Db {
 
     /// The group in one transaction; `None` if it failed (every op has been answered).
     pub(super) fn write(&mut self, group: Vec<WriteOp>, at: &Stamps<'_>) -> Option<Vec<Applied>> {
-        let mut applied = Vec::with_capacity(group.len());
-        let mut ops = group.into_iter().peekable();
-        let mut tx = match begin(&self.conn) {
+        // A group of one op runs it bare (see the module's doc): undoing it is rolling back.
+        let bare = group.len() == 1;
+        let tx = match begin(&self.conn) {
             Ok(tx) => tx,
-            Err(why) => return fail_all(why, applied, ops),
+            Err(why) => return fail_all(why, Vec::new(), group.into_iter()),
         };
-        // Whether the transaction holds nothing yet: its next op runs without a savepoint.
-        let mut bare = true;
+        let mut applied = Vec::with_capacity(group.len());
         let mut totals = TotalsDelta::default();
+        let mut ops = group.into_iter();
         while let Some(op) = ops.next() {
             let a = apply(&tx, op, at, !bare);
-            if bare && a.undone() {
-                // Undone with the transaction, which held nothing else; the rest of the group
-                // goes on in a new one (`bare` still).
+            if a.undone() && bare {
                 if let Err(e) = tx.rollback() {
-                    debug!(error = %e, "rollback after a bare op (SQLite may have done it)");
+                    error!(error = %e, "could not roll back a refused or failed op");
                 }
-                applied.push(a);
-                if ops.peek().is_none() {
-                    return Some(applied);
-                }
-                match begin(&self.conn) {
-                    Ok(next) => tx = next,
-                    Err(why) => return fail_all(why, applied, ops),
-                }
-                continue;
+                return Some(vec![a]);
             }
-            bare = false;
+            if a.undone() && self.conn.is_autocommit() {
+                // SQLite rolled the whole transaction back on its own (it may, on a full disk, an
+                // I/O error, out of memory): the ops applied before this one went with it, and
+                // each op after it would commit alone. None of the group is written.
+                error!("the group transaction was rolled back by SQLite; the group fails");
+                applied.push(a);
+                let why = StoreError::Sqlite(rusqlite::Error::SqliteFailure(
+                    rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_ABORT_ROLLBACK),
+                    Some("the group transaction was rolled back".into()),
+                ));
+                return fail_all(why, applied, ops);
+            }
             totals += a.totals();
             applied.push(a);
         }
@@ -134,9 +135,9 @@ fn begin(conn: &Connection) -> Result<rusqlite::Transaction<'_>, StoreError> {
     }
 }
 
-/// No transaction could be begun: every op is answered as failed — those run and undone
-/// already (a refused batch too: its clients hear the store is unavailable and retry) and
-/// those not yet run.
+/// The group fails before its COMMIT (no transaction could be begun, or SQLite rolled it back):
+/// every op is answered as failed, those applied (nothing of them is written) and those not yet
+/// run.
 fn fail_all(
     why: StoreError,
     applied: Vec<Applied>,
@@ -357,10 +358,9 @@ mod tests {
         db.conn.query_row(sql, [], |r| r.get(0)).unwrap()
     }
 
-    /// The first op of a group runs without a savepoint: refused by the fenced update, which
-    /// comes after its booking rows, keys and customers' seats are written, it must be undone
-    /// with the transaction and the rest of the group committed in a new one; a later op, in its
-    /// savepoint, is undone alone.
+    /// A group of one op runs it without a savepoint: refused by the fenced update, which comes
+    /// after its booking rows, keys and customers' seats are written, it must be rolled back with
+    /// the transaction; in a larger group, each op in its savepoint is undone alone.
     #[test]
     fn a_refused_batch_leaves_nothing_wherever_it_is_in_its_group() {
         let dir = tempfile::tempdir().unwrap();
@@ -370,43 +370,34 @@ mod tests {
             .unwrap()
             .unwrap()
             .id;
-        let first = db.write(vec![batch(ev, 5, &[(1, 2)])], &at).unwrap();
-        assert_eq!(kinds(&first), ["written"]);
-
-        // 6 seats wanted, 4 left: refused (bare), then a batch that fits.
-        let second = db
+        let written = db.write(vec![batch(ev, 5, &[(1, 2)])], &at).unwrap();
+        assert_eq!(kinds(&written), ["written"]);
+        // 6 seats wanted, 4 left: refused, alone in its group.
+        let alone = db
+            .write(vec![batch(ev, 6, &[(2, 3), (3, 3)])], &at)
+            .unwrap();
+        assert_eq!(kinds(&alone), ["refused"]);
+        // Refused first, then a batch that fits.
+        let first = db
             .write(
-                vec![batch(ev, 6, &[(2, 3), (3, 3)]), batch(ev, 6, &[(4, 1)])],
+                vec![batch(ev, 6, &[(2, 3), (3, 2)]), batch(ev, 6, &[(4, 1)])],
                 &at,
             )
             .unwrap();
-        assert_eq!(kinds(&second), ["refused", "written"]);
-        // A batch that fits, then one that does not (in its savepoint).
-        let third = db
+        assert_eq!(kinds(&first), ["refused", "written"]);
+        // A batch that fits, then one that does not.
+        let last = db
             .write(
                 vec![batch(ev, 7, &[(5, 1)]), batch(ev, 7, &[(6, 2), (7, 1)])],
                 &at,
             )
             .unwrap();
-        assert_eq!(kinds(&third), ["written", "refused"]);
-        // A group of one refused batch, and a stale token.
-        let fourth = db.write(vec![batch(ev, 7, &[(8, 3)])], &at).unwrap();
-        assert_eq!(kinds(&fourth), ["refused"]);
-        let fifth = db.write(vec![batch(ev, 2, &[(9, 1)])], &at).unwrap();
-        assert_eq!(kinds(&fifth), ["refused"]);
+        assert_eq!(kinds(&last), ["written", "refused"]);
+        // A stale token, alone.
+        let stale = db.write(vec![batch(ev, 2, &[(9, 1)])], &at).unwrap();
+        assert_eq!(kinds(&stale), ["refused"]);
 
-        let users = |table: &str| {
-            let mut st = db
-                .conn
-                .prepare(&format!("SELECT user_id FROM {table} ORDER BY user_id"))
-                .unwrap();
-            let v: Vec<i64> = st
-                .query_map([], |r| r.get(0))
-                .unwrap()
-                .map(Result::unwrap)
-                .collect();
-            v
-        };
+        let users = |table: &str| users_in(&db, table);
         assert_eq!(
             users("bookings"),
             [1, 4, 5],
@@ -437,5 +428,90 @@ mod tests {
             4,
             "the report's totals count the written batches once"
         );
+    }
+
+    /// Rows of `table` by user, in order.
+    fn users_in(db: &Db, table: &str) -> Vec<i64> {
+        let mut st = db
+            .conn
+            .prepare(&format!("SELECT user_id FROM {table} ORDER BY user_id"))
+            .unwrap();
+        let v: Vec<i64> = st
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        v
+    }
+
+    /// An op that fails after writing (a statement refused by the file, here a trigger on the
+    /// test's connection) leaves nothing, bare or not; and when SQLite rolls the whole
+    /// transaction back on its own (as it may on a full disk or an I/O error; here
+    /// `RAISE(ROLLBACK)`), the group fails: neither the ops before the failing one nor those
+    /// after it may be written, although each op after it would commit alone, outside any
+    /// transaction, if the group went on.
+    #[test]
+    fn a_failed_op_leaves_nothing_and_a_lost_transaction_fails_its_group() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut db = Db::open(crate::store::open_writer(&dir.path().join("t.db")).unwrap());
+        let at = stamps();
+        db.conn
+            .execute_batch(
+                "CREATE TEMP TRIGGER fail_777 BEFORE INSERT ON bookings WHEN NEW.user_id = 777
+                 BEGIN SELECT RAISE(ABORT, 'injected failure'); END;
+                 CREATE TEMP TRIGGER lose_666 BEFORE INSERT ON bookings WHEN NEW.user_id = 666
+                 BEGIN SELECT RAISE(ROLLBACK, 'injected loss of the transaction'); END;",
+            )
+            .unwrap();
+        let ev = queries::insert_event(&db.conn, "Hot", 100, Some(4), None, NOW_MS, 0)
+            .unwrap()
+            .unwrap()
+            .id;
+
+        let alone = db.write(vec![batch(ev, 5, &[(777, 1)])], &at).unwrap();
+        assert!(matches!(alone[..], [Applied::Error(..)]));
+        let inside = db
+            .write(
+                vec![batch(ev, 5, &[(1, 1)]), batch(ev, 5, &[(777, 1)])],
+                &at,
+            )
+            .unwrap();
+        assert_eq!(kinds(&inside), ["written", "other"]);
+        assert_eq!(
+            users_in(&db, "customer_seats"),
+            [1],
+            "the failed ops' seats are undone"
+        );
+        assert_eq!(
+            count(
+                &db,
+                "SELECT COUNT(*) FROM idempotency_keys WHERE key = 'k777'"
+            ),
+            0
+        );
+
+        let lost = db.write(
+            vec![
+                batch(ev, 6, &[(2, 1)]),
+                batch(ev, 6, &[(666, 1)]),
+                batch(ev, 6, &[(3, 1)]),
+            ],
+            &at,
+        );
+        assert!(lost.is_none(), "the group failed");
+        assert_eq!(
+            users_in(&db, "bookings"),
+            [1],
+            "nothing of the lost group is written"
+        );
+        assert_eq!(count(&db, "SELECT booked_count FROM events"), 1);
+        assert_eq!(
+            count(&db, "SELECT CAST(booked AS INTEGER) FROM report_totals"),
+            1
+        );
+        // The writer goes on.
+        let after = db.write(vec![batch(ev, 7, &[(4, 1)])], &at).unwrap();
+        assert_eq!(kinds(&after), ["written"]);
+        assert_eq!(users_in(&db, "bookings"), [1, 4]);
     }
 }
