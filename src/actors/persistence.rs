@@ -6,7 +6,7 @@
 //! (one message per handler call) does not offer. While one transaction commits, the next group
 //! piles up in the hand-off queue; then it all goes into one transaction and one fsync.
 //!
-//! The group's transaction is the backend's (`sqlite`: a savepoint per batch; `postgres`: the
+//! The group's transaction is the backend's (`sqlite`: a savepoint per op, see its module; `postgres`: the
 //! whole group pipelined in one round trip): either way a batch refused by the fence (stale
 //! token, seats not there) is left out alone while the other batches of the group commit, and
 //! each op comes back as an `Applied`. What follows COMMIT is this module's, the same for both:

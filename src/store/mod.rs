@@ -129,9 +129,10 @@ fn setup_writer(path: &Path) -> Result<Connection, StoreError> {
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "synchronous", "FULL")?;
     conn.pragma_update(None, "foreign_keys", "OFF")?;
-    // Each batch runs in a savepoint; SQLite copies every page a batch touches first into the
-    // statement journal, which past 64 KiB spills to a temporary file — a write per page. In
-    // memory it costs a copy (profiled: 16 % of the writer's time with idempotency keys).
+    // A batch in a group of several runs in a savepoint (`actors::persistence::sqlite`); SQLite
+    // copies every page it touches first into the statement journal, which past 64 KiB spills
+    // to a temporary file — a write per page. In memory it costs a copy (profiled: 16 % of the
+    // writer's time with idempotency keys).
     conn.pragma_update(None, "temp_store", "MEMORY")?;
     // Checkpoints: the writer runs them between groups (`wal::WalKeeper`).
     conn.pragma_update(None, "journal_size_limit", 64 * 1024 * 1024)?;

@@ -475,8 +475,8 @@ pub fn purge_expired_keys(
 /// The fenced, conditional batch of DESIGN.md: cancellations, bookings, their customers' counts
 /// and idempotency keys, then one update of the event row that moves `booked_count` only if no
 /// newer lease token has written (`fence <= token`) and the seats are there
-/// (`booked_count + n <= capacity`). If that update refuses, the caller rolls the whole batch
-/// back (a savepoint) and learns the current row. This is the last line of defence against
+/// (`booked_count + n <= capacity`). If that update refuses, the caller undoes the whole batch
+/// (`actors::persistence::sqlite`) and learns the current row. This is the last line of defence against
 /// oversell: whatever an actor believes in memory, the database does not sell a seat it does not
 /// have, nor let a customer pass the limit (the conditional upsert of `customer_seats`).
 pub fn apply_fenced_batch(
