@@ -541,7 +541,7 @@ async fn import_rate_of_200k_bookings() {
                     "INSERT INTO idempotency_keys (scope, key, fingerprint, booking_id,
                          created_ms)
                      VALUES (?1, ?2, 'f', ?3, 1714557600000)",
-                    rusqlite::params![format!("user:{user}"), format!("k-{id}"), id],
+                    rusqlite::params![user, format!("k-{id}"), id],
                 )
                 .unwrap();
             }

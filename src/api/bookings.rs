@@ -14,7 +14,9 @@ use super::errors::{
 };
 use super::openapi::{IdempotencyHeader, NewBookingBody};
 use super::{auth, body, idempotency, path_id, ApiError, AppState};
-use crate::domain::{BookError, Booked, Booking, BookingStatus, IdempotencyKey, NewBooking};
+use crate::domain::{
+    BookError, Booked, Booking, BookingStatus, IdempotencyKey, KeyScope, NewBooking,
+};
 use crate::store::queries;
 use crate::ticket::TicketFacts;
 
@@ -82,7 +84,7 @@ pub async fn book(
     span.record("quantity", new.quantity);
     let key = idempotency::from_request(
         &req,
-        format!("user:{}", new.user_id),
+        KeyScope::Customer(new.user_id),
         &format!("book|{}|{}|{}", new.event_id.0, new.user_id, new.quantity),
     )?;
     let _in_flight = match &key {

@@ -10,7 +10,7 @@ use super::errors::{
 use super::openapi::{IdempotencyHeader, NewEventBody, PageQuery};
 use super::{auth, body, idempotency, path_id, ApiError, AppState};
 use crate::actors::persistence::CreateEvent;
-use crate::domain::NewEvent;
+use crate::domain::{KeyScope, NewEvent};
 use crate::store::{queries, EventRow};
 
 /// `GET /event?limit=&after=`: one page of events, and where the next one starts.
@@ -105,7 +105,7 @@ pub async fn create(
     let value = body::json(&req, payload).await?;
     let new = NewEvent::parse(&value).map_err(ApiError::Validation)?;
     let meaning = serde_json::json!(["event", new.title, new.capacity, new.max_per_user]);
-    let key = idempotency::from_request(&req, "organizer".into(), &meaning.to_string())?;
+    let key = idempotency::from_request(&req, KeyScope::Organizer, &meaning.to_string())?;
     let _in_flight = match &key {
         Some(k) => Some(state.in_flight.claim(k)?),
         None => None,

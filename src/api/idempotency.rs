@@ -2,7 +2,7 @@
 //! Header Field", Stripe): a client that cannot tell whether its request went through retries
 //! with the same key and gets the original answer, never a second booking.
 //!
-//! - A key is scoped to who sent it (`user:<id>` for bookings, `organizer` for events) and lives
+//! - A key is scoped to who sent it (the customer's user id for bookings, the organizer for events) and lives
 //!   24 hours.
 //! - It is written by the writer in the transaction of what it names, so it survives a crash
 //!   between the commit and the reply, and holds across replicas (the writer checks it under the
@@ -23,14 +23,14 @@ use dashmap::DashMap;
 use sha2::{Digest, Sha256};
 
 use super::{ApiError, AppState};
-use crate::domain::{parse_idempotency_key, FieldError, IdempotencyKey};
+use crate::domain::{parse_idempotency_key, FieldError, IdempotencyKey, KeyScope};
 use crate::store::queries::{self, KeyRecord};
 
 /// The key of the request, if it carries one; `422` naming the header when malformed. Shared
 /// (an `Arc`) by the route, the in-flight set and the writer's batch, never copied.
 pub fn from_request(
     req: &HttpRequest,
-    scope: String,
+    scope: KeyScope,
     fingerprint: &str,
 ) -> Result<Option<Arc<IdempotencyKey>>, ApiError> {
     let Some(raw) = req.headers().get("idempotency-key") else {
@@ -101,11 +101,11 @@ impl InFlight {
 
 /// The live record of `key`, from the read pool.
 pub async fn lookup(state: &AppState, key: &IdempotencyKey) -> Result<Option<KeyRecord>, ApiError> {
-    let (scope, k) = (key.scope.clone(), key.key.clone());
+    let (scope, k) = (key.scope, key.key.clone());
     let live_after = (chrono::Utc::now() - crate::actors::persistence::KEY_TTL).timestamp_millis();
     Ok(state
         .reads
-        .read(move |c| queries::idempotency_key(c, &scope, &k, live_after))
+        .read(move |c| queries::idempotency_key(c, scope, &k, live_after))
         .await?)
 }
 

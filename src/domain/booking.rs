@@ -93,10 +93,48 @@ impl Booked {
 /// whitespace is the same request).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct IdempotencyKey {
-    /// `user:<id>` for bookings, `organizer` for events.
-    pub scope: String,
+    pub scope: KeyScope,
     pub key: String,
     pub fingerprint: String,
+}
+
+/// Whose key it is: a customer's (bookings, by user id) or the organizer's (events). Two
+/// customers may use the same key without meeting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum KeyScope {
+    Organizer,
+    Customer(i64),
+}
+
+impl KeyScope {
+    /// The scope as one integer, as SQLite stores it: `0` the organizer, else the customer's user
+    /// id (always `>= 1`). An integer keeps the key records short and their B-tree compares cheap
+    /// (the text `user:<id>` cost the writer about a microsecond per keyed booking).
+    pub fn code(self) -> i64 {
+        match self {
+            KeyScope::Organizer => 0,
+            KeyScope::Customer(user_id) => user_id,
+        }
+    }
+
+    /// The scope of a stored code; `None` for a code no scope has (below zero).
+    pub fn from_code(code: i64) -> Option<KeyScope> {
+        match code {
+            0 => Some(KeyScope::Organizer),
+            n if n >= 1 => Some(KeyScope::Customer(n)),
+            _ => None,
+        }
+    }
+}
+
+/// The text form, as PostgreSQL stores it: `organizer`, or `user:<id>`.
+impl std::fmt::Display for KeyScope {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            KeyScope::Organizer => f.write_str("organizer"),
+            KeyScope::Customer(id) => write!(f, "user:{id}"),
+        }
+    }
 }
 
 /// A seat request waiting for its batch: the client's reply channel travels with it, so whoever
@@ -143,4 +181,25 @@ pub enum BookError {
     /// may not have taken effect (PostgreSQL; the cause goes to the log).
     #[error("outcome unknown: {0}")]
     OutcomeUnknown(String),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::KeyScope;
+
+    #[test]
+    fn a_scope_keeps_its_identity_in_both_stored_forms() {
+        for scope in [
+            KeyScope::Organizer,
+            KeyScope::Customer(1),
+            KeyScope::Customer(i64::MAX),
+        ] {
+            assert_eq!(KeyScope::from_code(scope.code()), Some(scope));
+        }
+        assert_eq!(KeyScope::Customer(42).to_string(), "user:42");
+        assert_eq!(KeyScope::Organizer.to_string(), "organizer");
+        // Two customers never share a scope, nor a customer the organizer's.
+        assert_ne!(KeyScope::Customer(1).code(), KeyScope::Organizer.code());
+        assert_eq!(KeyScope::from_code(-1), None);
+    }
 }

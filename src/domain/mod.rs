@@ -10,7 +10,7 @@ pub mod input;
 pub mod seats;
 
 pub use booking::{
-    BookError, Booked, Booking, BookingStatus, CancelRequest, IdempotencyKey, SeatRequest,
+    BookError, Booked, Booking, BookingStatus, CancelRequest, IdempotencyKey, KeyScope, SeatRequest,
 };
 pub use input::*;
 pub use seats::{Refused, Taken, View};

@@ -38,6 +38,7 @@ use rusqlite::types::FromSql;
 use rusqlite::{Connection, OpenFlags};
 
 use super::{pg_unavailable, StoreError, BUSY_TIMEOUT};
+use crate::domain::KeyScope;
 
 /// How long the import waits for a writer on the target (a replica started on it) to let go of
 /// its tables before giving up: an import must not queue behind a sale indefinitely.
@@ -588,7 +589,15 @@ fn copy_idempotency_keys(
         "idempotency_keys (scope, key, fingerprint, booking_id, event_id, created_ms)",
         |r, n, line| {
             let at = || format!("row {n}");
-            line.text(&col::<String>(r, 0, T, "scope", at)?);
+            // SQLite stores a scope's code, PostgreSQL its text form.
+            let code: i64 = col(r, 0, T, "scope", at)?;
+            let scope = KeyScope::from_code(code).ok_or_else(|| ImportError::BadValue {
+                table: T,
+                row: at(),
+                column: "scope",
+                reason: format!("{code} is no scope (0 the organizer, else a user id >= 1)"),
+            })?;
+            line.text(&scope.to_string());
             line.text(&col::<String>(r, 1, T, "key", at)?);
             line.text(&col::<String>(r, 2, T, "fingerprint", at)?);
             line.opt_int(col(r, 3, T, "booking_id", at)?);

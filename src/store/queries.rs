@@ -9,7 +9,7 @@
 use super::postgres::queries as pg;
 use super::sqlite as lite;
 use super::{ReadConn, StoreError};
-use crate::domain::Booking;
+use crate::domain::{Booking, KeyScope};
 use crate::ticket::TicketFacts;
 
 pub use super::sqlite::{
@@ -68,7 +68,7 @@ pub fn pending_facts(c: &mut ReadConn<'_>, ids: &[i64]) -> Result<Vec<TicketFact
 /// The live record of an idempotency key.
 pub fn idempotency_key(
     c: &mut ReadConn<'_>,
-    scope: &str,
+    scope: KeyScope,
     key: &str,
     live_after_ms: i64,
 ) -> Result<Option<KeyRecord>, StoreError> {

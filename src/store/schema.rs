@@ -120,12 +120,39 @@ pub fn migrations() -> Migrations<'static> {
                 finalized TEXT NOT NULL
             );",
         ),
+        // A key's scope becomes an integer (`KeyScope::code`: 0 the organizer, else the user id)
+        // instead of the text `user:<id>`: shorter records, integer compares, and a customer's
+        // keys next to each other in the B-tree. A keyed booking cost the writer about 1 µs
+        // less (make bench, row 2b). Only ticketd writes this table: every scope it wrote is one
+        // of the two forms.
+        M::up(
+            "CREATE TABLE idempotency_keys_v7 (
+                scope INTEGER NOT NULL,
+                key TEXT NOT NULL,
+                fingerprint TEXT NOT NULL,
+                booking_id INTEGER,
+                event_id INTEGER,
+                created_ms INTEGER NOT NULL,
+                PRIMARY KEY (scope, key)
+            ) WITHOUT ROWID;
+            INSERT INTO idempotency_keys_v7
+                (scope, key, fingerprint, booking_id, event_id, created_ms)
+                SELECT CASE WHEN scope = 'organizer' THEN 0
+                            ELSE CAST(substr(scope, 6) AS INTEGER) END,
+                       key, fingerprint, booking_id, event_id, created_ms
+                FROM idempotency_keys
+                WHERE scope = 'organizer'
+                   OR (scope GLOB 'user:[1-9]*' AND NOT substr(scope, 6) GLOB '*[^0-9]*');
+            DROP TABLE idempotency_keys;
+            ALTER TABLE idempotency_keys_v7 RENAME TO idempotency_keys;",
+        ),
     ])
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::domain::KeyScope;
 
     #[test]
     fn migrations_are_valid() {
@@ -157,6 +184,37 @@ mod tests {
         );
         conn.execute("UPDATE customer_seats SET seats = 4 WHERE user_id = 7", [])
             .unwrap();
+    }
+
+    #[test]
+    fn key_scopes_become_codes_and_keys_still_replay() {
+        let mut conn = rusqlite::Connection::open_in_memory().unwrap();
+        migrations().to_version(&mut conn, 6).unwrap();
+        conn.execute_batch(
+            "INSERT INTO idempotency_keys (scope, key, fingerprint, booking_id, event_id, created_ms)
+             VALUES ('user:7', 'k', 'f7', 70, NULL, 5), ('user:12', 'k', 'f12', 120, NULL, 6),
+                    ('organizer', 'k', 'fo', NULL, 3, 7);",
+        )
+        .unwrap();
+        migrations().to_latest(&mut conn).unwrap();
+        let found = |scope, fp: &str| {
+            let rec = crate::store::sqlite::idempotency_key(&conn, scope, "k", 0)
+                .unwrap()
+                .expect("the key survives the migration");
+            assert_eq!(rec.fingerprint, fp);
+            rec
+        };
+        assert_eq!(found(KeyScope::Customer(7), "f7").booking_id, Some(70));
+        assert_eq!(found(KeyScope::Customer(12), "f12").booking_id, Some(120));
+        assert_eq!(found(KeyScope::Organizer, "fo").event_id, Some(3));
+        let kind: String = conn
+            .query_row(
+                "SELECT typeof(scope) FROM idempotency_keys LIMIT 1",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(kind, "integer");
     }
 
     #[test]

@@ -9,7 +9,7 @@ use rusqlite::types::{FromSql, FromSqlError, FromSqlResult, ValueRef};
 use rusqlite::{params, Connection, OptionalExtension, Row, Statement};
 use serde::Serialize;
 
-use crate::domain::{Booking, BookingStatus, IdempotencyKey};
+use crate::domain::{Booking, BookingStatus, IdempotencyKey, KeyScope};
 use crate::ticket::TicketFacts;
 
 /// One row of `events`, as the API shows an event.
@@ -364,7 +364,7 @@ pub fn insert_event(
         conn.prepare_cached(
             "UPDATE idempotency_keys SET event_id = ?3 WHERE scope = ?1 AND key = ?2",
         )?
-        .execute(params![k.scope, k.key, id])?;
+        .execute(params![k.scope.code(), k.key, id])?;
     }
     Ok(Ok(EventRow {
         id,
@@ -396,7 +396,7 @@ fn claim_key_for(
     live_after_ms: i64,
 ) -> rusqlite::Result<bool> {
     let n = claim.execute(params![
-        k.scope,
+        k.scope.code(),
         k.key,
         k.fingerprint,
         booking_id,
@@ -408,13 +408,13 @@ fn claim_key_for(
 
 /// The record that holds a key (after `claim_key_for` found it live).
 fn live_key(conn: &Connection, k: &IdempotencyKey) -> rusqlite::Result<KeyRecord> {
-    idempotency_key(conn, &k.scope, &k.key, i64::MIN)?.ok_or(rusqlite::Error::QueryReturnedNoRows)
+    idempotency_key(conn, k.scope, &k.key, i64::MIN)?.ok_or(rusqlite::Error::QueryReturnedNoRows)
 }
 
 /// The live record of an idempotency key, for a route deciding between a replay and a 422.
 pub fn idempotency_key(
     conn: &Connection,
-    scope: &str,
+    scope: KeyScope,
     key: &str,
     live_after_ms: i64,
 ) -> rusqlite::Result<Option<KeyRecord>> {
@@ -422,7 +422,7 @@ pub fn idempotency_key(
         "SELECT fingerprint, booking_id, event_id FROM idempotency_keys
          WHERE scope = ?1 AND key = ?2 AND created_ms >= ?3",
     )?
-    .query_row(params![scope, key, live_after_ms], |r| {
+    .query_row(params![scope.code(), key, live_after_ms], |r| {
         Ok(KeyRecord {
             fingerprint: r.get(0)?,
             booking_id: r.get(1)?,
@@ -432,9 +432,17 @@ pub fn idempotency_key(
     .optional()
 }
 
-/// Where the purge of expired keys has got to in its walk over the table (in key order).
+/// Where the purge of expired keys has got to in its walk over the table, in the table's own
+/// order: the last (scope, key) walked, the scope as the backend stores it (SQLite: its code,
+/// PostgreSQL: its text).
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct PurgeCursor(pub(crate) Option<(String, String)>);
+pub enum PurgeCursor {
+    /// At the start of the table.
+    #[default]
+    Start,
+    Code(i64, String),
+    Text(String, String),
+}
 
 /// Walks the next `chunk` keys after the cursor and deletes the expired ones; returns how many
 /// went. The table has no index by age (it would cost every keyed booking a second B-tree
@@ -446,8 +454,11 @@ pub fn purge_expired_keys(
     expired_before_ms: i64,
     chunk: usize,
 ) -> rusqlite::Result<usize> {
-    let (after_scope, after_key) = cursor.0.clone().unwrap_or_default();
-    let walked: Vec<(String, String, i64)> = conn
+    let (after_scope, after_key) = match cursor {
+        PurgeCursor::Code(scope, key) => (*scope, key.clone()),
+        _ => (i64::MIN, String::new()),
+    };
+    let walked: Vec<(i64, String, i64)> = conn
         .prepare_cached(
             "SELECT scope, key, created_ms FROM idempotency_keys
              WHERE (scope, key) > (?1, ?2) ORDER BY scope, key LIMIT ?3",
@@ -464,10 +475,9 @@ pub fn purge_expired_keys(
             deleted += delete.execute(params![scope, key])?;
         }
     }
-    cursor.0 = if walked.len() < chunk {
-        None // the end: start over
-    } else {
-        walked.last().map(|(s, k, _)| (s.clone(), k.clone()))
+    *cursor = match walked.last() {
+        Some((s, k, _)) if walked.len() == chunk => PurgeCursor::Code(*s, k.clone()),
+        _ => PurgeCursor::Start, // the end: start over
     };
     Ok(deleted)
 }
@@ -600,7 +610,7 @@ pub fn apply_fenced_batch(
                     conn.prepare_cached(
                         "DELETE FROM idempotency_keys WHERE scope = ?1 AND key = ?2",
                     )?
-                    .execute(params![k.scope, k.key])?;
+                    .execute(params![k.scope.code(), k.key])?;
                 }
                 let held: i64 = conn
                     .prepare_cached(
@@ -870,7 +880,7 @@ mod tests {
         let c = db();
         let e = event_with(&c, 10, None);
         let key = IdempotencyKey {
-            scope: "user:1".into(),
+            scope: KeyScope::Customer(1),
             key: "k1".into(),
             fingerprint: "f".into(),
         };
@@ -908,13 +918,13 @@ mod tests {
         };
         let a = apply_fenced_batch(&c, &later).unwrap().unwrap();
         assert_eq!(ids(&a), vec![id + 2]);
-        let rec = idempotency_key(&c, "user:1", "k1", T0_MS + 1)
+        let rec = idempotency_key(&c, KeyScope::Customer(1), "k1", T0_MS + 1)
             .unwrap()
             .unwrap();
         assert_eq!(rec.booking_id, Some(id + 2));
         // The purge walks the keys in chunks and deletes only the expired ones.
         let other = IdempotencyKey {
-            scope: "user:0".into(),
+            scope: KeyScope::Organizer,
             key: "old".into(),
             fingerprint: "f".into(),
         };
@@ -944,8 +954,13 @@ mod tests {
             PurgeCursor::default(),
             "the walk starts over at the end"
         );
-        assert_eq!(idempotency_key(&c, "user:0", "old", 0).unwrap(), None);
-        assert!(idempotency_key(&c, "user:1", "k1", 0).unwrap().is_some());
+        assert_eq!(
+            idempotency_key(&c, KeyScope::Organizer, "old", 0).unwrap(),
+            None
+        );
+        assert!(idempotency_key(&c, KeyScope::Customer(1), "k1", 0)
+            .unwrap()
+            .is_some());
     }
 
     /// One ticket through `finalize_many`, with the booking's own facts: the seats it

@@ -302,7 +302,7 @@ fn apply_seats(
 mod tests {
     use super::*;
     use crate::actors::persistence::SeatBatch;
-    use crate::domain::{IdempotencyKey, SeatRequest};
+    use crate::domain::{IdempotencyKey, KeyScope, SeatRequest};
     use std::sync::Arc;
     use tokio::sync::oneshot;
 
@@ -327,7 +327,7 @@ mod tests {
                 user_id: user,
                 quantity,
                 key: Some(Arc::new(IdempotencyKey {
-                    scope: format!("user:{user}"),
+                    scope: KeyScope::Customer(user),
                     key: format!("k{user}"),
                     fingerprint: "f".into(),
                 })),

@@ -4,7 +4,7 @@
 
 use postgres::GenericClient;
 
-use crate::domain::{Booking, BookingStatus};
+use crate::domain::{Booking, BookingStatus, KeyScope};
 use crate::store::queries::{iso_utc, EventRow, KeyRecord, Report};
 use crate::ticket::TicketFacts;
 
@@ -117,14 +117,14 @@ pub fn pending_facts(c: &mut impl GenericClient, ids: &[i64]) -> Result<Vec<Tick
 /// The live record of an idempotency key.
 pub fn idempotency_key(
     c: &mut impl GenericClient,
-    scope: &str,
+    scope: KeyScope,
     key: &str,
     live_after_ms: i64,
 ) -> Result<Option<KeyRecord>> {
     let row = c.query_opt(
         "SELECT fingerprint, booking_id, event_id FROM idempotency_keys
          WHERE scope = $1 AND key = $2 AND created_ms >= $3",
-        &[&scope, &key, &live_after_ms],
+        &[&scope.to_string(), &key, &live_after_ms],
     )?;
     Ok(row.map(|r| KeyRecord {
         fingerprint: r.get(0),

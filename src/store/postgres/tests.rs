@@ -6,7 +6,7 @@ use super::queries::{booking, event, idempotency_key, pending_facts, pending_ids
 use super::schema::migrate;
 use super::testpg::PgServer;
 use super::writer::{PgDone, PgOp, PgWriter};
-use crate::domain::{BookingStatus, IdempotencyKey};
+use crate::domain::{BookingStatus, IdempotencyKey, KeyScope};
 use crate::store::queries::{
     BatchApplied, BookingOutcome, CancelOutcome, EventRow, FencedBatch, IssuedTicket,
     NewBookingRow, PurgeCursor, Refusal, Report, SeatsSeen,
@@ -212,7 +212,7 @@ fn idempotency_keys_name_one_booking_and_expire() {
     let mut d = db();
     let e = event_with(&mut d, 10, None);
     let key = IdempotencyKey {
-        scope: "user:1".into(),
+        scope: KeyScope::Customer(1),
         key: "k1".into(),
         fingerprint: "f".into(),
     };
@@ -248,7 +248,7 @@ fn idempotency_keys_name_one_booking_and_expire() {
     };
     let a = apply_fenced_batch(&mut d, &later).unwrap();
     assert_eq!(ids(&a), vec![id + 2]);
-    let rec = idempotency_key(&mut d.c, "user:1", "k1", T0_MS + 1)
+    let rec = idempotency_key(&mut d.c, KeyScope::Customer(1), "k1", T0_MS + 1)
         .unwrap()
         .unwrap();
     assert_eq!(rec.booking_id, Some(id + 2));
@@ -257,17 +257,20 @@ fn idempotency_keys_name_one_booking_and_expire() {
         user_id: 1,
         quantity: 100,
         key: Some(&IdempotencyKey {
-            scope: "user:1".into(),
+            scope: KeyScope::Customer(1),
             key: "big".into(),
             fingerprint: "g".into(),
         }),
     }];
     let r = apply_fenced_batch(&mut d, &batch(e.id, 4, &[], &full));
     assert!(matches!(r, Err(Refusal::NoSeats(_))));
-    assert_eq!(idempotency_key(&mut d.c, "user:1", "big", 0).unwrap(), None);
+    assert_eq!(
+        idempotency_key(&mut d.c, KeyScope::Customer(1), "big", 0).unwrap(),
+        None
+    );
     // The purge walks the keys in chunks and deletes only the expired ones.
     let other = IdempotencyKey {
-        scope: "user:0".into(),
+        scope: KeyScope::Organizer,
         key: "old".into(),
         fingerprint: "f".into(),
     };
@@ -295,8 +298,11 @@ fn idempotency_keys_name_one_booking_and_expire() {
         PurgeCursor::default(),
         "the walk starts over at the end"
     );
-    assert_eq!(idempotency_key(&mut d.c, "user:0", "old", 0).unwrap(), None);
-    assert!(idempotency_key(&mut d.c, "user:1", "k1", 0)
+    assert_eq!(
+        idempotency_key(&mut d.c, KeyScope::Organizer, "old", 0).unwrap(),
+        None
+    );
+    assert!(idempotency_key(&mut d.c, KeyScope::Customer(1), "k1", 0)
         .unwrap()
         .is_some());
 }
@@ -305,7 +311,7 @@ fn idempotency_keys_name_one_booking_and_expire() {
 fn an_events_key_names_one_event() {
     let mut d = db();
     let key = IdempotencyKey {
-        scope: "organizer".into(),
+        scope: KeyScope::Organizer,
         key: "e1".into(),
         fingerprint: "f".into(),
     };

@@ -371,7 +371,10 @@ impl PgWriter {
         expired_before_ms: i64,
         chunk: usize,
     ) -> Result<usize, Error> {
-        let (after_scope, after_key) = cursor.0.clone().unwrap_or_default();
+        let (after_scope, after_key) = match cursor {
+            PurgeCursor::Text(scope, key) => (scope.clone(), key.clone()),
+            _ => (String::new(), String::new()),
+        };
         self.round_trips += 1;
         let row = self.rt.block_on(self.client.query_one(
             &self.st.purge,
@@ -384,10 +387,10 @@ impl PgWriter {
         ))?;
         let walked: i64 = row.get(0);
         let deleted: i64 = row.get(1);
-        cursor.0 = if (walked as usize) < chunk {
-            None
+        *cursor = if (walked as usize) < chunk {
+            PurgeCursor::Start
         } else {
-            Some((row.get(2), row.get(3)))
+            PurgeCursor::Text(row.get(2), row.get(3))
         };
         Ok(deleted as usize)
     }
@@ -487,7 +490,7 @@ fn apply_op<'a>(
                         &title,
                         &capacity,
                         &max_per_user,
-                        &key.map(|k| k.scope.as_str()),
+                        &key.map(|k| k.scope.to_string()),
                         &key.map(|k| k.key.as_str()),
                         &key.map(|k| k.fingerprint.as_str()),
                         &now_ms,
@@ -532,10 +535,11 @@ fn apply_op<'a>(
 async fn apply_batch(c: &Client, st: &Statements, b: &FencedBatch<'_>) -> Result<PgDone, Error> {
     let users: Vec<i64> = b.bookings.iter().map(|n| n.user_id).collect();
     let qtys: Vec<i64> = b.bookings.iter().map(|n| n.quantity).collect();
-    let scopes: Vec<Option<&str>> = b
+    // PostgreSQL keeps a scope's text form (`user:<id>`, `organizer`), as it always has.
+    let scopes: Vec<Option<String>> = b
         .bookings
         .iter()
-        .map(|n| n.key.map(|k| k.scope.as_str()))
+        .map(|n| n.key.map(|k| k.scope.to_string()))
         .collect();
     let keys: Vec<Option<&str>> = b
         .bookings
