@@ -284,6 +284,28 @@ MUTANTS = [
            "    if key.fingerprint == first {",
            "    if !first.is_empty() {",
            ["lifecycle::one_key_one_booking::sqlite"]),
+    Mutant("key-scopes-collide", "2 a retry never books twice",
+           "every customer's keys stored in one scope (SQLite's scope code): one user's key "
+           "replays another user's booking",
+           "src/domain/booking.rs",
+           "            KeyScope::Customer(user_id) => user_id,",
+           "            KeyScope::Customer(_) => 1,",
+           ["lib::domain::booking::tests::a_scope_keeps_its_identity_in_both_stored_forms",
+            "lifecycle::one_key_one_booking::sqlite"]),
+    Mutant("key-migration-drops-customers", "2 a retry never books twice",
+           "the migration to integer scopes keeps only the organizer's keys: a retry after an "
+           "upgrade books again",
+           "src/store/schema.rs",
+           "OR (scope GLOB 'user:[1-9]*' AND NOT substr(scope, 6) GLOB '*[^0-9]*')",
+           "OR 0",
+           ["lib::store::schema::tests::key_scopes_become_codes_and_keys_still_replay"]),
+    Mutant("import-key-scope-as-code", "2 a retry never books twice (moving to PostgreSQL)",
+           "the import writes SQLite's scope code where PostgreSQL keeps the text form: imported "
+           "keys are never found",
+           "src/store/import.rs",
+           "            line.text(&scope.to_string());",
+           "            line.text(&code.to_string());",
+           ["import::a_sale_moves_from_sqlite_to_postgres_and_goes_on_where_it_stood"]),
     # Customer tokens.
     Mutant("jwt-expired-accepted", "4 only the holder",
            "customer tokens are accepted after `exp`",
