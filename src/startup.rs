@@ -375,13 +375,14 @@ fn random_replica_id() -> String {
 /// After many event actors passivate, or many connections close, hands the freed memory back to
 /// the system.
 ///
-/// glibc's malloc keeps freed memory in its per-thread arenas (measured: RSS stayed at 168 MiB
-/// after 100,000 actors had passivated, for a 174 MiB peak; and 30 MiB above its start after 50
-/// pipelining connections closed); `malloc_trim` returns it. Checked every 2 s (two reads),
-/// trimming only when the live actors fell by at least 1,000 from their highest since the last
-/// trim, or the open connections by at least 32, so a steady service never pays for it.
-/// (mimalloc returned the memory by itself but more than doubled the peak, 397 MiB, in
-/// `make bench`.)
+/// Rust's allocations go to mimalloc (src/main.rs), which returns freed pages by itself (its
+/// arenas commit as they are used: `.cargo/config.toml`). What is left to glibc's malloc is the
+/// C side — SQLite's page caches and statements — which glibc keeps in its per-thread arenas
+/// after they are freed; `malloc_trim` returns it. (With glibc for everything, RSS stayed at
+/// 168 MiB after 100,000 actors had passivated, for a 174 MiB peak, and 30 MiB above its start
+/// after 50 pipelining connections closed.) Checked every 2 s (two reads), trimming only when
+/// the live actors fell by at least 1,000 from their highest since the last trim, or the open
+/// connections by at least 32, so a steady service never pays for it.
 async fn give_back_memory(registry: Arc<Registry>) {
     let mut high = registry.len();
     loop {

@@ -503,7 +503,7 @@ async fn import_rate_of_200k_bookings() {
         for n in 0..PER_EVENT {
             id += 1;
             let q = 1 + n % 3;
-            let user = if e == 1 { n } else { id % 50_000 };
+            let user = if e == 1 { n + 1 } else { 1 + id % 50_000 };
             let q = if e == 1 { 1 } else { q };
             let (status, code, fin, can) = match n % 8 {
                 0 | 1 => (

@@ -2,8 +2,8 @@
 //! Header Field", Stripe): a client that cannot tell whether its request went through retries
 //! with the same key and gets the original answer, never a second booking.
 //!
-//! - A key is scoped to who sent it (the customer's user id for bookings, the organizer for events) and lives
-//!   24 hours.
+//! - A key is scoped to who sent it (`KeyScope`: the customer, by user id, for bookings; the
+//!   organizer for events) and lives 24 hours.
 //! - It is written by the writer in the transaction of what it names, so it survives a crash
 //!   between the commit and the reply, and holds across replicas (the writer checks it under the
 //!   event's lease before booking).

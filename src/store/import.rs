@@ -744,9 +744,23 @@ const VERIFY_TOTALS: &str = "SELECT
          (SELECT CAST(COUNT(booking_id) AS BIGINT) FROM idempotency_keys),
          (SELECT CAST(MIN(created_ms) AS BIGINT) FROM idempotency_keys),
          (SELECT CAST(MAX(created_ms) AS BIGINT) FROM idempotency_keys),
-         (SELECT CAST(MAX(id) AS BIGINT) FROM bookings)";
+         (SELECT CAST(MAX(id) AS BIGINT) FROM bookings),
+         (SELECT CAST(COUNT(event_id) AS BIGINT) FROM idempotency_keys)";
+/// Whose the keys are (the organizer's; customers', with their lowest and highest user id), each
+/// database read in its own form of the scope: SQLite's code, PostgreSQL's text.
+const VERIFY_SCOPES_SQLITE: &str = "SELECT
+         COALESCE(SUM(scope = 0), 0), COALESCE(SUM(scope >= 1), 0),
+         MIN(CASE WHEN scope >= 1 THEN scope END), MAX(CASE WHEN scope >= 1 THEN scope END)
+     FROM idempotency_keys";
+const VERIFY_SCOPES_PG: &str = "SELECT
+         COUNT(*) FILTER (WHERE scope = 'organizer'), COUNT(*) FILTER (WHERE scope LIKE 'user:%'),
+         MIN(CAST(substr(scope, 6) AS BIGINT)) FILTER (WHERE scope LIKE 'user:%'),
+         MAX(CAST(substr(scope, 6) AS BIGINT)) FILTER (WHERE scope LIKE 'user:%')
+     FROM idempotency_keys";
 
-type Sums = (BTreeMap<i64, EventSums>, [Option<i64>; 5]);
+/// The events' sums, and the totals: keys (count, with a booking, oldest, newest), highest
+/// booking id, keys with an event, then the keys' scopes (`VERIFY_SCOPES_*`).
+type Sums = (BTreeMap<i64, EventSums>, [Option<i64>; 10]);
 
 /// Compares the copy with the source before COMMIT: every event's row, its bookings' counts and
 /// sums (by status, with ticket codes) and its customers' seats, and the keys' totals. COPY is
@@ -756,7 +770,9 @@ fn verify(snap: &Connection, tx: &mut ::postgres::Transaction<'_>) -> Result<(),
     let target = pg_sums(tx)?;
     if source.1 != target.1 {
         return Err(ImportError::Mismatch(format!(
-            "idempotency keys (count, with a booking, oldest, newest) and highest booking id: source {:?}, copy {:?}",
+            "idempotency keys (count, with a booking, oldest, newest), highest booking id, keys \
+             (with an event, the organizer's, customers', lowest and highest user id): source \
+             {:?}, copy {:?}",
             source.1, target.1
         )));
     }
@@ -796,8 +812,12 @@ fn sqlite_sums(c: &Connection) -> Result<Sums, ImportError> {
         let v = ints(r, 3)?;
         map.entry(v[0]).or_default().customers = [v[1], v[2]];
     }
-    let totals = c.query_row(VERIFY_TOTALS, [], |r| {
-        Ok([r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?])
+    let mut totals = [None; 10];
+    c.query_row(VERIFY_TOTALS, [], |r| {
+        (0..6).try_for_each(|i| Ok(totals[i] = r.get(i)?))
+    })?;
+    c.query_row(VERIFY_SCOPES_SQLITE, [], |r| {
+        (0..4).try_for_each(|i| Ok(totals[6 + i] = r.get(i)?))
     })?;
     Ok((map, totals))
 }
@@ -821,8 +841,12 @@ fn pg_sums(tx: &mut ::postgres::Transaction<'_>) -> Result<Sums, ImportError> {
         let v = ints(&r, 3);
         map.entry(v[0]).or_default().customers = [v[1], v[2]];
     }
+    let mut totals = [None; 10];
     let r = tx.query_one(VERIFY_TOTALS, &[])?;
-    Ok((map, [r.get(0), r.get(1), r.get(2), r.get(3), r.get(4)]))
+    (0..6).for_each(|i| totals[i] = r.get(i));
+    let r = tx.query_one(VERIFY_SCOPES_PG, &[])?;
+    (0..4).for_each(|i| totals[6 + i] = r.get(i));
+    Ok((map, totals))
 }
 
 #[cfg(test)]

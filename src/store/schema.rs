@@ -124,10 +124,13 @@ pub fn migrations() -> Migrations<'static> {
         // instead of the text `user:<id>`: shorter records, integer compares, and a customer's
         // keys next to each other in the B-tree. A keyed booking cost the writer about 1 µs
         // less (make bench, row 2b). Only ticketd writes this table: every scope it wrote is one
-        // of the two forms.
+        // of the two forms. The CHECK refuses the text form: a replica still running an older
+        // binary on the same file (cluster mode, mid-rollout) gets an error (503) for a keyed
+        // request instead of writing a key the new replicas would not find — a retry landing on
+        // the other version would book twice.
         M::up(
             "CREATE TABLE idempotency_keys_v7 (
-                scope INTEGER NOT NULL,
+                scope INTEGER NOT NULL CHECK (typeof(scope) = 'integer'),
                 key TEXT NOT NULL,
                 fingerprint TEXT NOT NULL,
                 booking_id INTEGER,
@@ -193,7 +196,8 @@ mod tests {
         conn.execute_batch(
             "INSERT INTO idempotency_keys (scope, key, fingerprint, booking_id, event_id, created_ms)
              VALUES ('user:7', 'k', 'f7', 70, NULL, 5), ('user:12', 'k', 'f12', 120, NULL, 6),
-                    ('organizer', 'k', 'fo', NULL, 3, 7);",
+                    ('organizer', 'k', 'fo', NULL, 3, 7),
+                    ('user:9223372036854775807', 'k', 'fmax', 80, NULL, 8);",
         )
         .unwrap();
         migrations().to_latest(&mut conn).unwrap();
@@ -207,14 +211,29 @@ mod tests {
         assert_eq!(found(KeyScope::Customer(7), "f7").booking_id, Some(70));
         assert_eq!(found(KeyScope::Customer(12), "f12").booking_id, Some(120));
         assert_eq!(found(KeyScope::Organizer, "fo").event_id, Some(3));
-        let kind: String = conn
+        assert_eq!(
+            found(KeyScope::Customer(i64::MAX), "fmax").booking_id,
+            Some(80)
+        );
+        let (rows, text): (i64, i64) = conn
             .query_row(
-                "SELECT typeof(scope) FROM idempotency_keys LIMIT 1",
+                "SELECT COUNT(*), SUM(typeof(scope) <> 'integer') FROM idempotency_keys",
                 [],
-                |r| r.get(0),
+                |r| Ok((r.get(0)?, r.get(1)?)),
             )
             .unwrap();
-        assert_eq!(kind, "integer");
+        assert_eq!(
+            (rows, text),
+            (4, 0),
+            "every key kept, every scope an integer"
+        );
+        // What a replica of the older binary would still write is refused, not stored aside.
+        let old_write = conn.execute(
+            "INSERT INTO idempotency_keys (scope, key, fingerprint, booking_id, created_ms)
+             VALUES ('user:7', 'k2', 'f', 71, 9)",
+            [],
+        );
+        assert!(old_write.is_err(), "a text scope is refused: {old_write:?}");
     }
 
     #[test]

@@ -924,12 +924,12 @@ mod tests {
         assert_eq!(rec.booking_id, Some(id + 2));
         // The purge walks the keys in chunks and deletes only the expired ones.
         let other = IdempotencyKey {
-            scope: KeyScope::Organizer,
-            key: "old".into(),
+            scope: KeyScope::Customer(1),
+            key: "a-old".into(),
             fingerprint: "f".into(),
         };
         let old_one = [NewBookingRow {
-            user_id: 0,
+            user_id: 1,
             quantity: 1,
             key: Some(&other),
         }];
@@ -955,7 +955,7 @@ mod tests {
             "the walk starts over at the end"
         );
         assert_eq!(
-            idempotency_key(&c, KeyScope::Organizer, "old", 0).unwrap(),
+            idempotency_key(&c, KeyScope::Customer(1), "a-old", 0).unwrap(),
             None
         );
         assert!(idempotency_key(&c, KeyScope::Customer(1), "k1", 0)

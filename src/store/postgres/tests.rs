@@ -270,12 +270,12 @@ fn idempotency_keys_name_one_booking_and_expire() {
     );
     // The purge walks the keys in chunks and deletes only the expired ones.
     let other = IdempotencyKey {
-        scope: KeyScope::Organizer,
-        key: "old".into(),
+        scope: KeyScope::Customer(1),
+        key: "a-old".into(),
         fingerprint: "f".into(),
     };
     let old_one = [NewBookingRow {
-        user_id: 0,
+        user_id: 1,
         quantity: 1,
         key: Some(&other),
     }];
@@ -299,7 +299,7 @@ fn idempotency_keys_name_one_booking_and_expire() {
         "the walk starts over at the end"
     );
     assert_eq!(
-        idempotency_key(&mut d.c, KeyScope::Organizer, "old", 0).unwrap(),
+        idempotency_key(&mut d.c, KeyScope::Customer(1), "a-old", 0).unwrap(),
         None
     );
     assert!(idempotency_key(&mut d.c, KeyScope::Customer(1), "k1", 0)
