@@ -299,6 +299,13 @@ MUTANTS = [
            "OR (scope GLOB 'user:[1-9]*' AND NOT substr(scope, 6) GLOB '*[^0-9]*')",
            "OR 0",
            ["lib::store::schema::tests::key_scopes_become_codes_and_keys_still_replay"]),
+    Mutant("key-text-scope-stored", "2 a retry never books twice",
+           "the file takes a text scope beside the integer ones: a replica of the older binary, "
+           "mid-rollout, writes keys the others never find",
+           "src/store/schema.rs",
+           "scope INTEGER NOT NULL CHECK (typeof(scope) = 'integer'),",
+           "scope INTEGER NOT NULL,",
+           ["lib::store::schema::tests::key_scopes_become_codes_and_keys_still_replay"]),
     Mutant("import-key-scope-as-code", "2 a retry never books twice (moving to PostgreSQL)",
            "the import writes SQLite's scope code where PostgreSQL keeps the text form: imported "
            "keys are never found",
