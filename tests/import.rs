@@ -83,6 +83,16 @@ async fn create_event(p: &Proc, title: &str, capacity: i64, limit: Option<i64>) 
     r.body["id"].as_i64().expect("an id")
 }
 
+/// `POST /event` as the organizer, with an `Idempotency-Key`.
+async fn create_event_keyed(p: &Proc, body: Value, key: &str) -> Resp {
+    let req = p
+        .http()
+        .post(format!("{}/event", p.base()))
+        .header("idempotency-key", key)
+        .json(&body);
+    send(p.as_organizer(req)).await
+}
+
 async fn book(p: &Proc, user: i64, event: i64, quantity: i64, key: Option<&str>) -> Resp {
     let mut req = p
         .http()
@@ -159,7 +169,11 @@ async fn a_sale_moves_from_sqlite_to_postgres_and_goes_on_where_it_stood() {
     // On SQLite: two events, bookings with and without keys, all issued.
     let p = start(&sqlite_url, 0).await;
     let open = create_event(&p, "Open air", 10, None).await;
-    let limited = create_event(&p, "Limited", 100, Some(3)).await;
+    // The organizer's key (scope 0 on SQLite, `organizer` on PostgreSQL) moves too.
+    let limited_body = json!({"title": "Limited", "capacity": 100, "max_per_user": 3});
+    let r = create_event_keyed(&p, limited_body.clone(), "ev-limited").await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let limited = r.body["id"].as_i64().expect("an id");
     let b1 = book_ok(&p, 1, open, 2, Some("k-1")).await;
     let b2 = book_ok(&p, 2, open, 1, None).await;
     let b3 = book_ok(&p, 3, open, 3, Some("k-3")).await;
@@ -223,7 +237,7 @@ async fn a_sale_moves_from_sqlite_to_postgres_and_goes_on_where_it_stood() {
     assert!(out.status.success(), "the import failed: {}", text(&out));
     let summary = String::from_utf8_lossy(&out.stdout);
     assert!(
-        summary.contains("2 events, 6 bookings, 4 idempotency keys, 1 customer counts"),
+        summary.contains("2 events, 6 bookings, 5 idempotency keys, 1 customer counts"),
         "{summary}"
     );
     assert!(summary.contains("ticket key copied"), "{summary}");
@@ -271,6 +285,17 @@ async fn a_sale_moves_from_sqlite_to_postgres_and_goes_on_where_it_stood() {
         "the key's fingerprint came along: {:?}",
         r.body
     );
+
+    // So does the organizer's: the same event, not a second one; another body is a 422.
+    let r = create_event_keyed(&p, limited_body.clone(), "ev-limited").await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(
+        r.body["id"].as_i64(),
+        Some(limited),
+        "the same event, replayed"
+    );
+    let r = create_event_keyed(&p, json!({"title": "Other", "capacity": 1}), "ev-limited").await;
+    assert_eq!(r.status, 422, "{:?}", r.body);
 
     // The per-customer limit counts the imported seats: user 7 holds 2 of 3.
     let r = book(&p, 7, limited, 2, None).await;
