@@ -9,6 +9,7 @@
 //! "every accepted request is answered or committed" hold through shutdown; `loom-tests` checks it.
 
 use std::collections::VecDeque;
+use std::time::{Duration, Instant};
 
 use crate::sync::{lock, Condvar, Mutex};
 
@@ -70,11 +71,24 @@ impl<T> WriteQueue<T> {
     /// Blocks until there is work, then takes up to `max` items. Returns `None` only once the
     /// queue is closed and empty: nothing accepted is ever left behind.
     pub fn next_group(&self, max: usize) -> Option<Vec<T>> {
+        self.next_group_lingering(max, Duration::ZERO, |_| true)
+    }
+
+    /// `next_group`, except that work which can wait (`can_wait` says of every item waiting)
+    /// first lingers up to `linger` for company: an item that cannot wait, or `max` items. The
+    /// writer uses it so that a group of ticket issuances rides with the next batch of bookings
+    /// instead of paying a commit and an fsync of its own. Everything is handed out all the same.
+    pub fn next_group_lingering(
+        &self,
+        max: usize,
+        linger: Duration,
+        can_wait: impl Fn(&T) -> bool,
+    ) -> Option<Vec<T>> {
+        let max = max.max(1);
         let mut st = lock(&self.state);
         loop {
             if !st.items.is_empty() {
-                let n = st.items.len().min(max.max(1));
-                return Some(st.items.drain(..n).collect());
+                break;
             }
             if st.closed {
                 return None;
@@ -88,6 +102,22 @@ impl<T> WriteQueue<T> {
             };
             st.waiting = false;
         }
+        if !linger.is_zero() {
+            let until = Instant::now() + linger;
+            while !st.closed && st.items.len() < max && st.items.iter().all(&can_wait) {
+                let Some(left) = until.checked_duration_since(Instant::now()) else {
+                    break;
+                };
+                st.waiting = true;
+                st = match self.ready.wait_timeout(st, left) {
+                    Ok((g, _)) => g,
+                    Err(p) => p.into_inner().0,
+                };
+                st.waiting = false;
+            }
+        }
+        let n = st.items.len().min(max);
+        Some(st.items.drain(..n).collect())
     }
 
     /// Refuses new items from now on; the consumer still gets everything already accepted.
@@ -129,6 +159,51 @@ mod tests {
             "accepted items survive close"
         );
         assert_eq!(q.next_group(10), None);
+    }
+
+    #[test]
+    fn work_that_can_wait_lingers_for_company_but_not_past_its_bound() {
+        let q = std::sync::Arc::new(WriteQueue::new(10));
+        let linger = std::time::Duration::from_millis(200);
+        // Odd items can wait, even ones cannot.
+        let can_wait = |i: &i32| i % 2 == 1;
+        q.submit(1).unwrap();
+        let q2 = q.clone();
+        let t = std::thread::spawn(move || q2.next_group_lingering(10, linger, can_wait));
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        q.submit(3).unwrap();
+        q.submit(2).unwrap();
+        assert_eq!(
+            t.join().unwrap(),
+            Some(vec![1, 3, 2]),
+            "joined by what came"
+        );
+
+        // Nothing comes: the waiting work goes alone once its linger is over.
+        q.submit(5).unwrap();
+        let started = std::time::Instant::now();
+        assert_eq!(q.next_group_lingering(10, linger, can_wait), Some(vec![5]));
+        let waited = started.elapsed();
+        assert!(waited >= linger && waited < linger * 5, "it lingered, {waited:?}");
+
+        // Work that cannot wait does not; nor a full group; nor anything once the queue closes.
+        q.submit(4).unwrap();
+        q.submit(7).unwrap();
+        let started = std::time::Instant::now();
+        assert_eq!(
+            q.next_group_lingering(10, linger, can_wait),
+            Some(vec![4, 7])
+        );
+        assert_eq!(q.submit(9).and(q.submit(11)), Ok(()));
+        assert_eq!(
+            q.next_group_lingering(2, linger, can_wait),
+            Some(vec![9, 11])
+        );
+        q.submit(13).unwrap();
+        q.close();
+        assert_eq!(q.next_group_lingering(10, linger, can_wait), Some(vec![13]));
+        assert!(started.elapsed() < linger, "none of these waited");
+        assert_eq!(q.next_group_lingering(10, linger, can_wait), None);
     }
 
     #[test]

@@ -372,15 +372,16 @@ both_backends! {
 
 both_backends! {
 /// A customer who cancels the last seat and books it again at once gets it, even before the
-/// event's actor has heard of the commit (failpoint `writer-before-outcome` holds that news back
-/// 300 ms): the seat must not be refused by the sold-out fast path meanwhile.
+/// event's actor has heard of the commit (failpoint `actor-before-outcome` holds that news back
+/// 300 ms while the writer answers the clients): the seat must not be refused by the sold-out
+/// fast path meanwhile.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_cancelled_seat_can_be_booked_again_at_once() {
     let _serial = SERIAL.lock().await;
     let store = Store::fresh();
     let p = Proc::start(
         &store,
-        &[("FAILPOINTS", "writer-before-outcome=sleep(300)")],
+        &[("FAILPOINTS", "actor-before-outcome=return(300)")],
     )
     .await;
     let event = p.create_event("Last seat", 1).await;

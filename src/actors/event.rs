@@ -308,8 +308,8 @@ impl EventActor {
             return;
         }
         if !cancels.is_empty() {
-            // Seats may come back with this batch. The writer answers the cancelling client
-            // before this actor hears of the commit, and that client may book again at once: it
+            // Seats may come back with this batch. The cancelling client may have its answer
+            // before this actor has run on the news of the commit, and book again at once: it
             // must not meet the sold-out fast path (here or in the registry) but queue for the
             // next batch. `finish` marks the event sold out again if nothing came back.
             self.sold_out.clear();
@@ -335,12 +335,21 @@ impl EventActor {
             done,
         }));
         ctx.spawn(
-            async move { rx.await }
-                .into_actor(self)
-                .map(move |res, act, ctx| match res {
-                    Ok(outcome) => act.on_batch(outcome, token, ctx),
-                    Err(_) => act.finish(ctx),
-                }),
+            async move {
+                let outcome = rx.await;
+                // Tests hold the news of the commit back here: the writer answers the batch's
+                // clients right after telling this actor, and they may act on their answers
+                // before it has run (a cancelled seat booked again at once, say).
+                if let Some(hold) = outcome_held() {
+                    tokio::time::sleep(hold).await;
+                }
+                outcome
+            }
+            .into_actor(self)
+            .map(move |res, act, ctx| match res {
+                Ok(outcome) => act.on_batch(outcome, token, ctx),
+                Err(_) => act.finish(ctx),
+            }),
         );
     }
 
@@ -563,4 +572,13 @@ impl Handler<Cancel> for EventActor {
         self.cancels.push(req);
         self.kick(ctx);
     }
+}
+
+/// How long tests hold an actor's news of its batch's commit (failpoint `actor-before-outcome`,
+/// `return(<ms>)`); never in a build without failpoints.
+fn outcome_held() -> Option<Duration> {
+    fail::fail_point!("actor-before-outcome", |ms| ms
+        .and_then(|ms| ms.parse().ok())
+        .map(Duration::from_millis));
+    None
 }
