@@ -184,7 +184,10 @@ mod tests {
         let started = std::time::Instant::now();
         assert_eq!(q.next_group_lingering(10, linger, can_wait), Some(vec![5]));
         let waited = started.elapsed();
-        assert!(waited >= linger && waited < linger * 5, "it lingered, {waited:?}");
+        assert!(
+            waited >= linger && waited < linger * 5,
+            "it lingered, {waited:?}"
+        );
 
         // Work that cannot wait does not; nor a full group; nor anything once the queue closes.
         q.submit(4).unwrap();
