@@ -102,6 +102,12 @@ MUTANTS = [
            ["lib::domain::seats::tests::allocation_is_first_come_first_served_without_partial_fills",
             "concurrency::four_hundred_clients_on_a_hundred_seats::sqlite"]),
     # Promise 2: never lose an acknowledged booking.
+    Mutant("left-open-transaction-kept", "2 a 200 means committed",
+           "a transaction left open by a failed ROLLBACK is not rolled back before the next group",
+           "src/actors/persistence/sqlite.rs",
+           "    if !conn.is_autocommit() {\n        error!(",
+           "    if false {\n        error!(",
+           ["lib::actors::persistence::sqlite::tests::a_transaction_left_open_is_rolled_back_before_the_next_group"]),
     Mutant("reply-before-commit", "2 a 200 means committed",
            "booking replies sent before COMMIT",
            "src/actors/persistence/sqlite.rs",

@@ -118,6 +118,14 @@ impl Db {
 /// (`new_unchecked` takes the connection shared, so a retry can borrow it again; this writer
 /// never nests transactions.)
 fn begin(conn: &Connection) -> Result<rusqlite::Transaction<'_>, StoreError> {
+    // A transaction still open here was left by a ROLLBACK that failed (a refused or failed op
+    // of a group of one is undone that way, see `write`). Nothing in it was committed, and
+    // nothing may be: it is rolled back before the group. (Left open, every BEGIN after it
+    // failed, and the writer answered 503 to every write until a restart.)
+    if !conn.is_autocommit() {
+        error!("a transaction was left open by a failed rollback; rolling it back");
+        conn.execute_batch("ROLLBACK").map_err(StoreError::Sqlite)?;
+    }
     let mut attempt = 0;
     loop {
         match rusqlite::Transaction::new_unchecked(conn, TransactionBehavior::Immediate) {
@@ -427,6 +435,36 @@ mod tests {
             count(&db, "SELECT CAST(booked AS INTEGER) FROM report_totals"),
             4,
             "the report's totals count the written batches once"
+        );
+    }
+
+    /// A ROLLBACK that failed leaves its transaction open on the writer's connection, holding
+    /// what a refused op of a group of one wrote before its refusal: the next group rolls it
+    /// back first. Its rows are never committed, and the writer goes on.
+    #[test]
+    fn a_transaction_left_open_is_rolled_back_before_the_next_group() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut db = Db::open(crate::store::open_writer(&dir.path().join("t.db")).unwrap());
+        let at = stamps();
+        let ev = queries::insert_event(&db.conn, "Hot", 10, None, None, NOW_MS, 0)
+            .unwrap()
+            .unwrap()
+            .id;
+        db.conn
+            .execute_batch(&format!(
+                "BEGIN IMMEDIATE;
+                 INSERT INTO bookings (event_id, user_id, quantity, status, created_at)
+                 VALUES ({ev}, 99, 1, 'PENDING', '{NOW}');"
+            ))
+            .unwrap();
+        let next = db
+            .write(vec![batch(ev, 5, &[(1, 1)])], &at)
+            .expect("the writer goes on");
+        assert_eq!(kinds(&next), ["written"]);
+        assert_eq!(
+            users_in(&db, "bookings"),
+            [1],
+            "what the open transaction held is not committed"
         );
     }
 
