@@ -56,7 +56,7 @@ pub fn raise_file_limit() -> Option<u64> {
                 }
             }
         }
-        Some(lim.rlim_cur as u64)
+        Some(lim.rlim_cur)
     }
     #[cfg(not(unix))]
     {
@@ -101,6 +101,6 @@ mod tests {
         // SAFETY: as above.
         assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) }, 0);
         assert_eq!(lim.rlim_cur, lim.rlim_max);
-        assert_eq!(now, lim.rlim_cur as u64);
+        assert_eq!(now, lim.rlim_cur);
     }
 }

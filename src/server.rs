@@ -17,6 +17,7 @@
 //!   `write_stall_timeout` is closed (actix-http has no write timeout);
 //! - not while a request is in the app, except that request's own body;
 //! - otherwise at most `read_chunk` bytes per dispatcher poll.
+//!
 //! So at most `read_chunk` bytes of pipelined requests are decoded ahead of the app (measured:
 //! 50 connections that pipeline and never read grow RSS by 2–22 MiB, not by gigabytes).
 //!

@@ -123,11 +123,11 @@ impl Application {
                 let pusher = StreamPusher::start(link.clone(), FINALIZE_QUEUE);
                 let sources = (0..workers)
                     .map(|i| {
-                        Source::Stream(Consumer::new(
+                        Source::Stream(Box::new(Consumer::new(
                             link.clone(),
                             format!("{replica}-{i}"),
                             READ_BLOCK,
-                        ))
+                        )))
                     })
                     .collect();
                 (

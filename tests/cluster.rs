@@ -55,7 +55,7 @@ fn hammer(
                         }
                         409 if v["detail"] == "Event is sold out." => return,
                         409 => {} // not enough seats for this quantity: try again
-                        502 | 503 | 504 => {
+                        502..=504 => {
                             retried.fetch_add(1, Ordering::Relaxed);
                             tokio::time::sleep(Duration::from_millis(20)).await;
                         }

@@ -111,7 +111,7 @@ impl Finalization {
 /// Where one finalizer actor gets its work.
 pub enum Source {
     Lane(LocalQueue, mpsc::Receiver<Owed>),
-    Stream(Consumer),
+    Stream(Box<Consumer>),
 }
 
 /// One issuance: the booking, the stream entry it came from (cluster), and its place among the
@@ -147,7 +147,7 @@ impl Actor for FinalizerActor {
             }
             Some(Source::Stream(consumer)) => {
                 let done = Done::Stream(consumer.link().clone());
-                let jobs = stream_jobs(deps.clone(), consumer);
+                let jobs = stream_jobs(deps.clone(), *consumer);
                 ctx.spawn(run_worker(deps, jobs, done).into_actor(self));
             }
             None => {}

@@ -814,10 +814,16 @@ fn sqlite_sums(c: &Connection) -> Result<Sums, ImportError> {
     }
     let mut totals = [None; 10];
     c.query_row(VERIFY_TOTALS, [], |r| {
-        (0..6).try_for_each(|i| Ok(totals[i] = r.get(i)?))
+        for (i, t) in totals[..6].iter_mut().enumerate() {
+            *t = r.get(i)?;
+        }
+        Ok(())
     })?;
     c.query_row(VERIFY_SCOPES_SQLITE, [], |r| {
-        (0..4).try_for_each(|i| Ok(totals[6 + i] = r.get(i)?))
+        for (i, t) in totals[6..].iter_mut().enumerate() {
+            *t = r.get(i)?;
+        }
+        Ok(())
     })?;
     Ok((map, totals))
 }
