@@ -541,6 +541,14 @@ MUTANTS = [
            "    if events + bookings + keys + customers > 0 {",
            "    if events + bookings + keys + customers > 0 && false {",
            ["import::a_sale_moves_from_sqlite_to_postgres_and_goes_on_where_it_stood"]),
+    Mutant("import-keeps-target-ticket-key", "4 only the holder (moving to PostgreSQL)",
+           "the import keeps the ticket key a replica generated on the target, not the source's",
+           "src/store/import.rs",
+           """"INSERT INTO ticketd_meta (key, value) VALUES ($1, $2)
+             ON CONFLICT (key) DO UPDATE SET value = excluded.value",""",
+           """"INSERT INTO ticketd_meta (key, value) VALUES ($1, $2)
+             ON CONFLICT (key) DO NOTHING",""",
+           ["import::a_sale_moves_from_sqlite_to_postgres_and_goes_on_where_it_stood"]),
     Mutant("import-sequence-not-moved", "2 a 200 means committed",
            "`ticketd import` leaves the id sequences at 1 (new bookings collide with imported ids)",
            "src/store/import.rs",

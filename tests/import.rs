@@ -230,8 +230,11 @@ async fn a_sale_moves_from_sqlite_to_postgres_and_goes_on_where_it_stood() {
     };
     let max_old_id = before.iter().map(|(id, _, _)| *id).max().unwrap();
 
-    // The move.
+    // The move, onto a database a replica has already started on (as `docker-compose up` before
+    // the import would): it generated a ticket key of its own, which the source's replaces —
+    // the imported codes and secrets were signed with the source's.
     let pg = PgServer::start();
+    stop(start(&pg.url(), 600_000).await).await;
     let out = import(&sqlite_url, &pg.url()).await;
     eprintln!("{}", text(&out));
     assert!(out.status.success(), "the import failed: {}", text(&out));
@@ -240,7 +243,10 @@ async fn a_sale_moves_from_sqlite_to_postgres_and_goes_on_where_it_stood() {
         summary.contains("2 events, 6 bookings, 5 idempotency keys, 1 customer counts"),
         "{summary}"
     );
-    assert!(summary.contains("ticket key copied"), "{summary}");
+    assert!(
+        summary.contains("ticket key copied over the target's"),
+        "{summary}"
+    );
 
     // On PostgreSQL, the same binary, no TICKET_KEY: the imported key signs and verifies.
     let p = start(&pg.url(), 600_000).await;
@@ -448,6 +454,11 @@ async fn an_import_of_a_live_database_is_one_commit_of_it() {
     }
     eprintln!("{}", text(&out));
     assert!(out.status.success(), "{}", text(&out));
+    let summary = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        summary.contains("; ticket key copied") && !summary.contains("over the target's"),
+        "a fresh target had no key to replace: {summary}"
+    );
     assert!(
         before.len() > 20,
         "the sale was under way: {}",
