@@ -181,6 +181,16 @@ MUTANTS = [
            "self.ready.wait_timeout(st, left)",
            "self.ready.wait_timeout(st, left * 50)",
            ["lib::handoff::tests::work_that_can_wait_lingers_for_company_but_not_past_its_bound"]),
+    Mutant("queue-forgets-what-it-holds", "3 issued once, 5 fast, sustained",
+           "the embedded queue's set of ids in flight never says an id is already in",
+           "src/coord/queue.rs",
+           """        if p.bits[word] & mask != 0 {
+            return false;
+        }
+        p.bits[word] |= mask;""",
+           """        p.bits[word] |= mask;""",
+           ["lib::coord::queue::tests::an_id_set_is_a_set",
+            "lib::coord::queue::tests::the_local_queue_tracks_each_booking_once"]),
     Mutant("verify-no-mac", "4 tickets cannot be forged",
            "/ticket/verify skips the MAC check",
            "src/api/tickets.rs",
