@@ -124,9 +124,7 @@ impl LocalQueue {
     /// The booking was issued (or needs no issuing).
     pub fn done(&self, booking_id: i64) {
         let mut b = self.book();
-        if !b.failures.is_empty() {
-            b.failures.remove(&booking_id);
-        }
+        b.failures.remove(&booking_id);
         b.tracked.remove(booking_id);
     }
 

@@ -813,18 +813,15 @@ fn sqlite_sums(c: &Connection) -> Result<Sums, ImportError> {
         map.entry(v[0]).or_default().customers = [v[1], v[2]];
     }
     let mut totals = [None; 10];
-    c.query_row(VERIFY_TOTALS, [], |r| {
-        for (i, t) in totals[..6].iter_mut().enumerate() {
-            *t = r.get(i)?;
-        }
-        Ok(())
-    })?;
-    c.query_row(VERIFY_SCOPES_SQLITE, [], |r| {
-        for (i, t) in totals[6..].iter_mut().enumerate() {
-            *t = r.get(i)?;
-        }
-        Ok(())
-    })?;
+    let (sums, scopes) = totals.split_at_mut(6);
+    for (sql, into) in [(VERIFY_TOTALS, sums), (VERIFY_SCOPES_SQLITE, scopes)] {
+        c.query_row(sql, [], |r| {
+            for (i, t) in into.iter_mut().enumerate() {
+                *t = r.get(i)?;
+            }
+            Ok(())
+        })?;
+    }
     Ok((map, totals))
 }
 
