@@ -270,30 +270,43 @@ pub enum CorsOrigins {
     Only(Vec<String>),
 }
 
+/// Origins are written as a browser sends them in `Origin` (its serialization of the page's
+/// URL: scheme and host in lower case, no default port), because that header is compared with
+/// them byte for byte: `https://Shop.example:443` in the setting would otherwise match no
+/// request at all, and the shop's page would fail its CORS checks with nothing in the log.
 fn parse_cors_origins(s: &str) -> Result<CorsOrigins, String> {
     if s.trim() == "*" {
         return Ok(CorsOrigins::Any);
     }
-    let origins: Vec<String> = s
+    let origins: Vec<&str> = s
         .split(',')
-        .map(|o| o.trim().trim_end_matches('/').to_string())
+        .map(|o| o.trim().trim_end_matches('/'))
         .filter(|o| !o.is_empty())
         .collect();
     if origins.is_empty() {
         return Err("expected `*` or a comma-separated list of origins".into());
     }
-    for o in &origins {
-        let rest = o
-            .strip_prefix("https://")
-            .or_else(|| o.strip_prefix("http://"))
-            .ok_or_else(|| format!("{o}: an origin is scheme://host[:port]"))?;
-        if rest.is_empty() || rest.contains('/') || rest.contains('*') {
-            return Err(format!(
-                "{o}: an origin is scheme://host[:port], without a path"
-            ));
-        }
-    }
-    Ok(CorsOrigins::Only(origins))
+    origins
+        .into_iter()
+        .map(|o| {
+            let lower = o.to_ascii_lowercase();
+            let (scheme, rest, default_port) = if let Some(rest) = lower.strip_prefix("https://") {
+                ("https", rest, ":443")
+            } else if let Some(rest) = lower.strip_prefix("http://") {
+                ("http", rest, ":80")
+            } else {
+                return Err(format!("{o}: an origin is scheme://host[:port]"));
+            };
+            let host = rest.strip_suffix(default_port).unwrap_or(rest);
+            if host.is_empty() || host.contains('/') || host.contains('*') {
+                return Err(format!(
+                    "{o}: an origin is scheme://host[:port], without a path"
+                ));
+            }
+            Ok(format!("{scheme}://{host}"))
+        })
+        .collect::<Result<_, _>>()
+        .map(CorsOrigins::Only)
 }
 
 fn parse_redis_url(s: &str) -> Result<String, String> {
@@ -558,8 +571,21 @@ mod tests {
                 "http://localhost:3000".into()
             ])
         );
+        assert_eq!(
+            parse_cors_origins(
+                "HTTPS://Shop.Example:443, http://LOCALHOST:80, http://a.example:8080"
+            )
+            .unwrap(),
+            CorsOrigins::Only(vec![
+                "https://shop.example".into(),
+                "http://localhost".into(),
+                "http://a.example:8080".into()
+            ]),
+            "as a browser writes them in Origin: lower case, no default port"
+        );
         for bad in [
             "",
+            "https://:443",
             "shop.example",
             "https://shop.example/path",
             "https://*.example",
