@@ -366,6 +366,45 @@ fn tickets_are_written_many_at_a_time_and_only_for_their_booking() {
     assert!(pending_facts(&mut d.c, &all).unwrap().is_empty());
 }
 
+/// An op of more tickets than one run of the finalize statement takes (`FINALIZE_CHUNK`) is
+/// written whole, each ticket once, and counted once.
+#[test]
+fn an_op_of_many_tickets_is_written_whole() {
+    let mut d = db();
+    let e = event_with(&mut d, 1_000, None);
+    let wanted: Vec<(i64, i64)> = (1..=150).map(|u| (u, 1 + u % 3)).collect();
+    let a = apply_fenced_batch(&mut d, &batch(e.id, 1, &[], &rows(&wanted))).unwrap();
+    let all = ids(&a);
+    assert_eq!(all.len(), 150);
+    let facts = pending_facts(&mut d.c, &all).unwrap();
+    let seats: i64 = facts.iter().map(|f| f.quantity).sum();
+    let mut tickets: Vec<IssuedTicket> = facts
+        .iter()
+        .map(|f| IssuedTicket {
+            facts: *f,
+            code: format!("C{}", f.booking_id),
+        })
+        .collect();
+    // Named twice (in different runs of the statement): still written once.
+    tickets.push(tickets[3].clone());
+    match one(
+        &mut d,
+        PgOp::Finalize {
+            tickets: &tickets,
+            at: T0,
+        },
+    ) {
+        PgDone::Finalized(n, s) => assert_eq!((n, s), (150, seats)),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(ev(&mut d, e.id).finalized_count, seats);
+    assert!(pending_facts(&mut d.c, &all).unwrap().is_empty());
+    for id in [all[0], all[31], all[32], all[149]] {
+        let b = booking(&mut d.c, id).unwrap().unwrap();
+        assert_eq!(b.ticket_code.as_deref(), Some(format!("C{id}").as_str()));
+    }
+}
+
 #[test]
 fn finalize_is_idempotent() {
     let mut d = db();
