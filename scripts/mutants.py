@@ -629,6 +629,12 @@ MUTANTS = [
            "AND b.id = t.id AND b.status = 'PENDING'\n      AND b.event_id = t.event_id",
            "AND b.id = t.id\n      AND b.event_id = t.event_id",
            ["lib::store::postgres::tests::finalize_is_idempotent"]),
+    Mutant("pg-finalize-drops-chunks", "3 issued once (PostgreSQL)",
+           "an op's tickets past the first run of the finalize statement (32) are never written",
+           "src/store/postgres/writer.rs",
+           "let chunks = tickets.chunks(FINALIZE_CHUNK).map(",
+           "let chunks = tickets.chunks(FINALIZE_CHUNK).take(1).map(",
+           ["lib::store::postgres::tests::an_op_of_many_tickets_is_written_whole"]),
     # Both locks of a cancelled booking: the group's, taken first, and the batch function's own.
     Mutant("pg-cancel-reads-unlocked", "3 issued once, never cancelled (PostgreSQL)",
            "a cancellation reads its booking without locking it (a ticket issued meanwhile stays counted)",
