@@ -635,6 +635,12 @@ MUTANTS = [
            "let chunks = tickets.chunks(FINALIZE_CHUNK).map(",
            "let chunks = tickets.chunks(FINALIZE_CHUNK).take(1).map(",
            ["lib::store::postgres::tests::an_op_of_many_tickets_is_written_whole"]),
+    Mutant("pg-sweep-sorts-the-backlog", "3 issued (PostgreSQL), 5 fast, sustained",
+           "the sweep's page is planned as the planner likes (a bitmap of every PENDING booking past the cursor, sorted, per page)",
+           "src/store/postgres/queries.rs",
+           '"SET LOCAL enable_bitmapscan = off; SET LOCAL enable_sort = off; SET LOCAL enable_seqscan = off";',
+           '"SELECT 1";',
+           ["lib::store::postgres::tests::the_sweep_walks_its_index_a_page_at_a_time"]),
     # Both locks of a cancelled booking: the group's, taken first, and the batch function's own.
     Mutant("pg-cancel-reads-unlocked", "3 issued once, never cancelled (PostgreSQL)",
            "a cancellation reads its booking without locking it (a ticket issued meanwhile stays counted)",

@@ -635,6 +635,56 @@ fn the_writers_plans_do_not_depend_on_the_tables_size_when_made() {
     }
 }
 
+/// The sweep's page walks the PENDING index from its cursor and stops at the page's end, whatever
+/// the statistics say (here: none yet, as in a sale's first minute before autovacuum's first
+/// analyze) — not a bitmap of every PENDING booking past the cursor, sorted for each page.
+#[test]
+fn the_sweep_walks_its_index_a_page_at_a_time() {
+    let mut d = db();
+    let e = event_with(&mut d, 1_000_000, None);
+    let c = &mut d.c;
+    c.batch_execute(&format!(
+        "ALTER TABLE bookings SET (autovacuum_enabled = false);
+         INSERT INTO bookings (event_id, user_id, quantity, status, created_at)
+         SELECT {0}, g, 1, CASE WHEN g % 10 = 0 THEN 'FINALIZED' ELSE 'PENDING' END, '{T0}'
+             FROM generate_series(1, 60000) g;",
+        e.id
+    ))
+    .unwrap();
+    let mut tx = c.transaction().unwrap();
+    tx.batch_execute(super::queries::PENDING_IDS_PLAN).unwrap();
+    let explain = format!("EXPLAIN {}", super::queries::PENDING_IDS);
+    let plan: Vec<String> = tx
+        .query(explain.as_str(), &[&0i64, &None::<String>, &1000i64])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    tx.commit().unwrap();
+    let text = plan.join("\n");
+    assert!(
+        text.contains("Scan using ix_bookings_pending on bookings"),
+        "{text}"
+    );
+    for bad in ["Bitmap", "Sort", "Seq Scan"] {
+        assert!(!text.contains(bad), "{bad}:\n{text}");
+    }
+    // And the walk itself: every PENDING booking once, in order, a page at a time.
+    let (mut after, mut seen) = (0, Vec::new());
+    loop {
+        let page = super::queries::pending_ids(c, after, None, 1000).unwrap();
+        let Some(&last) = page.last() else { break };
+        assert!(page.windows(2).all(|w| w[0] < w[1]));
+        after = last;
+        seen.extend(page);
+    }
+    assert_eq!(
+        seen.len(),
+        60_000 - 6_000,
+        "the PENDING ones (every 10th is FINALIZED)"
+    );
+}
+
 /// Each writer counts in a slot of its own: two writers never share the rows they count in.
 #[test]
 fn each_writer_claims_a_counting_slot_of_its_own() {
