@@ -636,7 +636,7 @@ MUTANTS = [
            "\n",
            ["lib::store::postgres::tests::tickets_are_written_many_at_a_time_and_only_for_their_booking"]),
     Mutant("pg-finalize-drops-chunks", "3 issued once (PostgreSQL)",
-           "an op's tickets past the first run of the finalize statement (32) are never written",
+           "an op's tickets past the first run of the finalize statement (64) are never written",
            "src/store/postgres/writer.rs",
            "let chunks = tickets.chunks(FINALIZE_CHUNK).map(",
            "let chunks = tickets.chunks(FINALIZE_CHUNK).take(1).map(",
