@@ -100,9 +100,10 @@ pub(super) const PENDING_IDS: &str = "SELECT id FROM bookings WHERE status = 'PE
     AND ($2::text IS NULL OR created_at < $2::text::timestamp) ORDER BY id LIMIT $3";
 
 /// The page's plan: the PENDING index walked in id order from the cursor, stopping at the page's
-/// end. Left to itself, with statistics taken while the table was small (a sale inserts faster
-/// than autovacuum analyzes), the planner collected every PENDING booking past the cursor in a
-/// bitmap and sorted them for the first thousand: 22 ms a page at 116,000 PENDING, and a sweep
+/// end. Left to itself, with no statistics yet (a sale's first minute, before autovacuum's first
+/// analyze) or ones taken while the table was small, the planner collected every PENDING booking
+/// past the cursor in a bitmap and sorted them for the first thousand: 22 ms a page at 116,000
+/// PENDING (it guessed 53 rows), and a sweep
 /// — every 10 s in embedded mode, each page past the last — grew with the square of the
 /// backlog (PostgreSQL's CPU: a quarter of it spent sweeping while tickets were issued).
 pub(super) const PENDING_IDS_PLAN: &str =

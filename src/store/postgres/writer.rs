@@ -421,10 +421,10 @@ const CLAIM_SLOT: &str = "SELECT s FROM generate_series(0, 63) AS s
 /// Tickets per run of `FINALIZE`. Each booking the statement finds looks its ticket up in the
 /// arrays (`array_position`, a scan of the array): a run costs the square of its tickets, which
 /// stays small in runs of 64 (timed inside PostgreSQL: ~16 µs a ticket in runs of 16, ~11 in
-/// runs of 64, more again past that). (Until this, the facts were unnested and joined: the generic plan
-/// re-scanned the unnest for every booking, 0.62 ms for 20 tickets and 356 ms for 1,000, and a
-/// finalizer's op of up to 1,024 tickets held its group, and the hot event's batch in it, for a
-/// third of a second.)
+/// runs of 64, more again past that). Until this, the facts were unnested and joined, and the
+/// generic plan re-scanned the unnest for every booking: 0.62 ms for 20 tickets, 356 ms for
+/// 1,000 — a finalizer's op of up to 1,024 tickets held its group, and the hot event's batch in
+/// it, for a third of a second.
 const FINALIZE_CHUNK: usize = 64;
 
 /// Issued tickets: each booking moves PENDING → FINALIZED once, only if the facts describe it;
