@@ -308,15 +308,7 @@ async fn run_worker(deps: FinalizerDeps, mut jobs: mpsc::Receiver<Job>, done: Do
     let mut line: VecDeque<(Instant, Job)> = VecDeque::new();
     let mut open = true;
     while open || !line.is_empty() {
-        // A batch gathers what falls due within `ISSUE_GATHER` of its first ticket, unless a
-        // full batch is due already: at a short delay tickets fall due one at a time, and a
-        // write of a few tickets costs the writer more than the tickets do.
-        let head = line
-            .front()
-            .map(|(due, _)| match line.len() >= ISSUE_BATCH {
-                true => *due,
-                false => *due + ISSUE_GATHER,
-            });
+        let head = batch_due(&line);
         tokio::select! {
             job = jobs.recv(), if open => match job {
                 Some(job) => line.push_back((Instant::now() + deps.delay, job)),
@@ -334,6 +326,21 @@ async fn run_worker(deps: FinalizerDeps, mut jobs: mpsc::Receiver<Job>, done: Do
             }
         }
     }
+}
+
+/// When the next batch is to be taken off `line` (in order of due time): once what fell due
+/// within `ISSUE_GATHER` of its first ticket is in, or as soon as a full batch is due, whichever
+/// comes first. Tickets fall due one at a time, at the pace of the sale a delay ago, and a write
+/// of a few tickets costs the writer more than the tickets do. (Until 2026-12-06 the full-batch
+/// test read the line's length, not what in it was due: at the default 5 s delay the line holds
+/// seconds of sales, so batches never gathered — ops of ~8 tickets, ~1,800 a second.)
+fn batch_due<T>(line: &VecDeque<(Instant, T)>) -> Option<Instant> {
+    let (first, _) = line.front()?;
+    let gathered = *first + ISSUE_GATHER;
+    Some(match line.get(ISSUE_BATCH - 1) {
+        Some((full, _)) => gathered.min(*full),
+        None => gathered,
+    })
 }
 
 async fn sleep_until(due: Option<Instant>) {
@@ -542,5 +549,33 @@ async fn sweep(deps: &FinalizerDeps, queue: &Finalization) -> Result<usize, Stri
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn line(dues: impl IntoIterator<Item = Instant>) -> VecDeque<(Instant, ())> {
+        dues.into_iter().map(|due| (due, ())).collect()
+    }
+
+    fn us(n: usize) -> Duration {
+        Duration::from_micros(n as u64)
+    }
+
+    #[test]
+    fn a_batch_gathers_what_falls_due_unless_a_full_one_is_due() {
+        let t = Instant::now();
+        assert_eq!(batch_due(&line([])), None);
+        // A few tickets: the first waits for company.
+        assert_eq!(batch_due(&line([t, t + us(1_000)])), Some(t + ISSUE_GATHER));
+        // Seconds of a sale in the line (the default delay), one ticket falling due every 100 µs:
+        // still gathered, though the line is far longer than a batch.
+        let long = line((0..50_000).map(|i| t + us(100 * i)));
+        assert_eq!(batch_due(&long), Some(t + ISSUE_GATHER));
+        // A full batch due within the window: taken as soon as its last ticket is due.
+        let burst = line((0..2_000).map(|i| t + us(i)));
+        assert_eq!(batch_due(&burst), Some(t + us(ISSUE_BATCH - 1)));
     }
 }
