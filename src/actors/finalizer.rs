@@ -42,7 +42,7 @@ const READ_COUNT: usize = 512;
 /// Most tickets one worker hands the writer at once (one op, one reply, one acknowledgement).
 const ISSUE_BATCH: usize = 1024;
 /// How long past its due time a ticket waits for others to be written with it (see
-/// `run_worker`): at `FINALIZE_DELAY_MS=0` a write carried ~10 tickets, ~50 with this and the
+/// `batch_due`): at `FINALIZE_DELAY_MS=0` a write carried ~10 tickets, ~50 with this and the
 /// writer's `ISSUANCE_LINGER` (probe of the hot event, 2026-12-06: finalize ops per second from
 /// `ticketd_group_commit_ops` less the batches).
 const ISSUE_GATHER: Duration = Duration::from_millis(4);
